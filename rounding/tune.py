@@ -1,0 +1,230 @@
+"""Tuning one block: the SignRound loop as pure steps over immutable states.
+
+A block is handed in as a pure function `block_fn(weights, batch) -> output` (adapters build it
+with torch.func.functional_call). Nothing here knows about nn.Module or Hugging Face.
+
+    prepared = prepare(weights, specs)
+    params, opt = init_params(prepared, specs, recipe)
+    for t in range(recipe.iters):
+        batch, target = select(inputs, targets, indices[t])
+        params, opt, loss = step(block_fn, weights, prepared, specs, params, opt, batch, target)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional
+
+import attrs
+import torch
+from torch import Tensor
+
+from signround.rounding import signsgd
+from signround.rounding.grid import GroupedWeight, group_weight, qdq_grouped
+from signround.rounding.params import RoundingParams
+from signround.rounding.recipe import Recipe
+from signround.rounding.spec import QuantSpec
+
+# The reference scales the loss by 1000 before backward; a sign step ignores the scale, but with
+# fp16 autocast it keeps small gradients out of the subnormal range.
+LOSS_SCALE = 1000.0
+
+
+@attrs.frozen
+class BlockInputs:
+    """Calibration inputs of a block.
+
+    hidden: [N, ...] the block's first positional input, one row per sample.
+    per_sample: keyword inputs whose dim 0 indexes samples (attention masks, mrope position ids…).
+    shared: keyword inputs identical for every sample (rotary tables, flags), passed as they are.
+    loss_mask: optional [N, L] (1 = position counts in the loss; padding is 0).
+    """
+
+    hidden: Tensor
+    per_sample: Mapping[str, Tensor] = attrs.field(factory=dict)
+    shared: Mapping[str, Any] = attrs.field(factory=dict)
+    loss_mask: Optional[Tensor] = None
+
+    @property
+    def num_samples(self) -> int:
+        return self.hidden.shape[0]
+
+    def select(self, idx: Tensor, device: torch.device | str | None = None) -> "BlockInputs":
+        """The samples at `idx`, moved to `device` (inputs may live on the CPU to save device memory)."""
+        def take(t: Tensor) -> Tensor:
+            return t.index_select(0, idx.to(t.device)).to(device, non_blocking=True) if device else t.index_select(0, idx.to(t.device))
+
+        def move(x: Any) -> Any:
+            if device is not None and isinstance(x, Tensor):
+                return x.to(device, non_blocking=True)
+            if device is not None and isinstance(x, tuple):
+                return tuple(move(y) for y in x)
+            return x
+
+        return BlockInputs(
+            hidden=take(self.hidden),
+            per_sample={k: take(v) for k, v in self.per_sample.items()},
+            shared={k: move(v) for k, v in self.shared.items()},
+            loss_mask=None if self.loss_mask is None else take(self.loss_mask),
+        )
+
+    def with_hidden(self, hidden: Tensor) -> "BlockInputs":
+        return attrs.evolve(self, hidden=hidden)
+
+
+BlockFn = Callable[[Mapping[str, Tensor], BlockInputs], Tensor]
+
+
+@attrs.frozen
+class TuneResult:
+    """params: best (or last) RoundingParams per layer; losses: per-iteration training loss (MSE);
+    best_loss / first_loss: host floats (first_loss is the RTN starting point)."""
+
+    params: Mapping[str, RoundingParams]
+    losses: Tensor
+    best_loss: float
+    first_loss: float
+    iters: int
+
+
+def masked_mse(output: Tensor, target: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    """Mean squared error in float32; with `mask` [N, L], padded positions do not count."""
+    diff = (output.float() - target.float()).pow(2)
+    if mask is None:
+        return diff.mean()
+    m = mask.to(diff.dtype).reshape(*mask.shape, *([1] * (diff.dim() - mask.dim())))
+    denom = (m.sum() * diff[0, 0].numel()).clamp(min=1.0)
+    return (diff * m).sum() / denom
+
+
+def prepare(weights: Mapping[str, Tensor], specs: Mapping[str, QuantSpec]) -> dict[str, GroupedWeight]:
+    """Group every weight named in `specs` once (range statistics are fixed during tuning)."""
+    missing = sorted(set(specs) - set(weights))
+    if missing:
+        raise KeyError(f"specs name weights the block does not have: {missing}")
+    return {k: group_weight(weights[k], spec) for k, spec in specs.items()}
+
+
+def quantized_weights(weights: Mapping[str, Tensor], prepared: Mapping[str, GroupedWeight],
+                      specs: Mapping[str, QuantSpec], params: Mapping[str, RoundingParams]) -> dict[str, Tensor]:
+    """`weights` with every tuned layer replaced by its quantize-dequantize under `params`."""
+    out = dict(weights)
+    for k, spec in specs.items():
+        out[k] = qdq_grouped(prepared[k], spec, params[k])
+    return out
+
+
+def init_params(prepared: Mapping[str, GroupedWeight], specs: Mapping[str, QuantSpec], recipe: Recipe,
+                ) -> tuple[dict[str, RoundingParams], signsgd.SignSGDState]:
+    """RTN starting params for every layer and a fresh SignSGD state for `recipe`."""
+    params = {}
+    for k, spec in specs.items():
+        g = prepared[k]
+        params[k] = RoundingParams.zeros((g.grouped.shape[0], g.in_features), spec, device=g.grouped.device)
+    config = signsgd.SignSGDConfig(lr=recipe.resolved_lr, minmax_lr=recipe.resolved_minmax_lr,
+                                   iters=recipe.iters, tune_minmax=recipe.enable_minmax_tuning)
+    return params, signsgd.init(params, config)
+
+
+def loss_and_grads(block_fn: BlockFn, weights: Mapping[str, Tensor], prepared: Mapping[str, GroupedWeight],
+                   specs: Mapping[str, QuantSpec], params: Mapping[str, RoundingParams],
+                   batch: BlockInputs, target: Tensor) -> tuple[Tensor, dict[str, RoundingParams]]:
+    """Loss of the quantized block on `batch` and its gradient w.r.t. every layer's (v, alpha, beta)."""
+    leaves = {k: p.map(lambda t: t.detach().requires_grad_(True)) for k, p in params.items()}
+    qweights = quantized_weights(weights, prepared, specs, leaves)
+    loss = masked_mse(block_fn(qweights, batch), target, batch.loss_mask)
+    flat = [t for k in leaves for t in leaves[k].tensors()]
+    grads = torch.autograd.grad(loss * LOSS_SCALE, flat, allow_unused=True)
+    out, i = {}, 0
+    for k in leaves:
+        g = [torch.zeros_like(t) if gr is None else gr for t, gr in zip(leaves[k].tensors(), grads[i:i + 3])]
+        out[k] = RoundingParams(*g)
+        i += 3
+    return loss.detach(), out
+
+
+def step(block_fn: BlockFn, weights: Mapping[str, Tensor], prepared: Mapping[str, GroupedWeight],
+         specs: Mapping[str, QuantSpec], params: Mapping[str, RoundingParams], state: signsgd.SignSGDState,
+         batches: list[tuple[BlockInputs, Tensor]],
+         ) -> tuple[dict[str, RoundingParams], signsgd.SignSGDState, Tensor]:
+    """One iteration over `batches` (gradient-accumulation sub-batches): loss, grads, signed step.
+
+    The loss is the mean over all elements of all sub-batches (each sub-batch weighted by its size,
+    the reference's accumulation normalisation). Returns new params, new state and the loss.
+    """
+    sizes = [b.hidden.shape[0] for b, _ in batches]
+    total = float(sum(sizes))
+    loss_sum: Optional[Tensor] = None
+    grad_sum: Optional[dict[str, RoundingParams]] = None
+    for (batch, target), n in zip(batches, sizes):
+        loss, grads = loss_and_grads(block_fn, weights, prepared, specs, params, batch, target)
+        w = n / total
+        loss = loss * w
+        grads = {k: g.map(lambda t: t * w) for k, g in grads.items()}
+        if grad_sum is None:
+            loss_sum, grad_sum = loss, grads
+        else:
+            loss_sum = loss_sum + loss
+            grad_sum = {k: RoundingParams(*(a + b for a, b in zip(grad_sum[k].tensors(), grads[k].tensors())))
+                        for k in grads}
+    assert loss_sum is not None and grad_sum is not None
+    new_params, new_state = signsgd.update(grad_sum, params, state, loss_sum)
+    return new_params, new_state, loss_sum
+
+
+def sample_indices(num_samples: int, per_step: int, iters: int, seed: int) -> list[Tensor]:
+    """Seeded sample indices for every iteration: a fresh random subset of `per_step` each time."""
+    gen = torch.Generator().manual_seed(seed)
+    k = min(per_step, num_samples)
+    return [torch.randperm(num_samples, generator=gen)[:k] for _ in range(iters)]
+
+
+def _split(idx: Tensor, parts: int) -> list[Tensor]:
+    return [c for c in torch.chunk(idx, parts) if c.numel()]
+
+
+def tune_block(block_fn: BlockFn, weights: Mapping[str, Tensor], specs: Mapping[str, QuantSpec],
+               inputs: BlockInputs, targets: Tensor, recipe: Recipe, *,
+               device: torch.device | str | None = None,
+               after_step: Optional[Callable[[], None]] = None) -> TuneResult:
+    """Tune the rounding of every weight in `specs` so the quantized block matches `targets`.
+
+    weights: all tensors the block function needs (name → tensor, on the compute device).
+    inputs/targets: calibration inputs and full-precision outputs (may live on the CPU; each
+    mini-batch is moved to `device`). after_step: called after each optimizer step (HPU mark_step).
+    """
+    prepared = prepare(weights, specs)
+    params, state = init_params(prepared, specs, recipe)
+    if recipe.iters == 0:
+        nan = float("nan")
+        return TuneResult(params=params, losses=torch.zeros(0), best_loss=nan, first_loss=nan, iters=0)
+    per_step = recipe.batch_size * recipe.gradient_accumulate_steps
+    schedule = sample_indices(inputs.num_samples, per_step, recipe.iters, recipe.seed)
+    losses = []
+    for idx in schedule:
+        parts = _split(idx, recipe.gradient_accumulate_steps)
+        batches = [(inputs.select(p, device), targets.index_select(0, p.to(targets.device)).to(device or targets.device))
+                   for p in parts]
+        params, state, loss = step(block_fn, weights, prepared, specs, params, state, batches)
+        losses.append(loss)
+        if after_step is not None:
+            after_step()
+    history = torch.stack(losses).float().cpu()  # one host sync, after the loop
+    final = state.best if recipe.use_best else params
+    best = float(history.min()) if recipe.use_best else float(history[-1])
+    return TuneResult(params=dict(final), losses=history, best_loss=best, first_loss=float(history[0]),
+                      iters=recipe.iters)
+
+
+@torch.no_grad()
+def block_loss(block_fn: BlockFn, weights: Mapping[str, Tensor], inputs: BlockInputs, targets: Tensor,
+               batch_size: int = 8, device: torch.device | str | None = None) -> float:
+    """Mean squared error of `block_fn(weights)` against `targets` over all samples (for reports)."""
+    total, count = 0.0, 0
+    for start in range(0, inputs.num_samples, batch_size):
+        idx = torch.arange(start, min(start + batch_size, inputs.num_samples))
+        batch = inputs.select(idx, device)
+        tgt = targets.index_select(0, idx.to(targets.device)).to(device or targets.device)
+        n = idx.numel()
+        total += float(masked_mse(block_fn(weights, batch), tgt, batch.loss_mask)) * n
+        count += n
+    return total / max(count, 1)
