@@ -70,6 +70,15 @@ def group_weight(weight: Tensor, spec: QuantSpec) -> GroupedWeight:
     return GroupedWeight(grouped, wmin, wmax, weight.shape[1], weight.dtype)
 
 
+def _clamp_unit(x: Tensor) -> Tensor:
+    """Clamp to [0, 1] in value only: the gradient passes unchanged, also at the bounds.
+
+    The reference clamps the parameter in place outside autograd; a clamp inside the graph would
+    zero the gradient at exactly 1.0, where alpha/beta start, and they would never move.
+    """
+    return x + (x.clamp(0.0, 1.0) - x).detach()
+
+
 def qparams(wmin: Tensor, wmax: Tensor, spec: QuantSpec, alpha: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
     """Per-group (scale, zero) from the range shrunk by alpha (min side) and beta (max side).
 
@@ -78,18 +87,19 @@ def qparams(wmin: Tensor, wmax: Tensor, spec: QuantSpec, alpha: Tensor, beta: Te
     -b / 2^(bits-1); zero = 2^(bits-1). Scales are rounded to fp16 (as stored) and kept at
     |scale| >= 1e-5. Returned in float32; gradients flow to alpha/beta (zero via straight-through).
     """
-    alpha = alpha.clamp(0.0, 1.0)
-    beta = beta.clamp(0.0, 1.0)
+    alpha = _clamp_unit(alpha)
+    beta = _clamp_unit(beta)
     if spec.sym:
         half = float(2 ** (spec.bits - 1))
         a = -wmin * alpha
         b = wmax * beta
         scale = torch.where(b < a, a, -b) / half
-        scale = scale.to(SCALE_DTYPE).float()
-        scale = torch.where(scale < 0, scale.clamp(max=-MIN_SCALE), scale.clamp(min=MIN_SCALE))
+        # Cast first, then floor in fp16 (as the reference does): the stored floor is fp16(1e-5).
+        scale = scale.to(SCALE_DTYPE)
+        scale = torch.where(scale < 0, scale.clamp(max=-MIN_SCALE), scale.clamp(min=MIN_SCALE)).float()
         zero = torch.full_like(scale, half)
     else:
-        scale = ((wmax * beta - wmin * alpha) / spec.maxq).to(SCALE_DTYPE).float().clamp(min=MIN_SCALE)
+        scale = ((wmax * beta - wmin * alpha) / spec.maxq).to(SCALE_DTYPE).clamp(min=MIN_SCALE).float()
         zero = ste_round(-wmin * alpha / scale)
     return scale, zero
 
