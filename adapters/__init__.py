@@ -1,0 +1,17 @@
+"""The imperative shell: Hugging Face models in, quantized models and checkpoints out."""
+
+# --- block tuning engine (blocks, capture, pure blocks, devices, reports) ---
+from signround.adapters.blocks import (BLOCK_REGISTRY, LayerPlan, find_block_lists, register_blocks,
+                                       select_layers)
+from signround.adapters.capture import BlockCall, CallLayout, CapturedInputs, capture_inputs
+from signround.adapters.device import Accelerator, resolve as resolve_device
+from signround.adapters.engine import layer_results, quantize_model, run_block
+from signround.adapters.pure import as_pure, write_back
+from signround.adapters.report import BlockReport, LayerResult, QuantReport
+
+__all__ = [
+    # block tuning engine
+    "Accelerator", "BLOCK_REGISTRY", "BlockCall", "BlockReport", "CallLayout", "CapturedInputs", "LayerPlan",
+    "LayerResult", "QuantReport", "as_pure", "capture_inputs", "find_block_lists", "layer_results",
+    "quantize_model", "register_blocks", "resolve_device", "run_block", "select_layers", "write_back",
+]

@@ -1,0 +1,192 @@
+"""Which blocks of a Hugging Face model are tuned, and which Linear layers inside them are quantized.
+
+Block lists are named by their dotted prefix ("model.layers", "model.language_model.layers"), as
+`block_name_to_quantize` in an auto_round checkpoint. A registry keyed by `config.model_type` gives
+the text-decoder (and vision) lists of known families; anything else goes through a generic finder
+(the largest ModuleList of repeated blocks whose name does not look like a vision tower).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Iterable, Mapping, Optional, Union
+
+import attrs
+import torch
+from torch import nn
+
+from signround.rounding import QuantSpec
+
+VISION_MARKERS = ("vision", "visual", "image", "img")
+PACK_MULTIPLE = 32  # packed checkpoints need in/out features divisible by 32
+
+try:  # GPT-2 style layers keep their weight as [in, out]
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency
+    Conv1D = None  # type: ignore[assignment,misc]
+
+
+@attrs.frozen
+class FamilyBlocks:
+    """Block-list prefixes of one model family: text decoder lists, then vision lists."""
+
+    text: tuple[str, ...]
+    vision: tuple[str, ...] = ()
+
+
+_TEXT = FamilyBlocks(("model.layers",))
+BLOCK_REGISTRY: dict[str, FamilyBlocks] = {
+    "llama": _TEXT, "qwen2": _TEXT, "qwen3": _TEXT, "gemma3_text": _TEXT, "mistral": _TEXT, "phi3": _TEXT,
+    "qwen2_vl": FamilyBlocks(("model.language_model.layers",), ("model.visual.blocks",)),
+    "qwen2_5_vl": FamilyBlocks(("model.language_model.layers",), ("model.visual.blocks",)),
+    "llava": FamilyBlocks(("model.language_model.layers",), ("model.vision_tower.encoder.layers",)),
+    "idefics3": FamilyBlocks(("model.text_model.layers",), ("model.vision_model.encoder.layers",)),
+    "gemma3": FamilyBlocks(("model.language_model.layers",), ("model.vision_tower.encoder.layers",)),
+    "mllama": FamilyBlocks(("model.language_model.layers",),
+                           ("model.vision_model.transformer.layers", "model.vision_model.global_transformer.layers")),
+}
+
+
+def register_blocks(model_type: str, text: Iterable[str], vision: Iterable[str] = ()) -> None:
+    """Teach discovery a new family: its text-decoder block lists and (optional) vision lists."""
+    BLOCK_REGISTRY[model_type] = FamilyBlocks(tuple(text), tuple(vision))
+
+
+def _module_lists(model: nn.Module) -> dict[str, nn.ModuleList]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0}
+
+
+def _is_vision_name(name: str) -> bool:
+    low = name.lower()
+    return any(marker in low for marker in VISION_MARKERS)
+
+
+def _numel(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def generic_block_lists(model: nn.Module, quant_nontext_module: bool = False) -> list[str]:
+    """Fallback discovery: ModuleLists of repeated blocks, text before vision, no nested lists.
+
+    The text decoder is the largest non-vision list (by parameters); vision lists are added only
+    with `quant_nontext_module`.
+    """
+    lists = {n: m for n, m in _module_lists(model).items()
+             if len({type(b) for b in m}) <= 2 and any(isinstance(x, nn.Linear) for x in m[0].modules())}
+    top = [n for n in lists if not any(n != o and n.startswith(o + ".") for o in lists)]
+    text = sorted((n for n in top if not _is_vision_name(n)), key=lambda n: -_numel(lists[n]))
+    found = text[:1]
+    if quant_nontext_module:
+        found = [n for n in top if _is_vision_name(n)] + found
+    return found
+
+
+def find_block_lists(model: nn.Module, quant_nontext_module: bool = False) -> list[str]:
+    """Prefixes of the block lists to quantize, in tuning order (vision lists first when included).
+
+    Uses the registry for `model.config.model_type` when its prefixes exist in `model`, else the
+    generic finder.
+    """
+    lists = _module_lists(model)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    family = BLOCK_REGISTRY.get(model_type or "")
+    if family is not None and all(p in lists for p in family.text):
+        vision = [p for p in family.vision if p in lists] if quant_nontext_module else []
+        return vision + list(family.text)
+    found = generic_block_lists(model, quant_nontext_module)
+    if not found:
+        raise ValueError(f"no block list (ModuleList of decoder layers) found in {type(model).__name__}; "
+                         "pass block_names=[...] explicitly")
+    return found
+
+
+def blocks_of(model: nn.Module, prefix: str) -> nn.ModuleList:
+    """The ModuleList at `prefix`, with a clear error when it is not one."""
+    module = model.get_submodule(prefix)
+    if not isinstance(module, nn.ModuleList):
+        raise ValueError(f"{prefix!r} is a {type(module).__name__}, not a ModuleList of blocks")
+    return module
+
+
+def is_quantizable(module: nn.Module) -> bool:
+    """nn.Linear or transformers Conv1D."""
+    return isinstance(module, nn.Linear) or (Conv1D is not None and isinstance(module, Conv1D))
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of a Linear or Conv1D."""
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    w = module.weight  # Conv1D: [in, out]
+    return w.shape[1], w.shape[0]
+
+
+LayerOverride = Union[QuantSpec, Mapping[str, Any]]
+
+
+def _override_for(name: str, layer_config: Mapping[str, LayerOverride]) -> Optional[LayerOverride]:
+    if name in layer_config:
+        return layer_config[name]
+    for key, value in layer_config.items():
+        if re.search(key, name):
+            return value
+    return None
+
+
+def _apply_override(spec: QuantSpec, override: LayerOverride) -> Optional[QuantSpec]:
+    """The layer's spec after an override; None means keep full precision (bits >= 16)."""
+    if isinstance(override, QuantSpec):
+        return override
+    fields = {k: override[k] for k in ("bits", "group_size", "sym", "data_type") if k in override}
+    if int(fields.get("bits", spec.bits)) >= 16:
+        return None
+    return attrs.evolve(spec, **fields)
+
+
+def _shape_problem(out_features: int, in_features: int, spec: QuantSpec) -> Optional[str]:
+    if spec.group_size != -1 and spec.group_size < in_features and in_features % spec.group_size:
+        return f"in_features {in_features} is not divisible by group_size {spec.group_size}"
+    if in_features % PACK_MULTIPLE or out_features % PACK_MULTIPLE:
+        return f"shape [{out_features}, {in_features}] is not divisible by {PACK_MULTIPLE} (packing)"
+    return None
+
+
+@attrs.frozen
+class LayerPlan:
+    """quantize: full layer name → its QuantSpec; skipped: full layer name → why it stays in full precision."""
+
+    quantize: Mapping[str, QuantSpec]
+    skipped: Mapping[str, str]
+
+
+def select_layers(model: nn.Module, block_prefixes: Iterable[str], spec: QuantSpec,
+                  layer_config: Optional[Mapping[str, LayerOverride]] = None) -> LayerPlan:
+    """Every Linear/Conv1D inside the blocks, with `spec` or its layer_config override.
+
+    layer_config keys are exact layer names or regular expressions (re.search); values are a
+    QuantSpec or a mapping with any of bits/group_size/sym (bits 16 = keep in full precision).
+    A layer narrower than group_size uses one group per row (group_size -1). Layers outside the
+    blocks (lm_head, embeddings, projectors) are never touched.
+    """
+    layer_config = dict(layer_config or {})
+    quantize: dict[str, QuantSpec] = {}
+    skipped: dict[str, str] = {}
+    for prefix in block_prefixes:
+        for rel, module in blocks_of(model, prefix).named_modules():
+            if not rel or not is_quantizable(module):
+                continue
+            name = f"{prefix}.{rel}"
+            override = _override_for(name, layer_config)
+            layer_spec = spec if override is None else _apply_override(spec, override)
+            if layer_spec is None:
+                skipped[name] = "layer_config: bits 16 (kept in full precision)"
+                continue
+            out_features, in_features = linear_shape(module)
+            if layer_spec.group_size != -1 and in_features < layer_spec.group_size:
+                layer_spec = attrs.evolve(layer_spec, group_size=-1)
+            problem = _shape_problem(out_features, in_features, layer_spec)
+            if problem:
+                skipped[name] = problem
+            else:
+                quantize[name] = layer_spec
+    return LayerPlan(quantize=quantize, skipped=skipped)

@@ -1,0 +1,122 @@
+"""Devices: cuda, xpu, hpu (Intel Gaudi) or cpu, and what each needs around a tuning step.
+
+Gaudi support is optional: `habana_frameworks.torch` is imported only when it is importable, and
+only when an HPU is asked for or auto-detected. In lazy mode Gaudi builds a graph until
+`habana_frameworks.torch.core.mark_step()`; `Accelerator.after_step` calls it after every
+optimizer step (tune_block's `after_step`) and after every evaluation batch.
+
+What is verified here without a Gaudi: with a stand-in `habana_frameworks.torch.core` module,
+device selection returns `hpu`, autocast is bf16, and mark_step is called once per tuning step
+(tests/test_device.py). What is NOT verified: real HPU kernels, lazy-mode graph sizes and
+recompilation, HPU memory statistics, numerical parity with CUDA.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import resource
+import sys
+from typing import Any, Callable, Optional
+
+import attrs
+import torch
+
+
+def _habana_core() -> Any:
+    """`habana_frameworks.torch.core` if it can be imported, else None (never a hard dependency)."""
+    try:
+        if "habana_frameworks" not in sys.modules and importlib.util.find_spec("habana_frameworks") is None:
+            return None
+        return importlib.import_module("habana_frameworks.torch.core")
+    except ImportError:
+        return None
+
+
+def hpu_available() -> bool:
+    core = _habana_core()
+    if core is None:
+        return False
+    try:
+        hpu = importlib.import_module("habana_frameworks.torch.hpu")
+        return bool(hpu.is_available())
+    except (ImportError, AttributeError):
+        return True
+
+
+def default_device() -> torch.device:
+    """The first available of cuda, xpu, hpu, cpu."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if hasattr(torch, "xpu") and torch.xpu.is_available():
+        return torch.device("xpu")
+    if hpu_available():
+        return torch.device("hpu")
+    return torch.device("cpu")
+
+
+@attrs.frozen
+class Accelerator:
+    """Where tuning runs and what goes with it.
+
+    device: compute device. store_device: where cached block inputs/targets live (the CPU with
+    low_gpu_mem_usage; mini-batches are streamed to `device` per step). autocast_dtype: bf16 on
+    accelerators with amp, None (fp32) on the CPU. cache_dtype: dtype of cached hidden states.
+    after_step: called at every step boundary (HPU mark_step), or None.
+    """
+
+    device: torch.device
+    store_device: torch.device
+    autocast_dtype: Optional[torch.dtype] = None
+    cache_dtype: Optional[torch.dtype] = None
+    after_step: Optional[Callable[[], None]] = None
+
+    @property
+    def is_accelerator(self) -> bool:
+        return self.device.type != "cpu"
+
+
+def resolve(device: torch.device | str | None = None, *, amp: bool = True,
+            low_gpu_mem_usage: bool = False) -> Accelerator:
+    """An Accelerator for `device` ("cuda", "cuda:1", "xpu", "hpu", "cpu", or None = auto)."""
+    dev = torch.device(device) if device is not None else default_device()
+    if dev.type == "hpu" and _habana_core() is None:
+        raise RuntimeError("device 'hpu' needs habana_frameworks.torch (Intel Gaudi software stack), "
+                           "which is not importable here")
+    accel = dev.type != "cpu"
+    after_step = None
+    if dev.type == "hpu":
+        core = _habana_core()
+        after_step = core.mark_step
+    dtype = torch.bfloat16 if (accel and amp) else None
+    store = torch.device("cpu") if low_gpu_mem_usage else dev
+    return Accelerator(device=dev, store_device=store, autocast_dtype=dtype, cache_dtype=dtype, after_step=after_step)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "xpu":
+        torch.xpu.synchronize(device)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif device.type == "xpu":
+        torch.xpu.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> tuple[Optional[int], str]:
+    """(bytes, what was measured): device allocator peak on cuda/xpu/hpu, process peak RSS on cpu."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda max_memory_allocated"
+    if device.type == "xpu":
+        return int(torch.xpu.max_memory_allocated(device)), "xpu max_memory_allocated"
+    if device.type == "hpu":
+        try:
+            hpu = importlib.import_module("habana_frameworks.torch.hpu")
+            return int(hpu.max_memory_allocated()), "hpu max_memory_allocated"
+        except (ImportError, AttributeError):
+            return None, "hpu (unavailable)"
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "process peak RSS"

@@ -1,0 +1,200 @@
+"""`quantize_model`: capture → for each block: fp targets, tune, write back → next block.
+
+    model, report = quantize_model(model, batches, QuantSpec(bits=4, group_size=128), preset("default"))
+
+Per block list (vision lists first when included, then the text decoder): capture the inputs of
+every block once; then for each block compute its full-precision outputs B_fp(X_fp) once (the
+targets, and the next block's fp inputs), tune the rounding of its layers on X_q (the quantized
+chain, `enable_quanted_input`) or X_fp, fix its weights to the quantized values, and feed
+B_q(X_q) to the next block. RTN (iters 0) takes the same path, or, without calibration data,
+just rounds every layer.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterable, Mapping, Optional
+
+import torch
+from torch import Tensor, nn
+
+from signround.adapters.blocks import LayerOverride, LayerPlan, blocks_of, find_block_lists, select_layers
+from signround.adapters.capture import Batch, CapturedInputs, capture_inputs
+from signround.adapters.device import Accelerator, peak_memory, reset_peak_memory, resolve, synchronize
+from signround.adapters.progress import BlockProgress, print_summary
+from signround.adapters.pure import PureBlock, as_pure, weight_name, write_back
+from signround.adapters.report import BlockReport, LayerResult, QuantReport
+from signround.rounding import (BlockInputs, QuantSpec, Recipe, RoundingParams, masked_mse, quantize_weight,
+                                tune_block)
+
+
+def _move_outside(model: nn.Module, prefixes: Iterable[str], device: torch.device) -> None:
+    """Move every parameter and buffer that is not inside the block lists to `device`."""
+    skip = tuple(p + "." for p in prefixes)
+    for name, module in model.named_modules():
+        if name.startswith(skip) or any(name == p[:-1] for p in skip):
+            continue
+        for key, p in list(module._parameters.items()):
+            if p is not None and p.device != device:
+                p.data = p.data.to(device)
+        for key, b in list(module._buffers.items()):
+            if b is not None and b.device != device:
+                module._buffers[key] = b.to(device)
+
+
+@torch.no_grad()
+def run_block(fn: PureBlock, weights: Mapping[str, Tensor], inputs: BlockInputs, accel: Accelerator,
+              batch_size: int, targets: Optional[Tensor] = None) -> tuple[Tensor, Optional[float]]:
+    """Outputs of the block on every sample (on the store device, cache dtype) and, when `targets`
+    are given, the mean squared error to them over all samples."""
+    outs, total, count = [], 0.0, 0
+    for start in range(0, inputs.num_samples, batch_size):
+        idx = torch.arange(start, min(start + batch_size, inputs.num_samples))
+        batch = inputs.select(idx, accel.device)
+        out = fn(weights, batch)
+        if targets is not None:
+            tgt = targets.index_select(0, idx.to(targets.device)).to(accel.device)
+            total += float(masked_mse(out, tgt, batch.loss_mask)) * idx.numel()
+            count += idx.numel()
+        outs.append(out.to(device=accel.store_device, dtype=accel.cache_dtype or out.dtype))
+        if accel.after_step is not None:
+            accel.after_step()
+    return torch.cat(outs, dim=0), (total / count if count else None)
+
+
+def quantize_weights(weights: Mapping[str, Tensor], specs: Mapping[str, QuantSpec],
+                     params: Optional[Mapping[str, RoundingParams]], names: Mapping[str, str],
+                     ) -> tuple[dict[str, Tensor], dict[str, LayerResult]]:
+    """Quantized weights (dequantized, in the weight's dtype) and LayerResults for every layer in
+    `specs` (weight name → spec); `params` None = RTN; `names`: weight name → full layer name."""
+    qweights, results = {}, {}
+    for key, spec in specs.items():
+        w = weights[key]
+        q = quantize_weight(w, spec, None if params is None else params[key])
+        qweights[key] = q.dequantize(w.dtype)
+        layer = key.rsplit(".", 1)[0]
+        results[layer] = LayerResult(name=names[key], spec=spec, scale=q.scale.cpu(), zero=q.zero.cpu())
+    return qweights, results
+
+
+def _block_specs(plan: LayerPlan, block_prefix: str) -> tuple[dict[str, QuantSpec], dict[str, str]]:
+    """(weight name inside the block → spec, weight name → full layer name) for one block."""
+    specs, names = {}, {}
+    for layer, spec in plan.quantize.items():
+        if layer.startswith(block_prefix + "."):
+            key = weight_name(layer[len(block_prefix) + 1:])
+            specs[key], names[key] = spec, layer
+    return specs, names
+
+
+def _tune_one(block: nn.Module, captured: CapturedInputs, index: int, x_fp: Tensor, x_q: Tensor,
+              specs: Mapping[str, QuantSpec], names: Mapping[str, str], recipe: Recipe, accel: Accelerator,
+              ) -> tuple[Tensor, Tensor, dict[str, LayerResult], Optional[float], Optional[float]]:
+    call = captured.calls[index]
+    assert call is not None
+    fn, weights = as_pure(block, call.layout, autocast_dtype=accel.autocast_dtype)
+    inputs_fp = captured.block_inputs(index, x_fp)
+    inputs_q = captured.block_inputs(index, x_q) if recipe.enable_quanted_input else inputs_fp
+    targets, _ = run_block(fn, weights, inputs_fp, accel, recipe.batch_size)
+    if not specs:
+        out_q, loss = run_block(fn, weights, inputs_q, accel, recipe.batch_size, targets)
+        return targets, out_q, {}, loss, loss
+    rtn_weights, _ = quantize_weights(weights, specs, None, names)
+    _, loss_rtn = run_block(fn, {**weights, **rtn_weights}, inputs_q, accel, recipe.batch_size, targets)
+    tuned = tune_block(fn, weights, specs, inputs_q, targets, recipe, device=accel.device, after_step=accel.after_step)
+    qweights, results = quantize_weights(weights, specs, tuned.params, names)
+    write_back(block, qweights, results)
+    out_q, loss_tuned = run_block(fn, {**weights, **qweights}, inputs_q, accel, recipe.batch_size, targets)
+    return targets, out_q, results, loss_rtn, loss_tuned
+
+
+def _rtn_only(block: nn.Module, specs: Mapping[str, QuantSpec], names: Mapping[str, str]) -> dict[str, LayerResult]:
+    _, weights = as_pure(block)
+    qweights, results = quantize_weights(weights, specs, None, names)
+    write_back(block, qweights, results)
+    return results
+
+
+def quantize_model(model: nn.Module, batches: Optional[Iterable[Batch]], spec: QuantSpec, recipe: Recipe, *,
+                   layer_config: Optional[Mapping[str, LayerOverride]] = None,
+                   block_names: Optional[Iterable[str]] = None, quant_nontext_module: bool = False,
+                   device: torch.device | str | Accelerator | None = None, low_gpu_mem_usage: bool = False,
+                   progress: bool = True) -> tuple[nn.Module, QuantReport]:
+    """Quantize the blocks of `model` in place with SignRound (or RTN when recipe.iters == 0).
+
+    batches: calibration batches (dicts of model inputs or input_ids tensors, all of the same
+    seqlen); None is allowed for RTN. block_names: block-list prefixes (default: discovered).
+    layer_config: per-layer overrides (see `select_layers`). device: "cuda", "hpu", …, an
+    Accelerator, or None (auto). Returns the model (weights fixed to their quantized values, each
+    quantized layer carrying `signround_result`) and a QuantReport.
+    """
+    start = time.perf_counter()
+    accel = device if isinstance(device, Accelerator) else resolve(device, amp=recipe.amp,
+                                                                    low_gpu_mem_usage=low_gpu_mem_usage)
+    prefixes = list(block_names) if block_names else find_block_lists(model, quant_nontext_module)
+    plan = select_layers(model, prefixes, spec, layer_config)
+    if batches is None and not recipe.is_rtn:
+        raise ValueError("SignRound tuning needs calibration batches; pass batches, or use the 'rtn' recipe")
+    batches = None if batches is None else list(batches)
+    skipped = dict(plan.skipped)
+    layers: dict[str, LayerResult] = {}
+    reports: list[BlockReport] = []
+    home = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    torch.manual_seed(recipe.seed)
+    reset_peak_memory(accel.device)
+    total = sum(len(blocks_of(model, p)) for p in prefixes)
+    try:
+        _move_outside(model, prefixes, accel.device)
+        with BlockProgress(total, enabled=progress) as bar:
+            for prefix in prefixes:
+                blocks = blocks_of(model, prefix)
+                captured = None
+                if batches is not None:
+                    captured = capture_inputs(model, batches, prefix, nsamples=recipe.nsamples,
+                                              store_device=accel.store_device, dtype=accel.cache_dtype,
+                                              shared_device=accel.device)
+                    x_fp = x_q = captured.hidden
+                for i, block in enumerate(blocks):
+                    t0 = time.perf_counter()
+                    name = f"{prefix}.{i}"
+                    specs, names = _block_specs(plan, name)
+                    block_home = next(block.parameters()).device
+                    block.to(accel.device)
+                    loss_rtn = loss_tuned = None
+                    if captured is None:
+                        results = _rtn_only(block, specs, names)
+                    elif captured.calls[i] is None:
+                        results = {}
+                        for layer in names.values():
+                            skipped[layer] = "its block was not called by the model on the calibration data"
+                    else:
+                        x_fp, x_q, results, loss_rtn, loss_tuned = _tune_one(
+                            block, captured, i, x_fp, x_q, specs, names, recipe, accel)
+                    block.to(block_home)
+                    layers.update({r.name: r for r in results.values()})
+                    synchronize(accel.device)
+                    report = BlockReport(name=name, layers=tuple(r.name for r in results.values()),
+                                         loss_rtn=loss_rtn, loss_tuned=loss_tuned,
+                                         seconds=time.perf_counter() - t0, iters=recipe.iters if captured else 0)
+                    reports.append(report)
+                    bar.done(report)
+    finally:
+        model.to(home)
+        model.train(was_training)
+    mem, kind = peak_memory(accel.device)
+    result = QuantReport(spec=spec, recipe=recipe, block_name_to_quantize=tuple(prefixes), blocks=tuple(reports),
+                         layers=layers, skipped=skipped, seconds=time.perf_counter() - start,
+                         device=str(accel.device), peak_memory_bytes=mem, peak_memory_kind=kind)
+    if progress:
+        print_summary(result)
+    return model, result
+
+
+def layer_results(model: nn.Module) -> dict[str, LayerResult]:
+    """Every LayerResult that `quantize_model` / `write_back` recorded on the modules of `model`."""
+    return {r.name: r for m in model.modules() if (r := getattr(m, "signround_result", None)) is not None}
+
+
+__all__ = ["layer_results", "quantize_model", "quantize_weights", "run_block"]
