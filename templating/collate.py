@@ -1,0 +1,78 @@
+"""Collate per-sample tensor dicts into one batch: padding, attention masks, variable images."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from signround.templating.processors import SEQUENCE_KEYS
+
+
+def _pad_to(t: torch.Tensor, shape: Sequence[int], value: float, left_dim: int | None = None) -> torch.Tensor:
+    """Pad `t` with `value` up to `shape`; on `left_dim` the padding goes before the data."""
+    pads: list[int] = []
+    for d in reversed(range(t.dim())):
+        extra = shape[d] - t.shape[d]
+        pads += [extra, 0] if d == left_dim else [0, extra]
+    return F.pad(t, pads, value=value) if any(pads) else t
+
+
+def collate(
+    samples: Sequence[Mapping[str, torch.Tensor]],
+    *,
+    pad_token_id: int = 0,
+    padding_side: str = "right",
+    flat_keys: Iterable[str] = (),
+) -> dict[str, torch.Tensor]:
+    """Batch samples (each with batch dim 1, or 1-D sequences) into one dict of tensors.
+
+    - sequence keys (`input_ids`, `attention_mask`, `token_type_ids`, `cross_attention_mask`, ...)
+      are padded on dim 1 to the longest sample, on `padding_side`: `input_ids` with
+      `pad_token_id`, `labels` with -100, masks with 0 (so padding is never attended);
+    - `flat_keys` (image-count first dims, e.g. Qwen2-VL `pixel_values`) are concatenated on dim 0
+      in sample order; samples without them (text-only) contribute nothing;
+    - other tensors (one row per sample, e.g. mllama/idefics3 `pixel_values` [1, n_images, ...])
+      are zero-padded in every dim to the largest and concatenated; a sample lacking one gets
+      zeros (idefics3/mllama treat all-zero images as padding).
+    """
+    if not samples:
+        raise ValueError("collate needs at least one sample")
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    flat = frozenset(flat_keys)
+    rows = [{k: (v.unsqueeze(0) if k in SEQUENCE_KEYS and v.dim() == 1 else v) for k, v in s.items()} for s in samples]
+    for i, row in enumerate(rows):
+        if "input_ids" not in row:
+            raise ValueError(f"sample {i} has no input_ids")
+        if row["input_ids"].shape[0] != 1:
+            raise ValueError(f"sample {i}: input_ids must have batch dimension 1, got shape {tuple(row['input_ids'].shape)}")
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    length = max(row["input_ids"].shape[1] for row in rows)
+    out: dict[str, torch.Tensor] = {}
+    for key in keys:
+        present = [row[key] for row in rows if key in row]
+        if key in flat:
+            out[key] = torch.cat(present, 0)
+            continue
+        if key in SEQUENCE_KEYS:
+            value = pad_token_id if key == "input_ids" else (-100 if key == "labels" else 0)
+            if len(present) != len(rows):
+                raise ValueError(f"sequence key {key!r} is missing from some samples")
+            shape = [max(t.shape[d] for t in present) for d in range(present[0].dim())]
+            shape[1] = length
+            left = 1 if padding_side == "left" else None
+            out[key] = torch.cat([_pad_to(t, shape, value, left) for t in present], 0)
+            continue
+        if any(t.shape[0] != 1 for t in present):  # first dim counts images, not samples
+            out[key] = torch.cat(present, 0)
+            continue
+        shape = [max(t.shape[d] for t in present) for d in range(present[0].dim())]
+        ref = present[0]
+        filled = [
+            _pad_to(row[key], shape, 0) if key in row else torch.zeros(shape, dtype=ref.dtype)
+            for row in rows
+        ]
+        out[key] = torch.cat(filled, 0)
+    return out
