@@ -72,7 +72,7 @@ def generic_block_lists(model: nn.Module, quant_nontext_module: bool = False) ->
     with `quant_nontext_module`.
     """
     lists = {n: m for n, m in _module_lists(model).items()
-             if len({type(b) for b in m}) <= 2 and any(isinstance(x, nn.Linear) for x in m[0].modules())}
+             if len({type(b) for b in m}) <= 2 and any(is_quantizable(x) for x in m[0].modules())}
     top = [n for n in lists if not any(n != o and n.startswith(o + ".") for o in lists)]
     text = sorted((n for n in top if not _is_vision_name(n)), key=lambda n: -_numel(lists[n]))
     found = text[:1]
