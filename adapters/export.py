@@ -1,0 +1,332 @@
+"""Export a quantized (fake-quant) model as an `auto_round` or `auto_gptq` checkpoint.
+
+Input: the model whose quantized Linears hold their on-grid weights, and per layer its grid and
+scale/zero (`LayerQuant`, or the engine's `LayerResult`: anything with .spec/.scale/.zero). Codes
+are recovered exactly, packed by `QuantLinear.from_quantized`, written as sharded safetensors with
+the `quantization_config` the reference writes. Everything goes to a temporary directory that is
+renamed at the end. Field-by-field description: spec/format.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from signround.adapters.checkpoint import LayerQuant, atomic_dir, recover_codes, to_checkpoint_namer, write_safetensors
+from signround.adapters.qlinear import QuantLinear
+from signround.rounding.recipe import Recipe
+from signround.rounding.spec import QuantSpec
+
+FORMATS = ("auto_round", "auto_gptq")
+#: the auto-round release whose checkpoint layout we reproduce (written as `autoround_version`)
+AUTOROUND_COMPAT_VERSION = "0.16.1"
+QUANTIZED_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx", "bias")
+
+
+def signround_version() -> str:
+    try:
+        return metadata.version("signround")
+    except metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "0+unknown"
+
+
+class HasGrid(Protocol):
+    spec: QuantSpec
+    scale: Tensor
+    zero: Tensor
+
+
+def packing_format(fmt: str, spec: QuantSpec) -> str:
+    """auto_round: ``"auto_round:auto_gptq"`` (zero − 1) for sym, native ``"auto_round"`` for asym;
+    auto_gptq: ``"auto_gptq"``."""
+    if fmt == "auto_round":
+        return "auto_round:auto_gptq" if spec.sym else "auto_round"
+    if fmt == "auto_gptq":
+        return "auto_gptq"
+    raise ValueError(f"unknown format {fmt!r}; choose from {FORMATS}")
+
+
+def format_dirname(fmt: str) -> str:
+    """Sub-folder name for one of several formats, as the reference names it."""
+    return fmt.replace(":", "-").replace("_", "-")
+
+
+def _formats(format: str | Sequence[str]) -> list[str]:
+    fmts = [format] if isinstance(format, str) else list(format)
+    fmts = [f.strip() for item in fmts for f in item.split(",") if f.strip()]
+    if not fmts:
+        raise ValueError("format must name at least one of " + ", ".join(FORMATS))
+    for f in fmts:
+        if f not in FORMATS:
+            raise ValueError(f"unknown export format {f!r}; supported: {', '.join(FORMATS)}")
+    return list(dict.fromkeys(fmts))
+
+
+def global_spec(layer_results: Mapping[str, HasGrid]) -> QuantSpec:
+    """The spec most layers use (the checkpoint's top-level bits/group_size/sym)."""
+    if not layer_results:
+        raise ValueError("no quantized layers to export (layer_results is empty)")
+    return Counter(r.spec for r in layer_results.values()).most_common(1)[0][0]
+
+
+def _block_prefixes(model: nn.Module, names: Iterable[str],
+                    block_name_to_quantize: str | Sequence[str] | None) -> list[str]:
+    if block_name_to_quantize is not None:
+        items = [block_name_to_quantize] if isinstance(block_name_to_quantize, str) else list(block_name_to_quantize)
+        return [p.strip() for item in items for p in item.split(",") if p.strip()]
+    # infer: the nearest ModuleList above each quantized layer
+    lists = {n for n, m in model.named_modules() if isinstance(m, nn.ModuleList)}
+    found: dict[str, None] = {}
+    for name in names:
+        parts = name.split(".")
+        for i in range(len(parts) - 1, 0, -1):
+            if ".".join(parts[:i]) in lists:
+                found[".".join(parts[:i])] = None
+                break
+    return list(found)
+
+
+def _in_blocks(name: str, prefixes: Sequence[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def _spec_dict(spec: QuantSpec) -> dict[str, Any]:
+    return {"bits": spec.bits, "group_size": spec.group_size, "sym": spec.sym, "data_type": spec.data_type}
+
+
+def _recipe_fields(recipe: Recipe | None) -> dict[str, Any]:
+    """iters always; the other tuning knobs only when they differ from the defaults (informational)."""
+    if recipe is None:
+        return {}
+    default = Recipe()
+    out: dict[str, Any] = {"iters": recipe.iters}
+    if recipe.lr is not None and recipe.iters and abs(recipe.lr - 1.0 / recipe.iters) > 1e-12:
+        out["lr"] = recipe.lr
+    if recipe.minmax_lr is not None and abs(recipe.resolved_minmax_lr - recipe.resolved_lr) > 1e-12:
+        out["minmax_lr"] = recipe.minmax_lr
+    for key in ("nsamples", "seqlen", "batch_size", "gradient_accumulate_steps", "enable_minmax_tuning",
+                "enable_quanted_input"):
+        if getattr(recipe, key) != getattr(default, key):
+            out[key] = getattr(recipe, key)
+    if recipe.iters == 0:
+        out["enable_quanted_input"] = False  # nothing is fed forward without tuning (as 0.16.1 writes)
+    return out
+
+
+def quantization_config(
+    fmt: str,
+    spec: QuantSpec,
+    layer_specs: Mapping[str, QuantSpec],
+    fp_in_blocks: Iterable[str],
+    block_prefixes: Sequence[str],
+    checkpoint_block_prefixes: Sequence[str],
+    recipe: Recipe | None = None,
+    extra_info: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The `quantization_config` dict for `fmt` (see spec/format.md)."""
+    blocks = list(dict.fromkeys([*block_prefixes, *checkpoint_block_prefixes]))
+    overrides: dict[str, dict[str, Any]] = {}
+    for name, s in sorted(layer_specs.items()):
+        if not _in_blocks(name, block_prefixes):
+            overrides[name] = _spec_dict(s)  # e.g. lm_head: outside blocks, spelled out in full
+        elif s != spec:
+            overrides[name] = {k: v for k, v in _spec_dict(s).items() if _spec_dict(spec)[k] != v}
+    kept = {name: {"bits": 16} for name in sorted(fp_in_blocks)}
+    qc: dict[str, Any] = {**_spec_dict(spec), **_recipe_fields(recipe)}
+    if fmt == "auto_round":
+        qc.update(quant_method="auto-round", packing_format=packing_format(fmt, spec),
+                  autoround_version=AUTOROUND_COMPAT_VERSION, signround_version=signround_version(),
+                  block_name_to_quantize=",".join(blocks))
+        if overrides or kept:
+            qc["extra_config"] = {**overrides, **kept}
+    else:
+        qc.update(quant_method="gptq", checkpoint_format="gptq", desc_act=False, true_sequential=False,
+                  static_groups=False, damp_percent=0.01, lm_head=any(not _in_blocks(n, block_prefixes)
+                                                                       for n in layer_specs),
+                  provider="signround", signround_version=signround_version(),
+                  block_name_to_quantize=checkpoint_block_prefixes[0] if len(checkpoint_block_prefixes) == 1
+                  else ",".join(checkpoint_block_prefixes))
+        dynamic = {f"+:^{_re_escape(n)}$": _spec_dict(s) for n, s in overrides.items()}
+        dynamic.update({f"-:^{_re_escape(n)}$": {} for n in kept})
+        if dynamic:
+            qc["dynamic"] = dynamic
+    if extra_info:
+        qc.update({k: v for k, v in extra_info.items() if v is not None})
+    return qc
+
+
+def _re_escape(name: str) -> str:
+    return name.replace(".", r"\.")
+
+
+def _pack(model: nn.Module, layer_results: Mapping[str, HasGrid], packing: str) -> dict[str, QuantLinear]:
+    """One QuantLinear per quantized layer (codes recovered and verified)."""
+    packed: dict[str, QuantLinear] = {}
+    for name, r in layer_results.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise KeyError(f"layer_results names {name!r}, which is not a module of the model") from None
+        if isinstance(module, QuantLinear):
+            raise ValueError(f"layer {name} is already packed (a QuantLinear): the model was exported with "
+                             "inplace=True before; export all formats in one call, or use inplace=False")
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"layer {name} is a {type(module).__name__}; only nn.Linear layers can be exported")
+        lq = LayerQuant(r.spec, r.scale, r.zero)
+        qw = recover_codes(name, module.weight, lq)
+        packed[name] = QuantLinear.from_quantized(qw, module.bias, packing=packing,
+                                                  compute_dtype=module.weight.dtype, name=name)
+    return packed
+
+
+def _packed_state_dict(model: nn.Module, packed: Mapping[str, QuantLinear], inplace: bool) -> dict[str, Tensor]:
+    if inplace:
+        for name, ql in packed.items():
+            model.set_submodule(name, ql)
+        state = model.state_dict()
+    else:
+        state = model.state_dict()
+        for name, ql in packed.items():
+            state.pop(f"{name}.weight", None)
+            state.pop(f"{name}.bias", None)
+            state.update({f"{name}.{k}": v for k, v in ql.state_dict().items()})
+    try:  # tied weights (lm_head ↔ embeddings) are stored once, as save_pretrained does
+        from transformers.modeling_utils import remove_tied_weights_from_state_dict
+        state = remove_tied_weights_from_state_dict(state, model)
+    except (ImportError, TypeError, AttributeError):
+        seen: set[tuple[int, int]] = set()
+        for key in list(state):
+            t = state[key]
+            ident = (t.untyped_storage().data_ptr(), t.storage_offset())
+            if ident in seen and t.numel():
+                del state[key]
+            seen.add(ident)
+    return state
+
+
+def _checkpoint_state(model: nn.Module, state: dict[str, Tensor], quantized_keys: set[str]) -> dict[str, Tensor]:
+    """Rename to checkpoint keys as `save_pretrained` would (transformers ≥ 5 reverts its renamings)."""
+    plain = {k: v for k, v in state.items() if k not in quantized_keys}
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+        plain = revert_weight_conversion(model, plain)
+    except ImportError:
+        pass
+    namer = to_checkpoint_namer(model)
+    out = dict(plain)
+    for key in quantized_keys & state.keys():
+        new, converted = namer(key)
+        if converted:
+            raise NotImplementedError(f"{key}: transformers stores this weight through a conversion op; packed "
+                                      "layers of this family cannot be exported yet — keep the layer in full precision")
+        out[new] = state[key]
+    return out
+
+
+def _save_side_files(tmp: Path, tokenizer: Any, processor: Any, image_processor: Any) -> None:
+    if processor is not None and not hasattr(processor, "chat_template"):
+        processor.chat_template = None  # some processors fail to save without the attribute
+    for obj in (tokenizer, processor, image_processor):
+        if obj is not None:
+            obj.save_pretrained(str(tmp))
+
+
+def _write_config(model: nn.Module, tmp: Path, qc: dict[str, Any], fmt: str) -> None:
+    config = copy.deepcopy(model.config)
+    config.quantization_config = qc
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(str(tmp))
+    path = tmp / "config.json"
+    data = json.loads(path.read_text())
+    data["quantization_config"] = qc
+    dtype = "float16" if fmt == "auto_gptq" else (data.get("dtype") or data.get("torch_dtype"))
+    if dtype is None:
+        dtype = str(next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)).split(".")[-1]
+    data["dtype"] = data["torch_dtype"] = dtype  # new and old spelling, for transformers 4.x and 5.x
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    name = "quantize_config.json" if fmt == "auto_gptq" else "quantization_config.json"
+    (tmp / name).write_text(json.dumps(qc, indent=2) + "\n")
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and getattr(model, "can_generate", lambda: False)():
+        try:
+            gen.save_pretrained(str(tmp))
+        except ValueError as e:  # an invalid generation config must not cost the checkpoint
+            warnings.warn(f"generation_config.json not written: {e}", stacklevel=3)
+
+
+def _export_one(model: nn.Module, layer_results: Mapping[str, HasGrid], tmp: Path, fmt: str, *, inplace: bool,
+                spec: QuantSpec, block_prefixes: Sequence[str], recipe: Recipe | None,
+                extra_info: Mapping[str, Any] | None, max_shard_size: int | str,
+                side_files: tuple[Any, Any, Any]) -> None:
+    packing = packing_format(fmt, spec)
+    packed = _pack(model, layer_results, packing)
+    quantized_keys = {f"{n}.{k}" for n, ql in packed.items() for k in ql.state_dict()}
+    # fp layers inside the blocks: every Linear under a block prefix that has no result
+    fp_in_blocks = [n for n, m in model.named_modules()
+                    if isinstance(m, nn.Linear) and n not in layer_results and _in_blocks(n, block_prefixes)]
+    namer = to_checkpoint_namer(model)
+    ckpt_prefixes = list(dict.fromkeys(namer(f"{p}.0.weight")[0].rsplit(".0.weight", 1)[0] for p in block_prefixes))
+    qc = quantization_config(fmt, spec, {n: r.spec for n, r in layer_results.items()}, fp_in_blocks,
+                             block_prefixes, ckpt_prefixes, recipe, extra_info)
+    state = _packed_state_dict(model, packed, inplace)
+    if fmt == "auto_gptq":  # declared fp16: float32 tensors follow (bf16 ones are kept, as the reference does)
+        state = {k: (v.half() if v.dtype == torch.float32 and k not in quantized_keys else v) for k, v in state.items()}
+    state = _checkpoint_state(model, state, quantized_keys)
+    write_safetensors(state, tmp, max_shard_size)
+    _write_config(model, tmp, qc, fmt)
+    _save_side_files(tmp, *side_files)
+    if inplace and hasattr(model, "config"):
+        model.config.quantization_config = qc
+
+
+def save_quantized(
+    model: nn.Module,
+    layer_results: Mapping[str, HasGrid],
+    out_dir: str | Path,
+    *,
+    format: str | Sequence[str] = "auto_round",
+    inplace: bool = True,
+    tokenizer: Any = None,
+    processor: Any = None,
+    image_processor: Any = None,
+    block_name_to_quantize: str | Sequence[str] | None = None,
+    recipe: Recipe | None = None,
+    extra_info: Mapping[str, Any] | None = None,
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+) -> Path | dict[str, Path]:
+    """Write `model` as a packed checkpoint in `out_dir`; returns its path (one path per format
+    when several are asked for: sub-folders named like ``auto-round``, ``auto-gptq``).
+
+    layer_results: full module name → grid (`LayerQuant` or the engine's `LayerResult`); those
+    Linears must hold exactly `scale · (codes − zero)`. block_name_to_quantize: block list
+    prefixes (module names, e.g. "model.language_model.layers"); inferred from the layers when
+    None. inplace=True swaps the Linears for packed `QuantLinear`s (no extra full copy; the model
+    still runs); inplace=False leaves the fake-quant model untouched. recipe / extra_info add
+    informational keys to `quantization_config`. Refuses a non-empty `out_dir` unless `overwrite`.
+    """
+    fmts = _formats(format)
+    spec = global_spec(layer_results)
+    block_prefixes = _block_prefixes(model, layer_results, block_name_to_quantize)
+    side = (tokenizer, processor, image_processor)
+    common = dict(spec=spec, block_prefixes=block_prefixes, recipe=recipe, extra_info=extra_info,
+                  max_shard_size=max_shard_size, side_files=side)
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        if len(fmts) == 1:
+            _export_one(model, layer_results, tmp, fmts[0], inplace=inplace, **common)
+        else:
+            for i, fmt in enumerate(fmts):
+                sub = tmp / format_dirname(fmt)
+                sub.mkdir()
+                _export_one(model, layer_results, sub, fmt, inplace=inplace and i == len(fmts) - 1, **common)
+    out = Path(out_dir).resolve()
+    return out if len(fmts) == 1 else {f: out / format_dirname(f) for f in fmts}

@@ -1,0 +1,189 @@
+"""`load_quantized(path)`: a Hugging Face model with our `QuantLinear`s, from a local checkpoint.
+
+Reads `auto_round` (both packings) and `auto_gptq` checkpoints, ours or the auto-round
+package's. Local files only: nothing is fetched from the Hub. The model is built with empty
+(meta) parameters, quantized Linears are swapped for `QuantLinear`, and the safetensors are
+assigned in place, so peak memory is about the checkpoint's size.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from signround.adapters.checkpoint import checkpoint_keys, from_checkpoint_namer, iter_tensors
+from signround.adapters.qlinear import QuantLinear
+from signround.rounding.spec import QuantSpec
+
+
+def read_quantization_config(path: Path) -> dict[str, Any]:
+    """`quantization_config` from config.json, else quantization_config.json / quantize_config.json."""
+    cfg = json.loads((path / "config.json").read_text())
+    qc = cfg.get("quantization_config")
+    for name in ("quantization_config.json", "quantize_config.json"):
+        if qc is None and (path / name).is_file():
+            qc = json.loads((path / name).read_text())
+    if qc is None:
+        raise ValueError(f"{path} has no quantization_config (config.json, quantization_config.json or "
+                         "quantize_config.json): not a quantized checkpoint")
+    return qc
+
+
+def packing_of(qc: dict[str, Any]) -> str:
+    """The `QuantLinear` packing a quantization_config describes."""
+    method = str(qc.get("quant_method", "")).lower()
+    if method == "gptq":
+        return "auto_round:gptqmodel" if qc.get("checkpoint_format") == "gptq_v2" else "auto_gptq"
+    if "auto-round" in method or "auto_round" in method or method == "intel/auto-round":
+        fmt = str(qc.get("packing_format", "auto_round:auto_gptq"))
+        if "awq" in fmt:
+            raise NotImplementedError(f"packing_format {fmt!r} (AWQ layout) is not supported by signround's loader")
+        if fmt in ("auto_round", "auto_round:gptqmodel"):
+            return "auto_round" if fmt == "auto_round" else "auto_round:gptqmodel"
+        if "gptq" in fmt:
+            return "auto_round:auto_gptq"
+        raise NotImplementedError(f"packing_format {fmt!r} is not supported by signround's loader")
+    raise NotImplementedError(f"quant_method {qc.get('quant_method')!r} is not supported by signround's loader")
+
+
+def _match(overrides: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any] | None:
+    for n in names:
+        if n in overrides:
+            return overrides[n]
+    for key, value in overrides.items():
+        pattern = key.split(":", 1)[1] if key[:2] in ("+:", "-:") else key
+        try:
+            if any(re.fullmatch(pattern, n) or re.search(pattern, n) and pattern.startswith("^") for n in names):
+                return {"bits": 16} if key.startswith("-:") else value
+        except re.error:
+            continue
+    return None
+
+
+def layer_spec(qc: dict[str, Any], *names: str) -> QuantSpec | None:
+    """The grid of a layer (any of its `names`: module / checkpoint) or None when it stays in fp."""
+    cfg = {k: qc[k] for k in ("bits", "group_size", "sym") if k in qc}
+    extra = _match(qc.get("extra_config") or {}, names) or _match(qc.get("dynamic") or {}, names)
+    if extra:
+        cfg.update({k: extra[k] for k in ("bits", "group_size", "sym") if k in extra})
+    if int(cfg.get("bits", 16)) > 8:
+        return None
+    return QuantSpec(bits=int(cfg["bits"]), group_size=int(cfg.get("group_size", 128)), sym=bool(cfg.get("sym", True)))
+
+
+def _dtype(value: Any) -> torch.dtype | None:
+    if isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str):
+        return getattr(torch, value.removeprefix("torch."), None)
+    return None
+
+
+def _model_class(config: Any) -> type:
+    import transformers
+
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    for auto in ("AutoModelForImageTextToText", "AutoModelForCausalLM", "AutoModelForVision2Seq", "AutoModel"):
+        mapping = getattr(transformers, auto, None)
+        mapping = getattr(mapping, "_model_mapping", None)
+        if mapping is not None and type(config) in mapping:
+            return mapping[type(config)]
+    raise ValueError(f"cannot tell which transformers class builds model_type {config.model_type!r} "
+                     f"(architectures {getattr(config, 'architectures', None)}); pass model_class=")
+
+
+def load_quantized(
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    model_class: type | None = None,
+    cache_weights: bool = False,
+) -> nn.Module:
+    """Build the model of the checkpoint at `path` with packed layers as `QuantLinear`.
+
+    dtype: of the non-quantized weights and the compute (default: the checkpoint's dtype);
+    packed tensors keep theirs (int32 words, fp16 scales). model_class: override the class picked
+    from `config.architectures`. cache_weights: keep each dequantized weight after first use.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, GenerationConfig
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a local checkpoint directory (no config.json); "
+                                "load_quantized never downloads")
+    qc = read_quantization_config(path)
+    packing = packing_of(qc)
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    dtype = dtype or _dtype(getattr(config, "dtype", None)) or _dtype(getattr(config, "torch_dtype", None)) \
+        or torch.float32
+    cls = model_class or _model_class(config)
+    quantization = getattr(config, "quantization_config", None)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # building must not start transformers' own quantizer
+    with init_empty_weights(include_buffers=False):
+        model = cls._from_config(config, dtype=dtype) if hasattr(cls, "_from_config") else cls(config)
+
+    keys = checkpoint_keys(path)
+    module_keys = model.state_dict().keys()
+    namer = from_checkpoint_namer(model, module_keys)
+    key_map: dict[str, str] = {}
+    for k in keys:
+        new, converted = namer(k)
+        if converted and k.endswith((".qweight", ".qzeros", ".scales")):
+            raise NotImplementedError(f"{k}: transformers converts this tensor on load; not supported for packed layers")
+        key_map[k] = new
+    stored = set(keys)
+    for ckpt_key, module_key in key_map.items():
+        if not module_key.endswith(".qweight"):
+            continue
+        name, ckpt_name = module_key[: -len(".qweight")], ckpt_key[: -len(".qweight")]
+        linear = model.get_submodule(name)
+        spec = layer_spec(qc, name, ckpt_name)
+        if spec is None:
+            raise ValueError(f"{ckpt_name} has packed weights but the quantization_config keeps it at 16 bits")
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"{name}: packed weights for a {type(linear).__name__}, expected nn.Linear")
+        ql = QuantLinear(linear.in_features, linear.out_features, spec, bias=f"{ckpt_name}.bias" in stored,
+                         packing=packing, compute_dtype=dtype, cache_weight=cache_weights, device="cpu")
+        model.set_submodule(name, ql)
+
+    state = model.state_dict()
+    loaded: dict[str, torch.Tensor] = {}
+    unexpected = []
+    for ckpt_key, tensor in iter_tensors(path):
+        key = key_map[ckpt_key]
+        target = state.get(key)
+        if target is None:
+            unexpected.append(ckpt_key)
+            continue
+        if tuple(target.shape) != tuple(tensor.shape):
+            raise ValueError(f"{ckpt_key}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(target.shape)}")
+        owner = model.get_submodule(key.rsplit(".", 1)[0]) if "." in key else model
+        if tensor.is_floating_point() and not isinstance(owner, QuantLinear):
+            tensor = tensor.to(dtype)
+        loaded[key] = tensor.to(target.dtype) if isinstance(owner, QuantLinear) else tensor
+    if unexpected:
+        warnings.warn(f"{len(unexpected)} checkpoint tensors have no place in the model and were skipped, "
+                      f"e.g. {unexpected[:3]}", stacklevel=2)
+    model.load_state_dict(loaded, strict=False, assign=True)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if missing:
+        raise ValueError(f"{len(missing)} weights are missing from the checkpoint at {path}, e.g. {missing[:5]}")
+    if quantization is not None:
+        model.config.quantization_config = quantization
+    if (path / "generation_config.json").is_file() and hasattr(model, "generation_config"):
+        model.generation_config = GenerationConfig.from_pretrained(str(path), local_files_only=True)
+    return model.to(device).eval()

@@ -1,0 +1,172 @@
+"""`QuantLinear`: a Linear layer stored as packed integer codes, dequantized in pure torch.
+
+Three tensor layouts (see spec/format.md), told apart by `packing`:
+
+- ``"auto_round:auto_gptq"``: GPTQ v1 words, qzeros hold zero − 1, no g_idx (auto_round, sym).
+- ``"auto_round"``: the same words, qzeros hold the zero point as is (auto_round, asym).
+- ``"auto_gptq"``: like ``"auto_round:auto_gptq"`` plus ``g_idx`` int32 [in_features].
+
+Dequantization goes through `rounding` (unpack_rows/unpack_cols, `QuantizedWeight.dequantize`):
+the same grid the tuner and the exporter use.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from signround.rounding.grid import QuantizedWeight
+from signround.rounding.pack import pack_cols, pack_rows, unpack_cols, unpack_rows
+from signround.rounding.spec import QuantSpec
+
+#: packing name → (value subtracted from the zero point before packing, writes g_idx)
+PACKINGS: dict[str, tuple[int, bool]] = {
+    "auto_round:auto_gptq": (1, False),
+    "auto_round": (0, False),
+    "auto_round:gptqmodel": (0, True),
+    "auto_gptq": (1, True),
+}
+
+
+def _check_packing(packing: str) -> tuple[int, bool]:
+    try:
+        return PACKINGS[packing]
+    except KeyError:
+        raise ValueError(f"unknown packing {packing!r}; known: {sorted(PACKINGS)}") from None
+
+
+class QuantLinear(nn.Module):
+    """y = x · dequant(qweight, qzeros, scales)ᵀ + bias.
+
+    Buffers (all persistent, named as in checkpoints): ``qweight`` int32 [K·bits/32, N],
+    ``qzeros`` int32 [G, N·bits/32], ``scales`` fp16 [G, N], ``bias`` fp16 [N] (if any),
+    ``g_idx`` int32 [K] (auto_gptq only). `compute_dtype` is the dtype `weight` is dequantized to
+    when no input dtype is at hand. With `cache_weight` the dequantized weight is kept after the
+    first forward (faster, costs a full-precision copy).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        spec: QuantSpec,
+        *,
+        bias: bool,
+        packing: str = "auto_round:auto_gptq",
+        compute_dtype: torch.dtype = torch.float16,
+        cache_weight: bool = False,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        zero_offset, has_g_idx = _check_packing(packing)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.spec = spec
+        self.packing = packing
+        self.zero_offset = zero_offset
+        self.compute_dtype = compute_dtype
+        self.cache_weight = cache_weight
+        bits = spec.bits
+        groups = spec.num_groups(in_features)
+        kw = {"device": device}
+        self.register_buffer("qweight", torch.zeros(-(-in_features * bits // 32), out_features, dtype=torch.int32, **kw))
+        self.register_buffer("qzeros", torch.zeros(groups, -(-out_features * bits // 32), dtype=torch.int32, **kw))
+        self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16, **kw))
+        if has_g_idx:
+            gs = spec.effective_group_size(in_features)
+            self.register_buffer("g_idx", (torch.arange(in_features, device=device) // gs).to(torch.int32))
+        else:
+            self.g_idx = None
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16, **kw))
+        else:
+            self.bias = None
+        self._cached: Tensor | None = None
+
+    @classmethod
+    def from_quantized(
+        cls,
+        qw: QuantizedWeight,
+        bias: Tensor | None = None,
+        *,
+        packing: str = "auto_round:auto_gptq",
+        compute_dtype: torch.dtype = torch.float16,
+        name: str = "",
+    ) -> "QuantLinear":
+        """Pack a `QuantizedWeight` (codes [out, in], scale/zero [out, groups]) into a new layer."""
+        out_features, in_features = qw.codes.shape
+        layer = cls(in_features, out_features, qw.spec, bias=bias is not None, packing=packing,
+                    compute_dtype=compute_dtype, device=qw.codes.device)
+        zeros = qw.zero.to(torch.int64) - layer.zero_offset
+        if layer.zero_offset and int(zeros.min()) < 0:
+            raise ValueError(
+                f"layer {name or '<unnamed>'}: a zero point of 0 cannot be stored in the {packing!r} layout "
+                "(it stores zero - 1, GPTQ v1); use format 'auto_round' (native packing) for asymmetric weights"
+            )
+        bits = qw.spec.bits
+        for what, size, unit in (("in_features", in_features, 32), ("out_features", out_features, 32)):
+            if size % unit:
+                raise ValueError(f"layer {name or '<unnamed>'}: {what}={size} is not a multiple of {unit}; "
+                                 f"{bits}-bit packing needs both dimensions divisible by 32 — keep it in full precision")
+        layer.qweight = pack_rows(qw.codes.t().contiguous(), bits)
+        layer.qzeros = pack_cols(zeros.t().contiguous(), bits)
+        layer.scales = qw.scale.t().contiguous().to(torch.float16)
+        if bias is not None:
+            layer.bias = bias.detach().to(torch.float16).clone()
+        return layer
+
+    def quantized_weight(self) -> QuantizedWeight:
+        """Unpack to codes [out, in], scale [out, groups] (fp16), zero [out, groups] (int32)."""
+        bits = self.spec.bits
+        codes = unpack_rows(self.qweight, bits, self.in_features).t()
+        zeros = unpack_cols(self.qzeros, bits)[:, : self.out_features] + self.zero_offset
+        return QuantizedWeight(codes=codes.contiguous(), scale=self.scales.t().contiguous(),
+                               zero=zeros.t().contiguous(), spec=self.spec)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        """Full-precision weight [out, in] in `dtype` (default `compute_dtype`)."""
+        dtype = dtype or self.compute_dtype
+        gs = self.spec.effective_group_size(self.in_features)
+        g_idx = self.g_idx
+        if g_idx is not None and not torch.equal(g_idx.long(), torch.arange(self.in_features, device=g_idx.device) // gs):
+            return self._dequantize_g_idx(dtype)
+        return self.quantized_weight().dequantize(dtype)
+
+    def _dequantize_g_idx(self, dtype: torch.dtype) -> Tensor:
+        """Act-order GPTQ checkpoints: input row k uses group g_idx[k]."""
+        qw = self.quantized_weight()
+        idx = self.g_idx.long()
+        scale = qw.scale.float()[:, idx]
+        zero = qw.zero.float()[:, idx]
+        return (scale * (qw.codes.float() - zero)).to(dtype)
+
+    @property
+    def weight(self) -> Tensor:
+        """The dequantized weight (for code that reads `.weight.dtype` / `.weight.device`)."""
+        return self.dequantize(self.compute_dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self._cached
+        if w is None or w.dtype != x.dtype or w.device != x.device:
+            w = self.dequantize(x.dtype)
+            if self.cache_weight:
+                self._cached = w
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return nn.functional.linear(x, w, bias)
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module signature
+        """Move buffers like any module, but keep their dtypes: `model.to(torch.bfloat16)` must not
+        round the fp16 scales (the checkpoint's values are the grid)."""
+        self._cached = None
+        before = {k: b for k, b in self._buffers.items() if b is not None}
+        super()._apply(fn, recurse)
+        for key, old in before.items():
+            new = self._buffers[key]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[key] = old.to(new.device)
+        return self
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={s.bits}, "
+                f"group_size={s.group_size}, sym={s.sym}, packing={self.packing!r}, bias={self.bias is not None}")
