@@ -115,7 +115,9 @@ def qwen_tokenizer_dir() -> str:
     return out
 
 
+@cache
 def qwen_tokenizer(chat_template: str | None = QWEN2_VL_CHAT_TEMPLATE):  # type: ignore[no-untyped-def]
+    """The Qwen2 tokenizer, loaded once per chat template (callers must not modify it)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(qwen_tokenizer_dir())
