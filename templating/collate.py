@@ -30,7 +30,8 @@ def collate(
 
     - sequence keys (`input_ids`, `attention_mask`, `token_type_ids`, `cross_attention_mask`, ...)
       are padded on dim 1 to the longest sample, on `padding_side`: `input_ids` with
-      `pad_token_id`, `labels` with -100, masks with 0 (so padding is never attended);
+      `pad_token_id`, `labels` with -100, masks with 0 (so padding is never attended); a
+      text-only sample lacking one (e.g. `mm_token_type_ids`, `cross_attention_mask`) gets zeros;
     - `flat_keys` (image-count first dims, e.g. Qwen2-VL `pixel_values`) are concatenated on dim 0
       in sample order; samples without them (text-only) contribute nothing;
     - other tensors (one row per sample, e.g. mllama/idefics3 `pixel_values` [1, n_images, ...])
@@ -58,12 +59,18 @@ def collate(
             continue
         if key in SEQUENCE_KEYS:
             value = pad_token_id if key == "input_ids" else (-100 if key == "labels" else 0)
-            if len(present) != len(rows):
-                raise ValueError(f"sequence key {key!r} is missing from some samples")
             shape = [max(t.shape[d] for t in present) for d in range(present[0].dim())]
             shape[1] = length
             left = 1 if padding_side == "left" else None
-            out[key] = torch.cat([_pad_to(t, shape, value, left) for t in present], 0)
+            filled = []
+            for row in rows:  # a text-only sample may lack e.g. mm_token_type_ids: zeros = "text"
+                t = row.get(key)
+                if t is None:
+                    if key in ("input_ids", "attention_mask"):
+                        raise ValueError(f"a sample has no {key!r}")
+                    t = torch.zeros([1, row["input_ids"].shape[1], *shape[2:]], dtype=present[0].dtype)
+                filled.append(_pad_to(t, shape, value, left))
+            out[key] = torch.cat(filled, 0)
             continue
         if any(t.shape[0] != 1 for t in present):  # first dim counts images, not samples
             out[key] = torch.cat(present, 0)

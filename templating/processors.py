@@ -177,10 +177,13 @@ def _hf_call(processor: Any, text: str, images: Sequence[Image.Image], max_pixel
 
 
 def _text_only(name: str, text: str, images: Sequence[Image.Image], tokenizer: Any, processor: Any) -> dict[str, torch.Tensor] | None:
+    """Text-only sample: through the HF processor when given (same keys as image samples), else the tokenizer."""
     if images:
         return None
-    tok = tokenizer if tokenizer is not None else getattr(processor, "tokenizer", None)
-    return _tokenize(tok, text)
+    if processor is not None:
+        enc = processor(text=[text], return_tensors="pt")
+        return {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
+    return _tokenize(tokenizer, text)
 
 
 def _family(name: str, image_tokens: tuple[str, ...], flat_keys: tuple[str, ...] = (), *, negative: bool = False) -> None:
