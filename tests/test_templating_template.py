@@ -129,3 +129,12 @@ def test_json_schema_matches_template_fields() -> None:
         jsonschema.validate(json.loads((preset_dir() / f"{name}.json").read_text()), schema)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"format_usr": "{{content}}"}, schema)
+
+
+def test_templating_stays_pure() -> None:
+    """Design rule: templating imports neither rounding nor adapters."""
+    root = Path(__file__).resolve().parents[1] / "templating"
+    for path in root.glob("*.py"):
+        src = path.read_text()
+        for banned in ("signround.rounding", "signround.adapters", "from ..rounding", "from ..adapters"):
+            assert banned not in src, f"{path.name} imports {banned}"
