@@ -177,8 +177,10 @@ def test_qwen2_vl_seeded_selection_and_image_drop(qwen2_vl: tuple[Any, Any, Any]
     b = conversation_calibration(ds, tpl, tokenizer=tok, processor=proc, seqlen=512, nsamples=3, seed=7, max_pixels=56 * 56)
     assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a.samples, b.samples))
     # seqlen smaller than one image's tokens: image samples are dropped (and reported), text kept and cut
-    with pytest.warns(UserWarning, match="dropped"):
+    with pytest.warns(UserWarning) as record:
         short = conversation_calibration(ds, tpl, tokenizer=tok, processor=proc, seqlen=20, nsamples=10, seed=7, max_pixels=112 * 112)
+    messages = [str(w.message) for w in record]
+    assert any("dropped 4 sample(s)" in m for m in messages) and any("only 1 of 10" in m for m in messages)
     assert len(short.samples) == 1 and len(short.dropped) == 4
     assert short.samples[0]["input_ids"].shape == (1, 20)
     assert all("seqlen=20" in reason for reason in short.dropped)
