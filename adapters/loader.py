@@ -42,8 +42,8 @@ def packing_of(qc: dict[str, Any]) -> str:
         return "auto_round:gptqmodel" if qc.get("checkpoint_format") == "gptq_v2" else "auto_gptq"
     if "auto-round" in method or "auto_round" in method or method == "intel/auto-round":
         fmt = str(qc.get("packing_format", "auto_round:auto_gptq"))
-        if "awq" in fmt:
-            raise NotImplementedError(f"packing_format {fmt!r} (AWQ layout) is not supported by signround's loader")
+        if fmt == "auto_round:auto_awq":
+            return fmt
         if fmt in ("auto_round", "auto_round:gptqmodel"):
             return "auto_round" if fmt == "auto_round" else "auto_round:gptqmodel"
         if "gptq" in fmt:
@@ -83,6 +83,28 @@ def _dtype(value: Any) -> torch.dtype | None:
     if isinstance(value, str):
         return getattr(torch, value.removeprefix("torch."), None)
     return None
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def _stored_dtype(path: Path) -> torch.dtype:
+    """The most common float dtype among the non-packed tensors (for configs that name none)."""
+    from collections import Counter
+
+    from safetensors import safe_open
+
+    from signround.adapters.checkpoint import safetensors_files
+
+    counts: Counter[torch.dtype] = Counter()
+    for f in safetensors_files(path):
+        with safe_open(str(f), framework="pt") as fh:
+            for k in fh.keys():
+                if not k.endswith((".scales", ".bias")):
+                    dt = _SAFETENSORS_DTYPES.get(fh.get_slice(k).get_dtype())
+                    if dt is not None:
+                        counts[dt] += 1
+    return counts.most_common(1)[0][0] if counts else torch.float32
 
 
 def _model_class(config: Any) -> type:
@@ -125,8 +147,7 @@ def load_quantized(
     qc = read_quantization_config(path)
     packing = packing_of(qc)
     config = AutoConfig.from_pretrained(str(path), local_files_only=True)
-    dtype = dtype or _dtype(getattr(config, "dtype", None)) or _dtype(getattr(config, "torch_dtype", None)) \
-        or torch.float32
+    dtype = dtype or _dtype(getattr(config, "dtype", None)) or _stored_dtype(path)
     cls = model_class or _model_class(config)
     quantization = getattr(config, "quantization_config", None)
     if hasattr(config, "quantization_config"):

@@ -5,6 +5,8 @@ Three tensor layouts (see spec/format.md), told apart by `packing`:
 - ``"auto_round:auto_gptq"``: GPTQ v1 words, qzeros hold zero − 1, no g_idx (auto_round, sym).
 - ``"auto_round"``: the same words, qzeros hold the zero point as is (auto_round, asym).
 - ``"auto_gptq"``: like ``"auto_round:auto_gptq"`` plus ``g_idx`` int32 [in_features].
+- ``"auto_round:auto_awq"`` (4-bit, read for auto-round 0.16's asym checkpoints): qweight
+  int32 [in, out/8] packed along out with AWQ's column interleave, zero points as is.
 
 Dequantization goes through `rounding` (unpack_rows/unpack_cols, `QuantizedWeight.dequantize`):
 the same grid the tuner and the exporter use.
@@ -19,20 +21,30 @@ from signround.rounding.grid import QuantizedWeight
 from signround.rounding.pack import pack_cols, pack_rows, unpack_cols, unpack_rows
 from signround.rounding.spec import QuantSpec
 
-#: packing name → (value subtracted from the zero point before packing, writes g_idx)
-PACKINGS: dict[str, tuple[int, bool]] = {
-    "auto_round:auto_gptq": (1, False),
-    "auto_round": (0, False),
-    "auto_round:gptqmodel": (0, True),
-    "auto_gptq": (1, True),
+#: packing name → (value subtracted from the zero point before packing, has g_idx, AWQ layout)
+PACKINGS: dict[str, tuple[int, bool, bool]] = {
+    "auto_round:auto_gptq": (1, False, False),
+    "auto_round": (0, False, False),
+    "auto_round:gptqmodel": (0, True, False),
+    "auto_gptq": (1, True, False),
+    "auto_round:auto_awq": (0, False, True),
 }
+#: AWQ word slot s (bits 4s..4s+3) holds column AWQ_ORDER[s] of each run of 8 output columns
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+AWQ_SLOT = (0, 4, 1, 5, 2, 6, 3, 7)  # column p sits in slot AWQ_SLOT[p]
 
 
-def _check_packing(packing: str) -> tuple[int, bool]:
+def _check_packing(packing: str) -> tuple[int, bool, bool]:
     try:
         return PACKINGS[packing]
     except KeyError:
         raise ValueError(f"unknown packing {packing!r}; known: {sorted(PACKINGS)}") from None
+
+
+def _awq_reorder(x: Tensor, order: tuple[int, ...]) -> Tensor:
+    """Permute each run of 8 columns of x [R, N] by `order`."""
+    rows, cols = x.shape
+    return x.reshape(rows, cols // 8, 8)[..., list(order)].reshape(rows, cols)
 
 
 class QuantLinear(nn.Module):
@@ -58,18 +70,22 @@ class QuantLinear(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        zero_offset, has_g_idx = _check_packing(packing)
+        zero_offset, has_g_idx, awq = _check_packing(packing)
+        if awq and spec.bits != 4:
+            raise ValueError(f"the AWQ layout is 4-bit only, got {spec.bits} bits")
         self.in_features = in_features
         self.out_features = out_features
         self.spec = spec
         self.packing = packing
         self.zero_offset = zero_offset
+        self.awq = awq
         self.compute_dtype = compute_dtype
         self.cache_weight = cache_weight
         bits = spec.bits
         groups = spec.num_groups(in_features)
         kw = {"device": device}
-        self.register_buffer("qweight", torch.zeros(-(-in_features * bits // 32), out_features, dtype=torch.int32, **kw))
+        qshape = (in_features, -(-out_features * bits // 32)) if awq else (-(-in_features * bits // 32), out_features)
+        self.register_buffer("qweight", torch.zeros(*qshape, dtype=torch.int32, **kw))
         self.register_buffer("qzeros", torch.zeros(groups, -(-out_features * bits // 32), dtype=torch.int32, **kw))
         self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16, **kw))
         if has_g_idx:
@@ -108,8 +124,12 @@ class QuantLinear(nn.Module):
             if size % unit:
                 raise ValueError(f"layer {name or '<unnamed>'}: {what}={size} is not a multiple of {unit}; "
                                  f"{bits}-bit packing needs both dimensions divisible by 32 — keep it in full precision")
-        layer.qweight = pack_rows(qw.codes.t().contiguous(), bits)
-        layer.qzeros = pack_cols(zeros.t().contiguous(), bits)
+        if layer.awq:
+            layer.qweight = pack_cols(_awq_reorder(qw.codes.t().contiguous(), AWQ_ORDER), bits)
+            layer.qzeros = pack_cols(_awq_reorder(zeros.t().contiguous(), AWQ_ORDER), bits)
+        else:
+            layer.qweight = pack_rows(qw.codes.t().contiguous(), bits)
+            layer.qzeros = pack_cols(zeros.t().contiguous(), bits)
         layer.scales = qw.scale.t().contiguous().to(torch.float16)
         if bias is not None:
             layer.bias = bias.detach().to(torch.float16).clone()
@@ -118,8 +138,12 @@ class QuantLinear(nn.Module):
     def quantized_weight(self) -> QuantizedWeight:
         """Unpack to codes [out, in], scale [out, groups] (fp16), zero [out, groups] (int32)."""
         bits = self.spec.bits
-        codes = unpack_rows(self.qweight, bits, self.in_features).t()
-        zeros = unpack_cols(self.qzeros, bits)[:, : self.out_features] + self.zero_offset
+        if self.awq:
+            codes = _awq_reorder(unpack_cols(self.qweight, bits), AWQ_SLOT).t()
+            zeros = _awq_reorder(unpack_cols(self.qzeros, bits), AWQ_SLOT)
+        else:
+            codes = unpack_rows(self.qweight, bits, self.in_features).t()
+            zeros = unpack_cols(self.qzeros, bits)[:, : self.out_features] + self.zero_offset
         return QuantizedWeight(codes=codes.contiguous(), scale=self.scales.t().contiguous(),
                                zero=zeros.t().contiguous(), spec=self.spec)
 
