@@ -188,17 +188,13 @@ def _pack(model: nn.Module, layer_results: Mapping[str, HasGrid], packing: str) 
     return packed
 
 
-def _packed_state_dict(model: nn.Module, packed: Mapping[str, QuantLinear], inplace: bool) -> dict[str, Tensor]:
-    if inplace:
-        for name, ql in packed.items():
-            model.set_submodule(name, ql)
-        state = model.state_dict()
-    else:
-        state = model.state_dict()
-        for name, ql in packed.items():
-            state.pop(f"{name}.weight", None)
-            state.pop(f"{name}.bias", None)
-            state.update({f"{name}.{k}": v for k, v in ql.state_dict().items()})
+def _packed_state_dict(model: nn.Module, packed: Mapping[str, QuantLinear]) -> dict[str, Tensor]:
+    """The model's state dict with each packed layer's weight/bias replaced by its buffers."""
+    state = model.state_dict()
+    for name, ql in packed.items():
+        state.pop(f"{name}.weight", None)
+        state.pop(f"{name}.bias", None)
+        state.update({f"{name}.{k}": v for k, v in ql.state_dict().items()})
     try:  # tied weights (lm_head ↔ embeddings) are stored once, as save_pretrained does
         from transformers.modeling_utils import remove_tied_weights_from_state_dict
         state = remove_tied_weights_from_state_dict(state, model)
@@ -263,10 +259,11 @@ def _write_config(model: nn.Module, tmp: Path, qc: dict[str, Any], fmt: str) -> 
             warnings.warn(f"generation_config.json not written: {e}", stacklevel=3)
 
 
-def _export_one(model: nn.Module, layer_results: Mapping[str, HasGrid], tmp: Path, fmt: str, *, inplace: bool,
+def _export_one(model: nn.Module, layer_results: Mapping[str, HasGrid], tmp: Path, fmt: str, *,
                 spec: QuantSpec, block_prefixes: Sequence[str], recipe: Recipe | None,
                 extra_info: Mapping[str, Any] | None, max_shard_size: int | str,
-                side_files: tuple[Any, Any, Any]) -> None:
+                side_files: tuple[Any, Any, Any]) -> tuple[dict[str, QuantLinear], dict[str, Any]]:
+    """Write one format into `tmp`; returns the packed layers and the quantization_config."""
     packing = packing_format(fmt, spec)
     packed = _pack(model, layer_results, packing)
     quantized_keys = {f"{n}.{k}" for n, ql in packed.items() for k in ql.state_dict()}
@@ -277,15 +274,14 @@ def _export_one(model: nn.Module, layer_results: Mapping[str, HasGrid], tmp: Pat
     ckpt_prefixes = list(dict.fromkeys(namer(f"{p}.0.weight")[0].rsplit(".0.weight", 1)[0] for p in block_prefixes))
     qc = quantization_config(fmt, spec, {n: r.spec for n, r in layer_results.items()}, fp_in_blocks,
                              block_prefixes, ckpt_prefixes, recipe, extra_info)
-    state = _packed_state_dict(model, packed, inplace)
+    state = _packed_state_dict(model, packed)
     if fmt == "auto_gptq":  # declared fp16: float32 tensors follow (bf16 ones are kept, as the reference does)
         state = {k: (v.half() if v.dtype == torch.float32 and k not in quantized_keys else v) for k, v in state.items()}
     state = _checkpoint_state(model, state, quantized_keys)
     write_safetensors(state, tmp, max_shard_size)
     _write_config(model, tmp, qc, fmt)
     _save_side_files(tmp, *side_files)
-    if inplace and hasattr(model, "config"):
-        model.config.quantization_config = qc
+    return packed, qc
 
 
 def save_quantized(
@@ -310,8 +306,9 @@ def save_quantized(
     layer_results: full module name → grid (`LayerQuant` or the engine's `LayerResult`); those
     Linears must hold exactly `scale · (codes − zero)`. block_name_to_quantize: block list
     prefixes (module names, e.g. "model.language_model.layers"); inferred from the layers when
-    None. inplace=True swaps the Linears for packed `QuantLinear`s (no extra full copy; the model
-    still runs); inplace=False leaves the fake-quant model untouched. recipe / extra_info add
+    None. inplace=True swaps the Linears for the packed `QuantLinear`s once the checkpoint is
+    written (the model keeps working; no full copy is made either way; with several formats the
+    last one's layers); inplace=False leaves the fake-quant model untouched. recipe / extra_info add
     informational keys to `quantization_config`. Refuses a non-empty `out_dir` unless `overwrite`.
     """
     fmts = _formats(format)
@@ -321,12 +318,14 @@ def save_quantized(
     common = dict(spec=spec, block_prefixes=block_prefixes, recipe=recipe, extra_info=extra_info,
                   max_shard_size=max_shard_size, side_files=side)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        if len(fmts) == 1:
-            _export_one(model, layer_results, tmp, fmts[0], inplace=inplace, **common)
-        else:
-            for i, fmt in enumerate(fmts):
-                sub = tmp / format_dirname(fmt)
-                sub.mkdir()
-                _export_one(model, layer_results, sub, fmt, inplace=inplace and i == len(fmts) - 1, **common)
+        for fmt in fmts:
+            sub = tmp if len(fmts) == 1 else tmp / format_dirname(fmt)
+            sub.mkdir(exist_ok=True)
+            packed, qc = _export_one(model, layer_results, sub, fmt, **common)
+    if inplace:  # only once the checkpoint is in place: a failed save leaves the model as it was
+        for name, ql in packed.items():
+            model.set_submodule(name, ql)
+        if hasattr(model, "config"):
+            model.config.quantization_config = qc
     out = Path(out_dir).resolve()
     return out if len(fmts) == 1 else {f: out / format_dirname(f) for f in fmts}
