@@ -15,3 +15,11 @@ __all__ = [
     "LayerResult", "QuantReport", "as_pure", "capture_inputs", "find_block_lists", "layer_results",
     "quantize_model", "register_blocks", "resolve_device", "run_block", "select_layers", "write_back",
 ]
+
+# --- checkpoints: export, QuantLinear, loader ---
+from signround.adapters.checkpoint import LayerQuant
+from signround.adapters.export import save_quantized
+from signround.adapters.loader import load_quantized
+from signround.adapters.qlinear import QuantLinear
+
+__all__ += ["LayerQuant", "QuantLinear", "load_quantized", "save_quantized"]
