@@ -1,10 +1,64 @@
-"""The `signround` command line (Typer). Parses, validates, calls the library."""
+"""The `signround` command line (Typer). Parses and validates arguments, calls the library.
+
+User errors print one line (what is wrong, where, how to fix) and exit 2; `--debug` shows the
+traceback instead. Ctrl-C leaves no partial output directory (saves are atomic) and exits 130.
+"""
 
 from __future__ import annotations
 
+import functools
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Any, Callable, List, Optional, TypeVar
+
 import typer
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Quantize LLMs and VLMs with sign-gradient rounding.")
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Quantize LLMs and VLMs to 2-8-bit weights with sign-gradient rounding (AutoRound).")
+templates_app = typer.Typer(no_args_is_help=True, help="List, show, validate and render chat templates.")
+app.add_typer(templates_app, name="templates")
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+               PermissionError, KeyError)
+F = TypeVar("F", bound=Callable[..., Any])
+_state = {"debug": False}
+
+
+class Format(str, Enum):
+    auto_round = "auto_round"
+    auto_gptq = "auto_gptq"
+    fake = "fake"
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(code)
+
+
+def user_errors(fn: F) -> F:
+    """Turn library errors caused by the user's input into one clear line and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except KeyboardInterrupt:
+            if _state["debug"]:
+                raise
+            _fail("interrupted; nothing was written (saves are atomic)", 130)
+        except USER_ERRORS as err:
+            if _state["debug"]:
+                raise
+            msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+            _fail(str(msg))
+
+    return wrapper  # type: ignore[return-value]
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors.")) -> None:
+    _state["debug"] = debug
 
 
 @app.command()
@@ -15,5 +69,202 @@ def version() -> None:
     typer.echo(__version__)
 
 
+@app.command()
+@user_errors
+def quantize(
+    model_path: Path = typer.Argument(..., help="Local Hugging Face model directory."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Where to write the checkpoint."),
+    bits: int = typer.Option(4, help="Weight bits (2-8)."),
+    group_size: int = typer.Option(128, help="Inputs per scale; -1 = per output channel."),
+    sym: bool = typer.Option(True, "--sym/--asym", help="Full-range symmetric (default) or asymmetric grid."),
+    recipe: str = typer.Option("default", help="Preset: default, light, best, rtn."),
+    iters: Optional[int] = typer.Option(None, help="Tuning iterations per block (0 = RTN)."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate of the rounding offsets (default 1/iters)."),
+    minmax_lr: Optional[float] = typer.Option(None, help="Learning rate of the range scales (default lr)."),
+    nsamples: Optional[int] = typer.Option(None, help="Calibration samples."),
+    seqlen: Optional[int] = typer.Option(None, help="Tokens per calibration sample."),
+    batch_size: Optional[int] = typer.Option(None, help="Samples per tuning step."),
+    gradient_accumulate_steps: Optional[int] = typer.Option(None, help="Sub-batches per step."),
+    seed: Optional[int] = typer.Option(None, help="Random seed (sample order)."),
+    dataset: Optional[str] = typer.Option(None, help="Calibration data: llava JSON, .txt, .jsonl, JSON list; default: built-in set."),
+    extra_data_dir: Optional[Path] = typer.Option(None, help="Directory the dataset's image paths resolve against."),
+    template: Optional[str] = typer.Option(None, help="Chat template: preset name or JSON file (default: by model type)."),
+    quant_nontext_module: bool = typer.Option(False, help="Also quantize vision blocks (needs image-text data)."),
+    layer_config: Optional[Path] = typer.Option(None, help="JSON file: {layer name or regex: {bits, group_size, sym}}."),
+    device: Optional[str] = typer.Option(None, help="cuda, cuda:1, xpu, hpu, cpu (default: best available)."),
+    dtype: str = typer.Option("auto", help="Load dtype: auto, bfloat16, float16, float32."),
+    low_gpu_mem_usage: bool = typer.Option(False, help="Keep calibration activations on the CPU."),
+    format: List[Format] = typer.Option([Format.auto_round], "--format", help="Checkpoint format (repeatable)."),
+    skip_bad_samples: bool = typer.Option(False, help="Skip dataset samples with missing images instead of failing."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty output directory."),
+    dry_run: bool = typer.Option(False, help="Print the plan (blocks, layers, bits) and exit."),
+    report_json: Optional[Path] = typer.Option(None, help="Also write the run report as JSON here."),
+) -> None:
+    """Quantize MODEL_PATH and save the checkpoint."""
+    from signround.adapters.facade import build_quantizer, check_output_dir, read_layer_config
+    from signround.adapters.model_io import load_model, parse_dtype
+    from signround.adapters.progress import print_plan
+
+    if output is None and not dry_run:
+        raise ValueError("--output is required (where to write the checkpoint), unless --dry-run")
+    overrides = {k: v for k, v in dict(iters=iters, lr=lr, minmax_lr=minmax_lr, nsamples=nsamples, seqlen=seqlen,
+                                        batch_size=batch_size, gradient_accumulate_steps=gradient_accumulate_steps,
+                                        seed=seed).items() if v is not None}
+    formats = list(dict.fromkeys(f.value for f in format))
+    if output is not None:
+        check_output_dir(output, overwrite=overwrite, protect=[model_path])
+    loaded = load_model(model_path, dtype=parse_dtype(dtype))
+    quantizer = build_quantizer(
+        loaded, bits=bits, group_size=group_size, sym=sym, recipe=recipe, dataset=dataset,
+        extra_data_dir=extra_data_dir, template=template, quant_nontext_module=quant_nontext_module,
+        layer_config=read_layer_config(layer_config) if layer_config else None, device=device,
+        low_gpu_mem_usage=low_gpu_mem_usage, skip_bad_samples=skip_bad_samples, **overrides)
+    if dry_run:
+        print_plan(quantizer.plan())
+        return
+    report = quantizer.quantize()
+    assert output is not None
+    paths = quantizer.save_quantized(output, format=formats if len(formats) > 1 else formats[0], overwrite=overwrite)
+    if report_json is not None:
+        report_json.write_bytes(report.to_json())
+    for p in paths.values() if isinstance(paths, dict) else [paths]:
+        typer.echo(f"saved {p}")
+
+
+@app.command("eval")
+@user_errors
+def eval_(
+    model_path: Path = typer.Argument(..., help="The full-precision model directory."),
+    quantized: Optional[Path] = typer.Option(None, help="A quantized checkpoint of the same model to compare."),
+    text: Optional[Path] = typer.Option(None, help="Text file for perplexity (default: built-in held-out text)."),
+    image_text: Optional[Path] = typer.Option(None, help="llava JSON for image-text loss."),
+    extra_data_dir: Optional[Path] = typer.Option(None, help="Directory the image paths resolve against."),
+    template: Optional[str] = typer.Option(None, help="Chat template for the image-text set."),
+    seqlen: int = typer.Option(512, help="Perplexity window length in tokens."),
+    max_windows: Optional[int] = typer.Option(None, help="Evaluate at most this many windows."),
+    dtype: str = typer.Option("auto", help="Load dtype for the full-precision model."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Perplexity (and image-text loss) of a model, side by side with its quantized checkpoint."""
+    from signround.adapters.evaluate import compare_models, print_comparison
+    from signround.adapters.model_io import parse_dtype
+
+    rows = compare_models(model_path, quantized, text=text, image_text=image_text, extra_data_dir=extra_data_dir,
+                          template=template, seqlen=seqlen, max_windows=max_windows, dtype=parse_dtype(dtype))
+    if json_out:
+        import orjson
+
+        typer.echo(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
+    else:
+        print_comparison(rows)
+
+
+@app.command()
+@user_errors
+def inspect(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint directory written by signround or auto-round."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Format, bits per layer, group sizes, sizes, and which layers stayed in full precision."""
+    from signround.adapters.inspect_checkpoint import inspect_checkpoint, print_inspection
+
+    info = inspect_checkpoint(checkpoint)
+    if json_out:
+        import orjson
+
+        typer.echo(orjson.dumps(info, option=orjson.OPT_INDENT_2).decode())
+    else:
+        print_inspection(info)
+
+
+@app.command()
+@user_errors
+def demo(
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Keep the demo checkpoint here (default: a temp dir)."),
+    iters: int = typer.Option(20, help="Tuning iterations per block."),
+    bits: int = typer.Option(4, help="Weight bits."),
+    group_size: int = typer.Option(64, help="Group size (SmolLM2's width 576 is not a multiple of 128)."),
+) -> None:
+    """Quantize a small SmolVLM-shaped model end to end on built-in data; print before/after."""
+    from signround.adapters.demo import run_demo
+
+    run_demo(output=output, iters=iters, bits=bits, group_size=group_size)
+
+
+@app.command()
+@user_errors
+def bench(
+    layers: int = typer.Option(4, help="Decoder blocks."),
+    hidden: int = typer.Option(1536, help="Hidden size (Qwen2-VL-2B: 1536)."),
+    intermediate: int = typer.Option(8960, help="MLP width (Qwen2-VL-2B: 8960)."),
+    heads: int = typer.Option(12, help="Attention heads."),
+    kv_heads: int = typer.Option(2, help="Key/value heads."),
+    iters: int = typer.Option(200, help="Tuning iterations per block."),
+    nsamples: int = typer.Option(128, help="Calibration samples."),
+    seqlen: int = typer.Option(2048, help="Tokens per sample."),
+    batch_size: int = typer.Option(8, help="Samples per step."),
+    device: Optional[str] = typer.Option(None, help="Device (default: best available)."),
+    reference: bool = typer.Option(True, help="Also run the auto-round package, when installed, and print ratios."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here."),
+) -> None:
+    """Time per-block tuning and peak memory on a random Qwen2-shaped model (vs auto-round when installed)."""
+    from signround.adapters.bench import run_bench
+
+    run_bench(layers=layers, hidden=hidden, intermediate=intermediate, heads=heads, kv_heads=kv_heads, iters=iters,
+              nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, device=device, reference=reference,
+              json_out=json_out)
+
+
+@templates_app.command("list")
+def templates_list() -> None:
+    """Preset template names."""
+    from signround.templating import list_presets
+
+    for name in list_presets():
+        typer.echo(name)
+
+
+@templates_app.command("show")
+@user_errors
+def templates_show(name: str = typer.Argument(..., help="Preset name or JSON path.")) -> None:
+    """Print a template as JSON."""
+    from signround.templating import load_template
+
+    typer.echo(load_template(name).to_json().decode())
+
+
+@templates_app.command("validate")
+@user_errors
+def templates_validate(file: Path = typer.Argument(..., help="Template JSON file.")) -> None:
+    """Check a template file; prints `ok` or one error naming the field."""
+    from signround.templating import read_template
+
+    t = read_template(file)
+    typer.echo(f"ok: {file} (model_type {t.model_type!r}, processor {t.processor!r})")
+
+
+@templates_app.command("render")
+@user_errors
+def templates_render(
+    file: str = typer.Argument(..., help="Template preset name or JSON file."),
+    conversation: Path = typer.Option(..., help="JSON file: a list of turns ({from, value} or {role, content})."),
+) -> None:
+    """Render a conversation through a template and print the text."""
+    import orjson
+
+    from signround.templating import load_template, render
+
+    if not conversation.is_file():
+        raise FileNotFoundError(f"conversation file {str(conversation)!r} does not exist")
+    try:
+        turns = orjson.loads(conversation.read_bytes())
+    except orjson.JSONDecodeError as err:
+        raise ValueError(f"{conversation}: not valid JSON ({err})") from None
+    if isinstance(turns, dict) and "conversations" in turns:
+        turns = turns["conversations"]
+    sys.stdout.write(render(load_template(file), turns))
+    sys.stdout.write("\n")
+
+
 def main() -> None:
-    app()
+    app(prog_name="signround")

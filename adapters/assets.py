@@ -102,3 +102,31 @@ def build_demo_vlm(text_model: Any, tokenizer: Any, *, seed: int = 0) -> tuple[A
     seq_len = (edge // DEMO_VISION["patch_size"]) ** 2 // DEMO_SCALE_FACTOR**2
     processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=seq_len)
     return vlm, processor
+
+
+def byte_level_tokenizer(specials: tuple[str, ...] = ()) -> Any:
+    """A tokenizer of the 256 byte tokens plus `specials`, built offline in milliseconds."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(ByteLevel.alphabet()))}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens(["<pad>", "<|endoftext|>", *specials])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<pad>")
+
+
+def random_smollm2(num_layers: int = 8, seed: int = 0) -> tuple[Any, Any]:
+    """A SmolLM2-shaped Llama with random weights and a byte-level tokenizer (no package needed)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = byte_level_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=576, intermediate_size=1536, num_hidden_layers=num_layers,
+                      num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg).eval()
+    return model, tok

@@ -1,0 +1,118 @@
+"""`signround inspect`: what a checkpoint holds, read from config.json and safetensors headers only."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import orjson
+from safetensors import safe_open
+
+QUANT_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return orjson.loads(path.read_bytes())
+    except orjson.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+
+
+def _shards(path: Path) -> list[Path]:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path} holds no .safetensors files; is it a checkpoint directory?")
+    return files
+
+
+def _layer_override(name: str, extra: dict[str, Any]) -> dict[str, Any]:
+    if name in extra:
+        return extra[name]
+    for key, value in extra.items():
+        try:
+            if re.search(key, name):
+                return value
+        except re.error:
+            continue
+    return {}
+
+
+def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Summary of a checkpoint: format, global grid, per-layer bits/group size, sizes, fp layers."""
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"checkpoint {str(p)!r} is not a directory")
+    cfg_path = p / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{p} has no config.json, so it is not a Hugging Face checkpoint")
+    config = _read_json(cfg_path)
+    qc = config.get("quantization_config") or {}
+    extra = qc.get("extra_config") or {}
+    tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
+    total_bytes = 0
+    for shard in _shards(p):
+        total_bytes += shard.stat().st_size
+        with safe_open(str(shard), framework="pt") as f:
+            for key in f.keys():
+                sl = f.get_slice(key)
+                tensors[key] = (sl.get_dtype(), tuple(sl.get_shape()))
+    layers = {}
+    for key, (_dtype, shape) in tensors.items():
+        if not key.endswith(".qweight"):
+            continue
+        name = key[: -len(".qweight")]
+        over = _layer_override(name, extra)
+        bits = int(over.get("bits", qc.get("bits", 0)))
+        group = int(over.get("group_size", qc.get("group_size", 0)))
+        sym = bool(over.get("sym", qc.get("sym", True)))
+        scales = tensors.get(name + ".scales")
+        out_features = shape[1]
+        in_features = shape[0] * 32 // bits if bits else None
+        layers[name] = {"bits": bits, "group_size": group, "sym": sym, "in_features": in_features,
+                        "out_features": out_features, "groups": scales[1][0] if scales else None}
+    fp_layers = sorted(k[: -len(".weight")] for k, (_d, s) in tensors.items()
+                       if k.endswith(".weight") and len(s) == 2 and k[: -len(".weight")] not in layers)
+    dtypes = Counter(d for k, (d, _s) in tensors.items() if not k.endswith(QUANT_SUFFIXES))
+    return {
+        "path": str(p),
+        "quant_method": qc.get("quant_method"),
+        "packing_format": qc.get("packing_format"),
+        "bits": qc.get("bits"),
+        "group_size": qc.get("group_size"),
+        "sym": qc.get("sym"),
+        "block_name_to_quantize": qc.get("block_name_to_quantize"),
+        "quantized_layers": len(layers),
+        "bits_histogram": dict(Counter(v["bits"] for v in layers.values())),
+        "layers": layers,
+        "full_precision_2d_weights": fp_layers,
+        "kept_fp_by_config": sorted(k for k, v in extra.items() if int(v.get("bits", 0)) >= 16),
+        "other_tensor_dtypes": dict(dtypes),
+        "tensors": len(tensors),
+        "size_bytes": total_bytes,
+        "files": sorted(x.name for x in p.iterdir() if x.is_file()),
+    }
+
+
+def print_inspection(info: dict[str, Any]) -> None:
+    """A readable table of `inspect_checkpoint`'s result."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    head = Table(show_header=False, title=f"checkpoint {info['path']}")
+    for key in ("quant_method", "packing_format", "bits", "group_size", "sym", "block_name_to_quantize",
+                "quantized_layers", "bits_histogram", "tensors"):
+        head.add_row(key, str(info[key]))
+    head.add_row("size", f"{info['size_bytes'] / 2**20:.1f} MiB")
+    head.add_row("full-precision 2-D weights", str(len(info["full_precision_2d_weights"])))
+    head.add_row("kept fp by extra_config", ", ".join(info["kept_fp_by_config"]) or "-")
+    console.print(head)
+    table = Table(title="quantized layers")
+    for col in ("layer", "bits", "group", "sym", "in", "out"):
+        table.add_column(col)
+    for name, v in info["layers"].items():
+        table.add_row(name, str(v["bits"]), str(v["group_size"]), str(v["sym"]), str(v["in_features"]),
+                      str(v["out_features"]))
+    console.print(table)
