@@ -129,9 +129,23 @@ def _to_model(batch: Batch, device: torch.device, dtype: torch.dtype) -> dict[st
 
 
 def _batch_dim(t: Tensor, batch: int) -> Optional[int]:
-    if t.dim() < 2:
+    """First dim of size `batch` (ndim >= 2); a tensor whose dim 0 is 1 while batch > 1 is
+    broadcast over the batch and has none."""
+    if t.dim() < 2 or (batch > 1 and t.shape[0] == 1):
         return None
     return next((d for d, s in enumerate(t.shape) if s == batch), None)
+
+
+def _common_batch_dim(values: list[Tensor], sizes: list[int]) -> Optional[int]:
+    """The sample axis shared by all batches, decided by batches of more than one sample when any."""
+    multi = [(v, n) for v, n in zip(values, sizes) if n > 1] or list(zip(values, sizes))
+    dims = {_batch_dim(v, n) for v, n in multi}
+    if len(dims) != 1:
+        return None
+    dim = dims.pop()
+    if dim is None or any(v.dim() <= dim or v.shape[dim] != n for v, n in zip(values, sizes)):
+        return None
+    return dim
 
 
 def _same(values: list[Any]) -> bool:
@@ -171,15 +185,37 @@ class _Store:
         self.memo[ids] = leaf
         return leaf
 
+    def _neutral_masks(self, name: str, values: list[Any]) -> list[Any]:
+        """A mask that is None in some batches and a tensor in others: None means "attend to
+        everything", so it becomes the neutral tensor of the same layout (0 for additive float
+        masks, True/1 otherwise) with that batch's size on the batch dimension."""
+        present = [v for v in values if isinstance(v, Tensor)]
+        if "mask" not in name or not present or len(present) == len(values):
+            return values
+        ref = present[0]
+        i = values.index(ref)
+        dim = next((d for d in range(ref.dim()) if ref.shape[d] == self.sizes[i]), None)
+        if dim is None:
+            return values
+        out = []
+        for v, size in zip(values, self.sizes):
+            if v is None:
+                shape = list(ref.shape)
+                shape[dim] = size
+                v = torch.zeros(shape, dtype=ref.dtype, device=ref.device) if ref.is_floating_point() else \
+                    torch.ones(shape, dtype=ref.dtype, device=ref.device)
+            out.append(v)
+        return out
+
     def _store(self, name: str, key: str, values: list[Any]) -> Leaf:
+        values = self._neutral_masks(name, values)
         if not all(isinstance(v, Tensor) for v in values):
             if not _same(values):
                 raise ValueError(f"block argument {name!r} differs between calibration batches and is not a "
                                  "tensor with a batch dimension, so it cannot be split per sample")
             self.shared[key] = values[0]
             return Leaf(key)
-        dims = {_batch_dim(v, n) for v, n in zip(values, self.sizes)}
-        dim = dims.pop() if len(dims) == 1 else None
+        dim = _common_batch_dim(values, self.sizes)
         if dim is None:
             if not _same(values):
                 raise ValueError(f"block argument {name!r} differs between calibration batches but has no "

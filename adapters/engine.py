@@ -103,8 +103,13 @@ def _tune_one(block: nn.Module, captured: CapturedInputs, index: int, x_fp: Tens
     _, loss_rtn = run_block(fn, {**weights, **rtn_weights}, inputs_q, accel, recipe.batch_size, targets)
     tuned = tune_block(fn, weights, specs, inputs_q, targets, recipe, device=accel.device, after_step=accel.after_step)
     qweights, results = quantize_weights(weights, specs, tuned.params, names)
-    write_back(block, qweights, results)
     out_q, loss_tuned = run_block(fn, {**weights, **qweights}, inputs_q, accel, recipe.batch_size, targets)
+    if recipe.use_best and loss_rtn is not None and loss_tuned is not None and loss_tuned > loss_rtn:
+        # The best iterate is picked on mini-batch losses; on all samples RTN (iteration 0) can still
+        # be better, and then it is the best iterate: keep it.
+        qweights, results = rtn_weights, quantize_weights(weights, specs, None, names)[1]
+        out_q, loss_tuned = run_block(fn, {**weights, **qweights}, inputs_q, accel, recipe.batch_size, targets)
+    write_back(block, qweights, results)
     return targets, out_q, results, loss_rtn, loss_tuned
 
 

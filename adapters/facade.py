@@ -43,6 +43,9 @@ from signround.templating.processors import SEQUENCE_KEYS
 LAYER_CONFIG_KEYS = {"bits", "group_size", "sym", "data_type"}
 RECIPE_FIELDS = {f.name for f in attrs.fields(Recipe)}
 MLLM_DEFAULT_SEQLEN = 512  # the reference's cap for image-text calibration
+# Vision towers that take all images' patches packed into one sequence (no per-sample batch
+# dimension, cu_seqlens boundaries): their blocks cannot be tuned on sampled mini-batches yet.
+PACKED_VISION_TOWERS = ("qwen2_vl", "qwen2_5_vl")
 
 
 def _check_layer_config(layer_config: Optional[Mapping[str, Any]]) -> dict[str, Any]:
@@ -314,6 +317,10 @@ class AutoRoundMLLM(AutoRound):
         self.quant_nontext_module = bool(quant_nontext_module)
         self.max_pixels = max_pixels
         model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if self.quant_nontext_module and model_type in PACKED_VISION_TOWERS:
+            raise ValueError(f"quant_nontext_module is not supported for {model_type}: its vision blocks take every "
+                             "image's patches packed into one sequence, which block-wise tuning cannot split into "
+                             "samples yet; quantize the text decoder only (the default)")
         self.template = load_template(template, model_type)
         if self.quant_nontext_module and kwargs.get("dataset") is None:
             kwargs["dataset"] = "embedded"

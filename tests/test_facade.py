@@ -1,0 +1,184 @@
+"""AutoRound / AutoRoundMLLM: validation before any work, quantize → save → reload end to end."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from _templating_helpers import byte_tokenizer
+from signround.adapters.facade import AutoRound, AutoRoundMLLM, check_output_dir, read_layer_config
+from signround.adapters.loader import load_quantized
+from signround.rounding import QuantSpec
+from tiny_models import IMAGE_TOKEN, tiny_text_model, tiny_vlm
+
+SMALL = dict(iters=8, nsamples=8, seqlen=32, batch_size=4, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return byte_tokenizer([])
+
+
+def _model(tok, family="llama"):
+    return tiny_text_model(family, vocab_size=len(tok))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(bits=9), "bits"),
+    (dict(group_size=0), "group_size"),
+    (dict(iters=-1), "iters"),
+    (dict(batch_size=0), "batch_size"),
+    (dict(recipe="fastest"), "unknown recipe"),
+    (dict(layer_config={"q_proj": {"bitz": 4}}), "unknown setting"),
+    (dict(layer_config={"q_proj": {"bits": 1}}), "bits"),
+    (dict(layer_config={"(": {"bits": 8}}), "regular expression"),
+    (dict(to_quant_block_names="encoder.blocks"), "matches no block list"),
+    (dict(dataset="/no/such/file.json"), "not found"),
+    (dict(dataset=[1, 2]), "list of strings"),
+    (dict(device="cuda:7"), "CUDA"),
+    (dict(device="tpu"), "device"),
+])
+def test_bad_arguments_fail_in_the_constructor(tok, kwargs, match):
+    model = _model(tok)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises((ValueError, FileNotFoundError)) as err:
+        AutoRound(model, tok, **{**SMALL, **kwargs})
+    assert match.lower() in str(err.value).lower()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing touched
+
+
+def test_quantize_save_reload_matches_fake_quant(tok, tmp_path):
+    model = _model(tok)
+    ar = AutoRound(model, tok, bits=4, group_size=32, **SMALL)
+    report = ar.quantize()
+    assert len(report.layers) == 14 and not report.skipped
+    out = ar.save_quantized(tmp_path / "ckpt", inplace=False)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "auto-round" and qc["bits"] == 4 and qc["group_size"] == 32
+    assert qc["packing_format"] == "auto_round:auto_gptq"
+    reloaded = load_quantized(out)
+    ids = torch.randint(3, 200, (2, 16))
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, reloaded(ids).logits, atol=1e-4)
+    with pytest.raises(ValueError, match="already quantized"):
+        ar.quantize()
+
+
+def test_layer_config_keeps_layers_fp_and_changes_bits(tok, tmp_path):
+    model = _model(tok)
+    cfg = {r"mlp\.down_proj": {"bits": 16}, "model.layers.0.self_attn.q_proj": {"bits": 8}}
+    ar = AutoRound(model, tok, group_size=32, layer_config=cfg, **SMALL)
+    report = ar.quantize()
+    assert all("down_proj" in n for n in report.skipped)
+    assert report.layers["model.layers.0.self_attn.q_proj"].spec == QuantSpec(bits=8, group_size=32)
+    out = ar.save_quantized(tmp_path / "ckpt")
+    extra = json.loads((out / "config.json").read_text())["quantization_config"]["extra_config"]
+    assert extra["model.layers.0.self_attn.q_proj"]["bits"] == 8
+    assert extra["model.layers.1.mlp.down_proj"] == {"bits": 16}
+
+
+def test_layer_config_file_errors_name_the_file(tmp_path):
+    bad = tmp_path / "lc.json"
+    bad.write_text('{"q_proj": {"bits": "four"}}')
+    with pytest.raises(ValueError, match="lc.json"):
+        read_layer_config(bad)
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        read_layer_config(bad)
+
+
+def test_rtn_needs_no_data_and_matches_the_grid(tok):
+    model = _model(tok)
+    w = model.model.layers[0].mlp.up_proj.weight.detach().clone()
+    AutoRound(model, tok, group_size=32, recipe="rtn", progress=False).quantize()
+    from signround.rounding import qdq
+
+    assert torch.equal(model.model.layers[0].mlp.up_proj.weight, qdq(w, QuantSpec(group_size=32)))
+
+
+def test_output_dir_checks(tmp_path):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="overlaps the input model"):
+        check_output_dir(model_dir, overwrite=True, protect=[model_dir])
+    with pytest.raises(ValueError, match="overlaps"):
+        check_output_dir(model_dir / "q", protect=[model_dir])
+    with pytest.raises(FileExistsError, match="not empty"):
+        check_output_dir(model_dir)
+    assert check_output_dir(tmp_path / "new") == (tmp_path / "new").resolve()
+
+
+def _qwen2_vl_with_processor():
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    specials = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    tok = byte_tokenizer(specials)
+    model = tiny_vlm("qwen2_vl", vocab_size=len(tok))
+    cfg = model.config
+    cfg.image_token_id = tok.convert_tokens_to_ids("<|image_pad|>")
+    cfg.video_token_id = tok.convert_tokens_to_ids("<|video_pad|>")
+    cfg.vision_start_token_id = tok.convert_tokens_to_ids("<|vision_start|>")
+    cfg.vision_end_token_id = tok.convert_tokens_to_ids("<|vision_end|>")
+    proc = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112),
+                            tokenizer=tok, video_processor=Qwen2VLVideoProcessor(),
+                            chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    return model, tok, proc
+
+
+def test_mllm_text_default_then_image_text_calibration():
+    model, tok, proc = _qwen2_vl_with_processor()
+    vis_before = copy.deepcopy(model.model.visual.state_dict())
+    # Default: text-only calibration of the text decoder; the vision tower is untouched.
+    ar = AutoRoundMLLM(model, tok, processor=proc, group_size=32, **SMALL)
+    assert "pixel_values" not in ar.calibration()[0]
+    report = ar.quantize()
+    assert report.block_name_to_quantize == ("model.language_model.layers",)
+    assert all(torch.equal(vis_before[k], v) for k, v in model.model.visual.state_dict().items())
+    # A dataset with images: image-text calibration through the processor (tokenizer.processor form).
+    model2, tok2, proc2 = _qwen2_vl_with_processor()
+    tok2.processor = proc2
+    ar2 = AutoRoundMLLM(model2, tok2, group_size=32, dataset="embedded", **{**SMALL, "seqlen": 256})
+    batches = ar2.calibration()
+    assert any("pixel_values" in b and "image_grid_thw" in b for b in batches)
+    assert len({b["input_ids"].shape[1] for b in batches}) == 1  # one length for every batch
+    report2 = ar2.quantize()
+    assert report2.block_name_to_quantize == ("model.language_model.layers",)
+    tuned = [b for b in report2.blocks if b.loss_tuned is not None]
+    assert tuned and sum(b.loss_tuned for b in tuned) < sum(b.loss_rtn for b in tuned)
+
+
+def test_packed_vision_towers_are_refused_clearly():
+    model, tok, proc = _qwen2_vl_with_processor()
+    with pytest.raises(ValueError, match="qwen2_vl"):
+        AutoRoundMLLM(model, tok, processor=proc, quant_nontext_module=True, **SMALL)
+
+
+def test_quant_nontext_module_tunes_vision_blocks(tmp_path):
+    from signround.adapters.assets import build_demo_vlm, random_smollm2
+
+    lm, tok = random_smollm2(num_layers=2)
+    model, proc = build_demo_vlm(lm, tok)
+    ar = AutoRoundMLLM(model, tok, processor=proc, group_size=64, quant_nontext_module=True,
+                       **{**SMALL, "seqlen": 160})
+    report = ar.quantize()
+    assert report.block_name_to_quantize == ("model.vision_model.encoder.layers", "model.text_model.layers")
+    assert any(n.startswith("model.vision_model.encoder.layers") for n in report.layers)
+    out = ar.save_quantized(tmp_path / "vlm", inplace=False)
+    reloaded = load_quantized(out)
+    batch = ar.calibration()[0]
+    with torch.no_grad():
+        a = model(**batch).logits
+        b = reloaded(**batch).logits
+    assert torch.allclose(a, b, atol=1e-3)
+
+
+def test_image_dataset_without_processor_is_refused(tmp_path):
+    tok = byte_tokenizer([])
+    model = tiny_vlm("qwen2_vl", vocab_size=len(tok))
+    with pytest.raises(ValueError, match="processor"):
+        AutoRoundMLLM(model, tok, quant_nontext_module=True, **SMALL)
