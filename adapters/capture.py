@@ -16,7 +16,9 @@ Blocks the model never called (Mllama's cross-attention layers on text-only inpu
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Optional, Union
+from typing import Any, Iterable, Iterator, Mapping, Optional, Union
+
+import contextlib
 
 import attrs
 import torch
@@ -38,6 +40,34 @@ Batch = Union[Mapping[str, Any], Tensor]
 
 class _StopForward(Exception):
     """Raised after the last block of the list has been recorded: the rest of the model is skipped."""
+
+
+class _MixedMasks(Exception):
+    """A mask argument is None in some batches (SDPA's implicit causal mask) and a tensor in others."""
+
+
+@contextlib.contextmanager
+def _materialized_masks() -> Iterator[None]:
+    """Make transformers build explicit attention masks even where SDPA could use `is_causal`.
+
+    Without padding, transformers passes `attention_mask=None` and lets SDPA apply the causal mask
+    implicitly; with padding it passes a tensor. When calibration batches mix both, no single
+    stored layout is right for all samples, so capture runs again with every mask explicit.
+    """
+    try:
+        import transformers.masking_utils as masking
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    original = getattr(masking, "_ignore_causal_mask_sdpa", None)
+    if original is None:  # pragma: no cover - other transformers versions
+        yield
+        return
+    masking._ignore_causal_mask_sdpa = lambda *args, **kwargs: False
+    try:
+        yield
+    finally:
+        masking._ignore_causal_mask_sdpa = original
 
 
 @attrs.frozen
@@ -185,31 +215,10 @@ class _Store:
         self.memo[ids] = leaf
         return leaf
 
-    def _neutral_masks(self, name: str, values: list[Any]) -> list[Any]:
-        """A mask that is None in some batches and a tensor in others: None means "attend to
-        everything", so it becomes the neutral tensor of the same layout (0 for additive float
-        masks, True/1 otherwise) with that batch's size on the batch dimension."""
-        present = [v for v in values if isinstance(v, Tensor)]
-        if "mask" not in name or not present or len(present) == len(values):
-            return values
-        ref = present[0]
-        i = values.index(ref)
-        dim = next((d for d in range(ref.dim()) if ref.shape[d] == self.sizes[i]), None)
-        if dim is None:
-            return values
-        out = []
-        for v, size in zip(values, self.sizes):
-            if v is None:
-                shape = list(ref.shape)
-                shape[dim] = size
-                v = torch.zeros(shape, dtype=ref.dtype, device=ref.device) if ref.is_floating_point() else \
-                    torch.ones(shape, dtype=ref.dtype, device=ref.device)
-            out.append(v)
-        return out
-
     def _store(self, name: str, key: str, values: list[Any]) -> Leaf:
-        values = self._neutral_masks(name, values)
         if not all(isinstance(v, Tensor) for v in values):
+            if "mask" in name and any(isinstance(v, Tensor) for v in values):
+                raise _MixedMasks(name)
             if not _same(values):
                 raise ValueError(f"block argument {name!r} differs between calibration batches and is not a "
                                  "tensor with a batch dimension, so it cannot be split per sample")
@@ -246,6 +255,16 @@ def capture_inputs(model: nn.Module, batches: Iterable[Batch], prefix: str, *, n
     (default: as produced). shared_device: where shared tensors are kept (default: as produced).
     The model runs with use_cache=False; blocks do no work during capture.
     """
+    batches = list(batches)
+    try:
+        return _capture(model, batches, prefix, nsamples, store_device, dtype, shared_device)
+    except _MixedMasks:
+        with _materialized_masks():
+            return _capture(model, batches, prefix, nsamples, store_device, dtype, shared_device)
+
+
+def _capture(model: nn.Module, batches: list[Batch], prefix: str, nsamples: Optional[int], store_device: Any,
+             dtype: Optional[torch.dtype], shared_device: Any) -> CapturedInputs:
     blocks = blocks_of(model, prefix)
     device, model_dtype = _input_device_dtype(model)
     records: list[list[Any]] = []

@@ -123,3 +123,14 @@ def test_qwen2_vl_with_images_has_per_sample_mrope_positions() -> None:
     assert captured.calls[0].per_sample[cos.key].shape[0] == 4
     # a mixed set: image batches and a text-only batch
     _check_replay(model, [*batches, random_batches(1, 2, 20)[0]])
+
+
+def test_seqlen_equal_to_batch_size_and_uneven_batches() -> None:
+    model = tiny_text_model("llama", num_hidden_layers=3)
+    _check_replay(model, random_batches(2, 8, 8))  # rotary tables [1, L, D] with L == batch size
+    ids = random_batches(1, 4, 10)[0]
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    batches = [{"input_ids": ids[:3], "attention_mask": mask[:3]}, {"input_ids": ids[3:], "attention_mask": mask[3:]}]
+    captured = _check_replay(model, batches)
+    assert captured.num_samples == 4
