@@ -237,7 +237,7 @@ def templates_show(name: str = typer.Argument(..., help="Preset name or JSON pat
 @user_errors
 def templates_validate(file: Path = typer.Argument(..., help="Template JSON file.")) -> None:
     """Check a template file; prints `ok` or one error naming the field."""
-    from signround.templating import read_template
+    from signround.templating.template import read_template
 
     t = read_template(file)
     typer.echo(f"ok: {file} (model_type {t.model_type!r}, processor {t.processor!r})")

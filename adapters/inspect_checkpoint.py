@@ -84,7 +84,7 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
         "sym": qc.get("sym"),
         "block_name_to_quantize": qc.get("block_name_to_quantize"),
         "quantized_layers": len(layers),
-        "bits_histogram": dict(Counter(v["bits"] for v in layers.values())),
+        "bits_histogram": {str(k): n for k, n in Counter(v["bits"] for v in layers.values()).items()},
         "layers": layers,
         "full_precision_2d_weights": fp_layers,
         "kept_fp_by_config": sorted(k for k, v in extra.items() if int(v.get("bits", 0)) >= 16),

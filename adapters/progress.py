@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -51,4 +51,19 @@ def print_summary(report: QuantReport, console: Optional[Console] = None) -> Non
     table.add_row("time", f"{report.seconds:.1f} s on {report.device}")
     if report.peak_memory_bytes is not None:
         table.add_row("peak memory", f"{report.peak_memory_bytes / 2**30:.2f} GiB ({report.peak_memory_kind})")
+    console.print(table)
+
+
+def print_plan(plan: Any, console: Optional[Console] = None) -> None:
+    """`--dry-run`: every layer that would be quantized with its grid, and every layer kept fp and why."""
+
+
+    console = console or Console()
+    table = Table(title=f"plan: {len(plan.quantize)} layers quantized, {len(plan.skipped)} kept in full precision")
+    for col in ("layer", "bits", "group", "sym", "note"):
+        table.add_column(col)
+    for name, spec in plan.quantize.items():
+        table.add_row(name, str(spec.bits), str(spec.group_size), str(spec.sym), "")
+    for name, why in plan.skipped.items():
+        table.add_row(name, "16", "-", "-", why)
     console.print(table)
