@@ -12,7 +12,6 @@ import re
 from typing import Any, Iterable, Mapping, Optional, Union
 
 import attrs
-import torch
 from torch import nn
 
 from signround.rounding import QuantSpec

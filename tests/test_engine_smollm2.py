@@ -19,7 +19,7 @@ from signround.rounding import QuantSpec, preset
 
 SPEC = QuantSpec(bits=4, group_size=64)
 TUNED_BLOCKS = 4  # of 30: keeps the test within a few minutes on 2 CPU cores
-SEQLEN, NSAMPLES, ITERS, EVAL_WINDOWS = 128, 8, 40, 12
+SEQLEN, NSAMPLES, ITERS, EVAL_WINDOWS = 128, 8, 50, 12
 
 
 @pytest.fixture(scope="module")
