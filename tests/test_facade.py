@@ -181,4 +181,4 @@ def test_image_dataset_without_processor_is_refused(tmp_path):
     tok = byte_tokenizer([])
     model = tiny_vlm("qwen2_vl", vocab_size=len(tok))
     with pytest.raises(ValueError, match="processor"):
-        AutoRoundMLLM(model, tok, quant_nontext_module=True, **SMALL)
+        AutoRoundMLLM(model, tok, dataset="embedded", **SMALL)
