@@ -1,7 +1,50 @@
-"""signround: sign-gradient rounding (AutoRound/SignRound) for multimodal and text LLMs."""
+"""signround: sign-gradient rounding (AutoRound/SignRound) for multimodal and text LLMs.
+
+    from signround import AutoRoundMLLM
+    ar = AutoRoundMLLM(model, tokenizer, processor=processor, bits=4, group_size=128, dataset="llava.json")
+    ar.quantize()
+    ar.save_quantized("out/", format="auto_round")
+
+Heavy imports (transformers) happen on first use of the names that need them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from signround.rounding import QuantSpec, Recipe, RoundingParams, preset
 
 __version__ = "0.1.0"
 
-from signround.rounding import QuantSpec, Recipe, RoundingParams, preset  # noqa: E402
+_LAZY = {
+    "AutoRound": "signround.adapters.facade",
+    "AutoRoundMLLM": "signround.adapters.facade",
+    "quantize_model": "signround.adapters.engine",
+    "capture_inputs": "signround.adapters.capture",
+    "as_pure": "signround.adapters.pure",
+    "write_back": "signround.adapters.pure",
+    "save_quantized": "signround.adapters.export",
+    "load_quantized": "signround.adapters.loader",
+    "QuantReport": "signround.adapters.report",
+}
 
-__all__ = ["QuantSpec", "Recipe", "RoundingParams", "__version__", "preset"]
+if TYPE_CHECKING:  # pragma: no cover
+    from signround.adapters.capture import capture_inputs
+    from signround.adapters.engine import quantize_model
+    from signround.adapters.export import save_quantized
+    from signround.adapters.facade import AutoRound, AutoRoundMLLM
+    from signround.adapters.loader import load_quantized
+    from signround.adapters.pure import as_pure, write_back
+    from signround.adapters.report import QuantReport
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'signround' has no attribute {name!r}")
+
+
+__all__ = ["AutoRound", "AutoRoundMLLM", "QuantReport", "QuantSpec", "Recipe", "RoundingParams", "__version__",
+           "as_pure", "capture_inputs", "load_quantized", "preset", "quantize_model", "save_quantized", "write_back"]
