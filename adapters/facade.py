@@ -23,7 +23,7 @@ import orjson
 import torch
 from torch import nn
 
-from signround.adapters.blocks import LayerPlan, blocks_of, find_block_lists, select_layers
+from signround.adapters.blocks import BLOCK_REGISTRY, LayerPlan, blocks_of, find_block_lists, select_layers
 from signround.adapters.engine import quantize_model
 from signround.adapters.report import QuantReport
 from signround.rounding import QuantSpec, Recipe, preset
@@ -174,6 +174,7 @@ class AutoRound:
         self.progress = progress
         self.quant_nontext_module = getattr(self, "quant_nontext_module", False)
         self.block_names = self._resolve_block_names(to_quant_block_names)
+        self._check_finite_weights()
         self.dataset = self._load_dataset(dataset)
         self.report: Optional[QuantReport] = None
 
@@ -201,7 +202,24 @@ class AutoRound:
                 raise ValueError("device 'hpu' needs Intel Gaudi's habana_frameworks.torch, which is not installed")
         return str(dev)
 
+    def _check_finite_weights(self) -> None:
+        """NaN/Inf in a weight to be quantized would poison its scale: refuse before any work."""
+        plan = self.plan()
+        modules = dict(self.model.named_modules())
+        for name in plan.quantize:
+            weight = getattr(modules[name], "weight", None)
+            if isinstance(weight, torch.Tensor) and not bool(torch.isfinite(weight).all()):
+                bad = int((~torch.isfinite(weight)).sum())
+                raise ValueError(f"layer {name!r} has {bad} NaN/Inf weight value(s); the model file is damaged or was "
+                                 "loaded in a dtype that overflows (try dtype=float32/bfloat16), or keep the layer "
+                                 f"in full precision with layer_config={{{name!r}: {{'bits': 16}}}}")
+
     def _resolve_block_names(self, names: Union[str, Sequence[str], None]) -> list[str]:
+        model_type = getattr(getattr(self.model, "config", None), "model_type", None)
+        if names is None and model_type not in BLOCK_REGISTRY:
+            warnings.warn(f"model type {model_type!r} has no registered block layout; using the generic finder "
+                          f"(the largest list of repeated blocks). Known types: {sorted(BLOCK_REGISTRY)}. Check the "
+                          "plan with --dry-run, or name the blocks with to_quant_block_names.", stacklevel=3)
         found = find_block_lists(self.model, self.quant_nontext_module)
         if names is None:
             if not found:
@@ -272,10 +290,21 @@ class AutoRound:
         if self.report is not None:
             raise ValueError("this model is already quantized; build a new AutoRound for another run")
         batches = self.calibration()
-        _, self.report = quantize_model(self.model, batches, self.spec, self.recipe, layer_config=self.layer_config,
-                                        block_names=self.block_names,
-                                        quant_nontext_module=self.quant_nontext_module, device=self.device,
-                                        low_gpu_mem_usage=self.low_gpu_mem_usage, progress=self.progress)
+        try:
+            _, self.report = quantize_model(self.model, batches, self.spec, self.recipe, layer_config=self.layer_config,
+                                            block_names=self.block_names,
+                                            quant_nontext_module=self.quant_nontext_module, device=self.device,
+                                            low_gpu_mem_usage=self.low_gpu_mem_usage, progress=self.progress)
+        except torch.OutOfMemoryError as err:
+            r = self.recipe
+            hints = [] if self.low_gpu_mem_usage else ["low_gpu_mem_usage=True (--low-gpu-mem-usage) keeps "
+                                                        "calibration activations on the CPU"]
+            if r.batch_size > 1:
+                hints.append(f"a smaller batch with accumulation, e.g. batch_size={max(1, r.batch_size // 2)} "
+                             f"gradient_accumulate_steps={r.gradient_accumulate_steps * 2} (same effective batch)")
+            hints.append(f"fewer or shorter samples (nsamples={r.nsamples}, seqlen={r.seqlen} now)")
+            raise MemoryError("out of memory on the accelerator while tuning. Options: " + "; ".join(hints)
+                              + f". ({str(err).splitlines()[0]})") from err
         return self.report
 
     def save_quantized(self, output_dir: str | Path, format: Union[str, Sequence[str]] = "auto_round",
@@ -285,6 +314,10 @@ class AutoRound:
 
         if self.report is None:
             raise ValueError("nothing to save yet: call quantize() first")
+        for name, layer in self.report.layers.items():
+            if not bool(torch.isfinite(layer.scale.float()).all()):
+                raise ValueError(f"layer {name!r} has NaN/Inf quantization scales; refusing to write a broken "
+                                 "checkpoint (check the calibration data and the model's activations)")
         return save_quantized(self.model, self.report.layers, output_dir, format=format, inplace=inplace,
                               tokenizer=self.tokenizer, processor=getattr(self, "processor", None),
                               image_processor=getattr(self, "image_processor", None),

@@ -182,3 +182,41 @@ def test_image_dataset_without_processor_is_refused(tmp_path):
     model = tiny_vlm("qwen2_vl", vocab_size=len(tok))
     with pytest.raises(ValueError, match="processor"):
         AutoRoundMLLM(model, tok, dataset="embedded", **SMALL)
+
+
+def test_nan_weights_are_refused_up_front(tok):
+    model = _model(tok)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj.*NaN"):
+        AutoRound(model, tok, **SMALL)
+
+
+def test_nan_scales_are_never_saved(tok, tmp_path):
+    model = _model(tok)
+    ar = AutoRound(model, tok, group_size=32, recipe="rtn", progress=False)
+    report = ar.quantize()
+    name = next(iter(report.layers))
+    report.layers[name].scale[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN/Inf quantization scales"):
+        ar.save_quantized(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_of_memory_gives_options(tok, monkeypatch):
+    import signround.adapters.facade as facade
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(facade, "quantize_model", oom)
+    with pytest.raises(MemoryError, match="low_gpu_mem_usage.*gradient_accumulate_steps=2"):
+        AutoRound(_model(tok), tok, **SMALL).quantize()
+
+
+def test_unknown_family_warns_and_uses_the_generic_finder(tok):
+    model = _model(tok)
+    model.config.model_type = "my_new_llm"
+    with pytest.warns(UserWarning, match="no registered block layout"):
+        ar = AutoRound(model, tok, **SMALL)
+    assert ar.block_names == ["model.layers"]
