@@ -1,0 +1,127 @@
+"""Resuming a long run: every finished block's result is kept on disk as it completes.
+
+    store = ResumeStore.open(resume_dir, fingerprint)     # same arguments → same fingerprint
+    if store.has(block_name): qweights, results, report = store.load(block_name)
+    ... after tuning a block: store.save(block_name, qweights, results, report)
+
+A block's entry is its quantized weights (only the tuned layers; everything else in the block is
+unchanged), each layer's grid (scale, zero, spec) and its BlockReport. Each entry is written to a
+temporary file and renamed, so a process killed at any point leaves either a whole entry or none.
+The fingerprint (model config, quantization spec, recipe, layer config, block names, calibration
+data) is checked when the store is opened: a store from different arguments is refused rather than
+mixed in. Resuming replays the finished blocks' forward passes (no tuning), so the next block sees
+exactly the inputs it saw in the uninterrupted run and the final checkpoint is bit-identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import attrs
+import orjson
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from signround.adapters.report import BlockReport, LayerResult
+from signround.rounding import QuantSpec
+
+MANIFEST = "resume.json"
+
+
+def fingerprint(parts: Mapping[str, Any], tensors: Any = ()) -> str:
+    """A stable hash of the run's arguments (JSON-able `parts`) and calibration tensors."""
+    h = hashlib.sha256(orjson.dumps(parts, option=orjson.OPT_SORT_KEYS, default=str))
+    for t in tensors:
+        if isinstance(t, Mapping):
+            for k in sorted(t):
+                if isinstance(t[k], Tensor):
+                    h.update(k.encode())
+                    h.update(t[k].detach().cpu().contiguous().numpy().tobytes())
+        elif isinstance(t, Tensor):
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _file_name(block: str) -> str:
+    return block.replace("/", "_") + ".safetensors"
+
+
+@attrs.define
+class ResumeStore:
+    """A directory of finished blocks for one run (identified by its fingerprint)."""
+
+    path: Path
+    key: str
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, key: str) -> "ResumeStore":
+        p = Path(path)
+        if p.exists() and not p.is_dir():
+            raise FileExistsError(f"resume_dir {str(p)!r} is a file; give a directory")
+        p.mkdir(parents=True, exist_ok=True)
+        manifest = p / MANIFEST
+        if manifest.is_file():
+            try:
+                saved = orjson.loads(manifest.read_bytes()).get("fingerprint")
+            except orjson.JSONDecodeError:
+                saved = None
+            if saved != key:
+                raise ValueError(f"resume_dir {str(p)!r} holds blocks of a run with different arguments (model, "
+                                 "bits/group size, recipe, layer config or calibration data); use a new resume_dir "
+                                 "or repeat the original arguments exactly")
+        elif any(p.iterdir()):
+            raise FileExistsError(f"resume_dir {str(p)!r} is not empty and is not a signround resume directory")
+        else:
+            _atomic_write(manifest, orjson.dumps({"fingerprint": key}))
+        return cls(p, key)
+
+    def has(self, block: str) -> bool:
+        return (self.path / _file_name(block)).is_file()
+
+    def finished(self) -> int:
+        return sum(1 for f in self.path.glob("*.safetensors"))
+
+    def save(self, block: str, qweights: Mapping[str, Tensor], results: Mapping[str, LayerResult],
+             report: BlockReport) -> None:
+        """Write one finished block (atomic: temp file, then rename)."""
+        tensors: dict[str, Tensor] = {}
+        layers = {}
+        for key, w in qweights.items():
+            tensors[f"w/{key}"] = w.detach().cpu().contiguous()
+        for key, r in results.items():
+            tensors[f"scale/{key}"] = r.scale.detach().cpu().contiguous()
+            tensors[f"zero/{key}"] = r.zero.detach().cpu().contiguous()
+            layers[key] = {"name": r.name, "spec": r.spec.to_dict()}
+        meta = {"layers": orjson.dumps(layers).decode(), "report": orjson.dumps(attrs.asdict(report)).decode()}
+        target = self.path / _file_name(block)
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, target)
+
+    def load(self, block: str, device: torch.device | str = "cpu"
+             ) -> tuple[dict[str, Tensor], dict[str, LayerResult], BlockReport]:
+        """(quantized weights by weight name, LayerResults by layer key, BlockReport) of a finished block."""
+        from safetensors import safe_open
+
+        path = self.path / _file_name(block)
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+        tensors = load_file(str(path), device=str(device))
+        qweights = {k[2:]: v for k, v in tensors.items() if k.startswith("w/")}
+        results = {}
+        for key, info in orjson.loads(meta["layers"]).items():
+            results[key] = LayerResult(name=info["name"], spec=QuantSpec(**info["spec"]),
+                                       scale=tensors[f"scale/{key}"].cpu(), zero=tensors[f"zero/{key}"].cpu())
+        rep = orjson.loads(meta["report"])
+        rep["layers"] = tuple(rep["layers"])
+        return qweights, results, BlockReport(**rep)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
