@@ -12,9 +12,11 @@ just rounds every layer.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Iterable, Mapping, Optional
 
+import attrs
 import torch
 from torch import Tensor, nn
 
@@ -44,22 +46,32 @@ def _move_outside(model: nn.Module, prefixes: Iterable[str], device: torch.devic
 
 @torch.no_grad()
 def run_block(fn: PureBlock, weights: Mapping[str, Tensor], inputs: BlockInputs, accel: Accelerator,
-              batch_size: int, targets: Optional[Tensor] = None) -> tuple[Tensor, Optional[float]]:
+              batch_size: int, targets: Optional[Tensor] = None, *, out: Optional[Tensor] = None,
+              keep_outputs: bool = True) -> tuple[Optional[Tensor], Optional[float]]:
     """Outputs of the block on every sample (on the store device, cache dtype) and, when `targets`
-    are given, the mean squared error to them over all samples."""
-    outs, total, count = [], 0.0, 0
-    for start in range(0, inputs.num_samples, batch_size):
-        idx = torch.arange(start, min(start + batch_size, inputs.num_samples))
+    are given, the mean squared error to them over all samples.
+
+    out: write the outputs into this tensor (it may be `inputs.hidden` itself: each mini-batch is
+    read before its rows are overwritten), so no second copy of the activations is made.
+    keep_outputs=False: only the loss (returns None for the outputs)."""
+    n = inputs.num_samples
+    total = torch.zeros((), dtype=torch.float64, device=accel.device) if targets is not None else None
+    for start in range(0, n, batch_size):
+        idx = torch.arange(start, min(start + batch_size, n))
         batch = inputs.select(idx, accel.device)
-        out = fn(weights, batch)
+        y = fn(weights, batch)
         if targets is not None:
-            tgt = targets.index_select(0, idx.to(targets.device)).to(accel.device)
-            total += float(masked_mse(out, tgt, batch.loss_mask)) * idx.numel()
-            count += idx.numel()
-        outs.append(out.to(device=accel.store_device, dtype=accel.cache_dtype or out.dtype))
+            tgt = targets[start:start + idx.numel()].to(accel.device, non_blocking=True)
+            total += masked_mse(y, tgt, batch.loss_mask).double() * idx.numel()
+        if keep_outputs:
+            if out is None:
+                out = torch.empty((n, *y.shape[1:]), dtype=accel.cache_dtype or y.dtype, device=accel.store_device)
+            out[start:start + idx.numel()].copy_(y, non_blocking=True)
+        del y, batch
         if accel.after_step is not None:
             accel.after_step()
-    return torch.cat(outs, dim=0), (total / count if count else None)
+    loss = float(total) / n if (total is not None and n) else None  # one host sync per pass
+    return (out if keep_outputs else None), loss
 
 
 def quantize_weights(weights: Mapping[str, Tensor], specs: Mapping[str, QuantSpec],
@@ -87,28 +99,40 @@ def _block_specs(plan: LayerPlan, block_prefix: str) -> tuple[dict[str, QuantSpe
     return specs, names
 
 
+def _compile_block() -> bool:
+    """Compile the block forward too (SIGNROUND_COMPILE_BLOCK=1); the qdq/update compile is separate."""
+    return os.environ.get("SIGNROUND_COMPILE_BLOCK", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
 def _tune_one(block: nn.Module, captured: CapturedInputs, index: int, x_fp: Tensor, x_q: Tensor,
               specs: Mapping[str, QuantSpec], names: Mapping[str, str], recipe: Recipe, accel: Accelerator,
               ) -> tuple[Tensor, Tensor, dict[str, LayerResult], Optional[float], Optional[float]]:
+    """Tune one block. Memory: with `enable_quanted_input`, the targets B_fp(X_fp) overwrite X_fp's
+    buffer and B_q(X_q) overwrites X_q's, so only two activation sets ever live at once."""
     call = captured.calls[index]
     assert call is not None
-    fn, weights = as_pure(block, call.layout, autocast_dtype=accel.autocast_dtype)
+    compile_block = accel.device.type == "cuda" and _compile_block() and bool(specs) and recipe.iters > 0
+    fn, weights = as_pure(block, call.layout, autocast_dtype=accel.autocast_dtype, compile=compile_block)
     inputs_fp = captured.block_inputs(index, x_fp)
     inputs_q = captured.block_inputs(index, x_q) if recipe.enable_quanted_input else inputs_fp
-    targets, _ = run_block(fn, weights, inputs_fp, accel, recipe.batch_size)
+    inplace = recipe.enable_quanted_input
+    bs = recipe.batch_size
+    targets, _ = run_block(fn, weights, inputs_fp, accel, bs, out=x_fp if (inplace and x_fp is not x_q) else None)
+    del inputs_fp
     if not specs:
-        out_q, loss = run_block(fn, weights, inputs_q, accel, recipe.batch_size, targets)
+        out_q, loss = run_block(fn, weights, inputs_q, accel, bs, targets, out=x_q if inplace else None)
         return targets, out_q, {}, loss, loss
-    rtn_weights, _ = quantize_weights(weights, specs, None, names)
-    _, loss_rtn = run_block(fn, {**weights, **rtn_weights}, inputs_q, accel, recipe.batch_size, targets)
+    rtn_weights, rtn_results = quantize_weights(weights, specs, None, names)
+    _, loss_rtn = run_block(fn, {**weights, **rtn_weights}, inputs_q, accel, bs, targets, keep_outputs=False)
     tuned = tune_block(fn, weights, specs, inputs_q, targets, recipe, device=accel.device, after_step=accel.after_step)
     qweights, results = quantize_weights(weights, specs, tuned.params, names)
-    out_q, loss_tuned = run_block(fn, {**weights, **qweights}, inputs_q, accel, recipe.batch_size, targets)
+    _, loss_tuned = run_block(fn, {**weights, **qweights}, inputs_q, accel, bs, targets, keep_outputs=False)
     if recipe.use_best and loss_rtn is not None and loss_tuned is not None and loss_tuned > loss_rtn:
         # The best iterate is picked on mini-batch losses; on all samples RTN (iteration 0) can still
         # be better, and then it is the best iterate: keep it.
-        qweights, results = rtn_weights, quantize_weights(weights, specs, None, names)[1]
-        out_q, loss_tuned = run_block(fn, {**weights, **qweights}, inputs_q, accel, recipe.batch_size, targets)
+        qweights, results, loss_tuned = rtn_weights, rtn_results, loss_rtn
+    del tuned, rtn_weights
+    out_q, _ = run_block(fn, {**weights, **qweights}, inputs_q, accel, bs, out=x_q if inplace else None)
     write_back(block, qweights, results)
     return targets, out_q, results, loss_rtn, loss_tuned
 
@@ -161,6 +185,9 @@ def quantize_model(model: nn.Module, batches: Optional[Iterable[Batch]], spec: Q
                                               store_device=accel.store_device, dtype=accel.cache_dtype,
                                               shared_device=accel.device)
                     x_fp = x_q = captured.hidden
+                    # The engine owns the activations from here on (they are overwritten block by
+                    # block): the captured record keeps no reference to them.
+                    captured = attrs.evolve(captured, hidden=captured.hidden.new_empty((0,)))
                 for i, block in enumerate(blocks):
                     t0 = time.perf_counter()
                     name = f"{prefix}.{i}"
@@ -175,8 +202,10 @@ def quantize_model(model: nn.Module, batches: Optional[Iterable[Batch]], spec: Q
                         for layer in names.values():
                             skipped[layer] = "its block was not called by the model on the calibration data"
                     else:
+                        # Each block draws its own sample order (the reference's RNG also moves on).
+                        block_recipe = attrs.evolve(recipe, seed=recipe.seed + len(reports))
                         x_fp, x_q, results, loss_rtn, loss_tuned = _tune_one(
-                            block, captured, i, x_fp, x_q, specs, names, recipe, accel)
+                            block, captured, i, x_fp, x_q, specs, names, block_recipe, accel)
                     block.to(block_home)
                     layers.update({r.name: r for r in results.values()})
                     synchronize(accel.device)

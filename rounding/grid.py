@@ -52,7 +52,7 @@ def from_groups(grouped: Tensor, in_features: int) -> Tensor:
 class GroupedWeight:
     """A weight cut into groups plus its per-group range (computed once, reused every step)."""
 
-    grouped: Tensor  # [out, groups, group_size], float32
+    grouped: Tensor  # [out, groups, group_size], float32 (or the weight's bf16/fp16: same values)
     wmin: Tensor  # [out, groups], <= 0
     wmax: Tensor  # [out, groups], >= 0
     in_features: int
@@ -64,10 +64,22 @@ def group_weight(weight: Tensor, spec: QuantSpec) -> GroupedWeight:
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D weight [out_features, in_features], got shape {tuple(weight.shape)}")
     gs = spec.effective_group_size(weight.shape[1])
-    grouped = to_groups(weight, gs)
-    wmin = grouped.amin(dim=-1).clamp(max=0.0)
-    wmax = grouped.amax(dim=-1).clamp(min=0.0)
+    grouped = _to_groups_keep_dtype(weight, gs)
+    wmin = grouped.amin(dim=-1).float().clamp(max=0.0)
+    wmax = grouped.amax(dim=-1).float().clamp(min=0.0)
     return GroupedWeight(grouped, wmin, wmax, weight.shape[1], weight.dtype)
+
+
+def _to_groups_keep_dtype(weight: Tensor, group_size: int) -> Tensor:
+    """`to_groups` without the float32 upcast for bf16/fp16 weights (a view when no padding is
+    needed): every use divides by a float32 scale first, which upcasts exactly."""
+    if weight.dtype not in (torch.bfloat16, torch.float16):
+        return to_groups(weight, group_size)
+    out_features, in_features = weight.shape
+    groups = -(-in_features // group_size)
+    pad = groups * group_size - in_features
+    w = torch.nn.functional.pad(weight, (0, pad)) if pad else weight
+    return w.reshape(out_features, groups, group_size)
 
 
 def _clamp_unit(x: Tensor) -> Tensor:
@@ -120,14 +132,23 @@ def dequantize_codes(codes: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
     return scale.unsqueeze(-1) * (codes - zero.unsqueeze(-1))
 
 
+def qdq_tensors(grouped: Tensor, wmin: Tensor, wmax: Tensor, v: Tensor, alpha: Tensor, beta: Tensor,
+                spec: QuantSpec, in_features: int, dtype: torch.dtype) -> Tensor:
+    """`qdq_grouped` on plain tensors (what `torch.compile` sees): [out, in] in `dtype`.
+
+    `grouped` may be kept in the weight's own dtype (bf16/fp16): dividing it by the float32 scale
+    promotes to float32 exactly as an explicit upcast would, so the values are identical."""
+    scale, zero = qparams(wmin, wmax, spec, alpha, beta)
+    if v.shape != grouped.shape:
+        v = to_groups(v, grouped.shape[-1])
+    codes = quantize_codes(grouped, scale, zero, spec, v)
+    return from_groups(dequantize_codes(codes, scale, zero), in_features).to(dtype)
+
+
 def qdq_grouped(gw: GroupedWeight, spec: QuantSpec, params: RoundingParams) -> Tensor:
     """Quantize-dequantize a pre-grouped weight with rounding params; returns [out, in] in gw.dtype."""
-    scale, zero = qparams(gw.wmin, gw.wmax, spec, params.alpha, params.beta)
-    v = params.v
-    if v.shape != gw.grouped.shape:
-        v = to_groups(v, gw.grouped.shape[-1])
-    codes = quantize_codes(gw.grouped, scale, zero, spec, v)
-    return from_groups(dequantize_codes(codes, scale, zero), gw.in_features).to(gw.dtype)
+    return qdq_tensors(gw.grouped, gw.wmin, gw.wmax, params.v, params.alpha, params.beta, spec,
+                       gw.in_features, gw.dtype)
 
 
 def qdq(weight: Tensor, spec: QuantSpec, params: RoundingParams | None = None) -> Tensor:

@@ -87,3 +87,39 @@ def update(grads: Params, params: Params, state: SignSGDState,
     cfg = state.config
     new = {k: apply_sign_step(params[k], grads[k], lr, minmax_lr, cfg.tune_minmax) for k in params}
     return new, attrs.evolve(state, step=state.step + 1)
+
+
+def layer_step(p_v: Tensor, p_a: Tensor, p_b: Tensor, g_v: Tensor, g_a: Tensor, g_b: Tensor,
+               b_v: Tensor, b_a: Tensor, b_b: Tensor, better: Tensor, lr: Tensor, minmax_lr: Tensor,
+               tune_minmax: bool) -> tuple[Tensor, ...]:
+    """`track_best` + `apply_sign_step` for one layer on plain tensors (lr as device scalars), so
+    that `torch.compile` can fuse them into one pass: returns (v, alpha, beta, best_v, best_alpha,
+    best_beta). Same values as `update` (lr·sign(g) is exactly ±lr, so fusing cannot round)."""
+    nb = (torch.where(better, p_v, b_v), torch.where(better, p_a, b_a), torch.where(better, p_b, b_b))
+    v = p_v - lr * torch.sign(g_v)
+    if not tune_minmax:
+        return (v, p_a, p_b, *nb)
+    a = (p_a - minmax_lr * torch.sign(g_a)).clamp(0.0, 1.0)
+    b = (p_b - minmax_lr * torch.sign(g_b)).clamp(0.0, 1.0)
+    return (v, a, b, *nb)
+
+
+def update_with(step_fn, lr_table: Tensor, grads: Params, params: Params, state: SignSGDState,
+                loss: Tensor) -> tuple[dict[str, RoundingParams], SignSGDState]:
+    """`update` through `step_fn` (`layer_step` or a compiled copy of it). lr_table [iters, 2] holds
+    every step's (lr, minmax_lr) on the device, so no Python float reaches a compiled graph."""
+    better = loss.detach() < state.best_loss
+    lr, mlr = lr_table[state.step, 0], lr_table[state.step, 1]
+    new, best = {}, {}
+    for k in params:
+        p, g, b = params[k], grads[k], state.best[k]
+        out = step_fn(*p.tensors(), *g.tensors(), *b.tensors(), better, lr, mlr, state.config.tune_minmax)
+        new[k], best[k] = RoundingParams(*out[:3]), RoundingParams(*out[3:])
+    return new, attrs.evolve(state, step=state.step + 1, best=best,
+                             best_loss=torch.where(better, loss.detach(), state.best_loss))
+
+
+def lr_table(config: SignSGDConfig, device: torch.device | str | None = None) -> Tensor:
+    """[iters, 2] float32: (lr, minmax_lr) of every step, as `lr_at` gives them."""
+    rows = [lr_at(config, t) for t in range(max(config.iters, 1))]
+    return torch.tensor(rows, dtype=torch.float32, device=device)

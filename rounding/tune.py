@@ -12,6 +12,8 @@ with torch.func.functional_call). Nothing here knows about nn.Module or Hugging 
 
 from __future__ import annotations
 
+import os
+import warnings
 from typing import Any, Callable, Mapping, Optional
 
 import attrs
@@ -19,7 +21,7 @@ import torch
 from torch import Tensor
 
 from signround.rounding import signsgd
-from signround.rounding.grid import GroupedWeight, group_weight, qdq_grouped
+from signround.rounding.grid import GroupedWeight, group_weight, qdq_grouped, qdq_tensors
 from signround.rounding.params import RoundingParams
 from signround.rounding.recipe import Recipe
 from signround.rounding.spec import QuantSpec
@@ -72,6 +74,7 @@ class BlockInputs:
 
 
 BlockFn = Callable[[Mapping[str, Tensor], BlockInputs], Tensor]
+QdqFn = Callable[[GroupedWeight, QuantSpec, RoundingParams], Tensor]
 
 
 @attrs.frozen
@@ -105,11 +108,13 @@ def prepare(weights: Mapping[str, Tensor], specs: Mapping[str, QuantSpec]) -> di
 
 
 def quantized_weights(weights: Mapping[str, Tensor], prepared: Mapping[str, GroupedWeight],
-                      specs: Mapping[str, QuantSpec], params: Mapping[str, RoundingParams]) -> dict[str, Tensor]:
+                      specs: Mapping[str, QuantSpec], params: Mapping[str, RoundingParams], *,
+                      qdq_fn: Optional[QdqFn] = None) -> dict[str, Tensor]:
     """`weights` with every tuned layer replaced by its quantize-dequantize under `params`."""
     out = dict(weights)
+    fn = qdq_fn or qdq_grouped
     for k, spec in specs.items():
-        out[k] = qdq_grouped(prepared[k], spec, params[k])
+        out[k] = fn(prepared[k], spec, params[k])
     return out
 
 
@@ -127,10 +132,13 @@ def init_params(prepared: Mapping[str, GroupedWeight], specs: Mapping[str, Quant
 
 def loss_and_grads(block_fn: BlockFn, weights: Mapping[str, Tensor], prepared: Mapping[str, GroupedWeight],
                    specs: Mapping[str, QuantSpec], params: Mapping[str, RoundingParams],
-                   batch: BlockInputs, target: Tensor) -> tuple[Tensor, dict[str, RoundingParams]]:
-    """Loss of the quantized block on `batch` and its gradient w.r.t. every layer's (v, alpha, beta)."""
+                   batch: BlockInputs, target: Tensor, *, qdq_fn: Optional[QdqFn] = None,
+                   ) -> tuple[Tensor, dict[str, RoundingParams]]:
+    """Loss of the quantized block on `batch` and its gradient w.r.t. every layer's (v, alpha, beta).
+
+    qdq_fn: replaces `qdq_grouped` (a compiled version of it; same values)."""
     leaves = {k: p.map(lambda t: t.detach().requires_grad_(True)) for k, p in params.items()}
-    qweights = quantized_weights(weights, prepared, specs, leaves)
+    qweights = quantized_weights(weights, prepared, specs, leaves, qdq_fn=qdq_fn)
     loss = masked_mse(block_fn(qweights, batch), target, batch.loss_mask)
     flat = [t for k in leaves for t in leaves[k].tensors()]
     grads = torch.autograd.grad(loss * LOSS_SCALE, flat, allow_unused=True)
@@ -144,7 +152,7 @@ def loss_and_grads(block_fn: BlockFn, weights: Mapping[str, Tensor], prepared: M
 
 def step(block_fn: BlockFn, weights: Mapping[str, Tensor], prepared: Mapping[str, GroupedWeight],
          specs: Mapping[str, QuantSpec], params: Mapping[str, RoundingParams], state: signsgd.SignSGDState,
-         batches: list[tuple[BlockInputs, Tensor]],
+         batches: list[tuple[BlockInputs, Tensor]], *, qdq_fn: Optional[QdqFn] = None,
          ) -> tuple[dict[str, RoundingParams], signsgd.SignSGDState, Tensor]:
     """One iteration over `batches` (gradient-accumulation sub-batches): loss, grads, signed step.
 
@@ -156,7 +164,10 @@ def step(block_fn: BlockFn, weights: Mapping[str, Tensor], prepared: Mapping[str
     loss_sum: Optional[Tensor] = None
     grad_sum: Optional[dict[str, RoundingParams]] = None
     for (batch, target), n in zip(batches, sizes):
-        loss, grads = loss_and_grads(block_fn, weights, prepared, specs, params, batch, target)
+        loss, grads = loss_and_grads(block_fn, weights, prepared, specs, params, batch, target, qdq_fn=qdq_fn)
+        if len(batches) == 1:  # one batch: the weight is 1, skip a pass over every gradient
+            loss_sum, grad_sum = loss, grads
+            break
         w = n / total
         loss = loss * w
         grads = {k: g.map(lambda t: t * w) for k, g in grads.items()}
@@ -172,25 +183,68 @@ def step(block_fn: BlockFn, weights: Mapping[str, Tensor], prepared: Mapping[str
 
 
 def sample_indices(num_samples: int, per_step: int, iters: int, seed: int) -> list[Tensor]:
-    """Seeded sample indices for every iteration: a fresh random subset of `per_step` each time."""
+    """Seeded sample indices for every iteration, drawn in epochs (the reference's IndexSampler):
+    a seeded permutation of all samples is cut into consecutive subsets of `per_step`; when fewer
+    than `per_step` remain, a fresh permutation starts. Every sample is used equally often."""
     gen = torch.Generator().manual_seed(seed)
     k = min(per_step, num_samples)
-    return [torch.randperm(num_samples, generator=gen)[:k] for _ in range(iters)]
+    out: list[Tensor] = []
+    perm, pos = torch.randperm(num_samples, generator=gen), 0
+    for _ in range(iters):
+        if pos + k > num_samples:
+            perm, pos = torch.randperm(num_samples, generator=gen), 0
+        out.append(perm[pos:pos + k])
+        pos += k
+    return out
 
 
 def _split(idx: Tensor, parts: int) -> list[Tensor]:
     return [c for c in torch.chunk(idx, parts) if c.numel()]
 
 
+def want_compile(device: torch.device | str | None, compile: Optional[bool] = None) -> bool:
+    """Whether to torch.compile the tuning step: on by default on CUDA only (never on HPU or the
+    CPU, where eager is what the tests pin down); `SIGNROUND_COMPILE=0/1` overrides the default."""
+    if compile is not None:
+        return bool(compile)
+    env = os.environ.get("SIGNROUND_COMPILE")
+    if env is not None:
+        return env.strip().lower() not in ("0", "false", "no", "off", "")
+    return device is not None and torch.device(device).type == "cuda"
+
+
+_COMPILED: dict[str, Callable[..., Any]] = {}
+
+
+def _compiled(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """One torch.compile wrapper per function (dynamic shapes after the first recompile, so every
+    layer shape of every block shares two graphs at most)."""
+    if name not in _COMPILED:
+        _COMPILED[name] = torch.compile(fn)
+    return _COMPILED[name]
+
+
+def compiled_qdq() -> QdqFn:
+    """A `QdqFn` that runs `qdq_tensors` through torch.compile (fused forward and backward)."""
+    fn = _compiled("qdq", qdq_tensors)
+
+    def qdq(gw: GroupedWeight, spec: QuantSpec, params: RoundingParams) -> Tensor:
+        return fn(gw.grouped, gw.wmin, gw.wmax, params.v, params.alpha, params.beta, spec, gw.in_features, gw.dtype)
+
+    return qdq
+
+
 def tune_block(block_fn: BlockFn, weights: Mapping[str, Tensor], specs: Mapping[str, QuantSpec],
                inputs: BlockInputs, targets: Tensor, recipe: Recipe, *,
                device: torch.device | str | None = None,
-               after_step: Optional[Callable[[], None]] = None) -> TuneResult:
+               after_step: Optional[Callable[[], None]] = None, compile: Optional[bool] = None) -> TuneResult:
     """Tune the rounding of every weight in `specs` so the quantized block matches `targets`.
 
     weights: all tensors the block function needs (name → tensor, on the compute device).
     inputs/targets: calibration inputs and full-precision outputs (may live on the CPU; each
     mini-batch is moved to `device`). after_step: called after each optimizer step (HPU mark_step).
+    compile: torch.compile the qdq and the optimizer update (None = on CUDA only, see
+    `want_compile`); the values are the same as eager, and a compile failure falls back to eager.
     """
     prepared = prepare(weights, specs)
     params, state = init_params(prepared, specs, recipe)
@@ -199,12 +253,53 @@ def tune_block(block_fn: BlockFn, weights: Mapping[str, Tensor], specs: Mapping[
         return TuneResult(params=params, losses=torch.zeros(0), best_loss=nan, first_loss=nan, iters=0)
     per_step = recipe.batch_size * recipe.gradient_accumulate_steps
     schedule = sample_indices(inputs.num_samples, per_step, recipe.iters, recipe.seed)
+    # All indices go to the devices once: no host-to-device copy (and no implicit sync) per step.
+    rows_in = torch.stack(schedule).to(inputs.hidden.device)
+    rows_tgt = rows_in if targets.device == inputs.hidden.device else torch.stack(schedule).to(targets.device)
+    out_device = device or targets.device
+    use_compile = want_compile(device or inputs.hidden.device, compile)
+    qdq_fn = compiled_qdq() if use_compile else None
+    step_fn = _compiled("layer_step", signsgd.layer_step) if use_compile else None
+    lrs = signsgd.lr_table(state.config, out_device) if use_compile else None
+
+    def one(t: int, params: dict, state: signsgd.SignSGDState, qdq_fn: Optional[QdqFn], step_fn: Any):
+        parts_in = _split(rows_in[t], recipe.gradient_accumulate_steps)
+        parts_tgt = _split(rows_tgt[t], recipe.gradient_accumulate_steps)
+        batches = [(inputs.select(a, device), targets.index_select(0, b).to(out_device))
+                   for a, b in zip(parts_in, parts_tgt)]
+        if step_fn is None:
+            return step(block_fn, weights, prepared, specs, params, state, batches, qdq_fn=qdq_fn)
+        loss_sum, grad_sum = None, None
+        sizes = [b.hidden.shape[0] for b, _ in batches]
+        for (batch, target), n in zip(batches, sizes):
+            loss, grads = loss_and_grads(block_fn, weights, prepared, specs, params, batch, target, qdq_fn=qdq_fn)
+            if len(batches) > 1:
+                w = n / float(sum(sizes))
+                loss, grads = loss * w, {k: g.map(lambda x: x * w) for k, g in grads.items()}
+            if grad_sum is None:
+                loss_sum, grad_sum = loss, grads
+            else:
+                loss_sum = loss_sum + loss
+                grad_sum = {k: RoundingParams(*(a + b for a, b in zip(grad_sum[k].tensors(), grads[k].tensors())))
+                            for k in grads}
+        new_params, new_state = signsgd.update_with(step_fn, lrs, grad_sum, params, state, loss_sum)
+        return new_params, new_state, loss_sum
+
     losses = []
-    for idx in schedule:
-        parts = _split(idx, recipe.gradient_accumulate_steps)
-        batches = [(inputs.select(p, device), targets.index_select(0, p.to(targets.device)).to(device or targets.device))
-                   for p in parts]
-        params, state, loss = step(block_fn, weights, prepared, specs, params, state, batches)
+    for t in range(recipe.iters):
+        if t == 0 and use_compile:
+            try:
+                new = one(t, params, state, qdq_fn, step_fn)
+            except Exception as exc:  # noqa: BLE001 - any compiler failure: run eager instead
+                warnings.warn(f"torch.compile of the tuning step failed ({type(exc).__name__}: {exc}); "
+                              "running eager", RuntimeWarning, stacklevel=2)
+                qdq_fn = step_fn = None
+                if hasattr(block_fn, "disable_compile"):
+                    block_fn.disable_compile()
+                new = one(t, params, state, None, None)
+        else:
+            new = one(t, params, state, qdq_fn, step_fn)
+        params, state, loss = new
         losses.append(loss)
         if after_step is not None:
             after_step()

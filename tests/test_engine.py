@@ -66,7 +66,8 @@ def test_same_seed_gives_bit_identical_weights() -> None:
         assert ka == kb and torch.equal(va, vb), ka
     assert [x.loss_tuned for x in ra.blocks] == [x.loss_tuned for x in rb.blocks]
     c, _ = _run("llama", _recipe(batch_size=4, iters=10, seed=7))
-    assert not torch.equal(a.model.layers[0].mlp.up_proj.weight, c.model.layers[0].mlp.up_proj.weight)
+    # Another seed draws other mini-batches: some tuned weight differs (a block may keep RTN).
+    assert any(not torch.equal(va, vc) for va, vc in zip(a.state_dict().values(), c.state_dict().values()))
 
 
 @pytest.mark.parametrize("sym", [True, False])
