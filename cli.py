@@ -99,6 +99,8 @@ def quantize(
     overwrite: bool = typer.Option(False, help="Replace a non-empty output directory."),
     dry_run: bool = typer.Option(False, help="Print the plan (blocks, layers, bits) and exit."),
     report_json: Optional[Path] = typer.Option(None, help="Also write the run report as JSON here."),
+    resume_dir: Optional[Path] = typer.Option(None, help="Keep each finished block here; rerun with the same "
+                                              "arguments to continue after a crash."),
 ) -> None:
     """Quantize MODEL_PATH and save the checkpoint."""
     from signround.adapters.facade import build_quantizer, check_output_dir, read_layer_config
@@ -118,7 +120,7 @@ def quantize(
         loaded, bits=bits, group_size=group_size, sym=sym, recipe=recipe, dataset=dataset,
         extra_data_dir=extra_data_dir, template=template, quant_nontext_module=quant_nontext_module,
         layer_config=read_layer_config(layer_config) if layer_config else None, device=device,
-        low_gpu_mem_usage=low_gpu_mem_usage, skip_bad_samples=skip_bad_samples, **overrides)
+        low_gpu_mem_usage=low_gpu_mem_usage, skip_bad_samples=skip_bad_samples, resume_dir=resume_dir, **overrides)
     if dry_run:
         print_plan(quantizer.plan())
         return

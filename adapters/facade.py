@@ -26,6 +26,7 @@ from torch import nn
 from signround.adapters.blocks import BLOCK_REGISTRY, LayerPlan, blocks_of, find_block_lists, select_layers
 from signround.adapters.engine import quantize_model
 from signround.adapters.report import QuantReport
+from signround.adapters.resume import ResumeStore, fingerprint
 from signround.rounding import QuantSpec, Recipe, preset
 from signround.templating import (
     ConversationDataset,
@@ -155,7 +156,8 @@ class AutoRound:
                  amp: Optional[bool] = None, device: Optional[str] = None, low_gpu_mem_usage: bool = False,
                  layer_config: Optional[Mapping[str, Any]] = None,
                  to_quant_block_names: Union[str, Sequence[str], None] = None,
-                 skip_bad_samples: bool = False, progress: bool = True) -> None:
+                 skip_bad_samples: bool = False, resume_dir: str | Path | None = None,
+                 progress: bool = True) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch nn.Module (a Hugging Face model), got {type(model).__name__}")
         self.model = model
@@ -172,6 +174,9 @@ class AutoRound:
         self.low_gpu_mem_usage = bool(low_gpu_mem_usage)
         self.skip_bad_samples = bool(skip_bad_samples)
         self.progress = progress
+        self.resume_dir = resume_dir
+        if resume_dir is not None and Path(resume_dir).exists() and not Path(resume_dir).is_dir():
+            raise FileExistsError(f"resume_dir {str(resume_dir)!r} is a file; give a directory")
         self.quant_nontext_module = getattr(self, "quant_nontext_module", False)
         self.block_names = self._resolve_block_names(to_quant_block_names)
         self._check_finite_weights()
@@ -290,11 +295,13 @@ class AutoRound:
         if self.report is not None:
             raise ValueError("this model is already quantized; build a new AutoRound for another run")
         batches = self.calibration()
+        resume = None if self.resume_dir is None else ResumeStore.open(self.resume_dir, self._fingerprint(batches))
         try:
             _, self.report = quantize_model(self.model, batches, self.spec, self.recipe, layer_config=self.layer_config,
                                             block_names=self.block_names,
                                             quant_nontext_module=self.quant_nontext_module, device=self.device,
-                                            low_gpu_mem_usage=self.low_gpu_mem_usage, progress=self.progress)
+                                            low_gpu_mem_usage=self.low_gpu_mem_usage, progress=self.progress,
+                                            resume=resume)
         except torch.OutOfMemoryError as err:
             r = self.recipe
             hints = [] if self.low_gpu_mem_usage else ["low_gpu_mem_usage=True (--low-gpu-mem-usage) keeps "
@@ -306,6 +313,15 @@ class AutoRound:
             raise MemoryError("out of memory on the accelerator while tuning. Options: " + "; ".join(hints)
                               + f". ({str(err).splitlines()[0]})") from err
         return self.report
+
+    def _fingerprint(self, batches: Optional[list[dict[str, torch.Tensor]]]) -> str:
+        """What makes two runs the same run: model config, grid, recipe, layers, blocks, data."""
+        config = getattr(self.model, "config", None)
+        parts = {"config": config.to_dict() if config is not None else type(self.model).__name__,
+                 "spec": self.spec.to_dict(), "recipe": attrs.asdict(self.recipe),
+                 "layer_config": {k: (v.to_dict() if isinstance(v, QuantSpec) else v) for k, v in self.layer_config.items()},
+                 "blocks": self.block_names, "nontext": self.quant_nontext_module}
+        return fingerprint(parts, batches or ())
 
     def save_quantized(self, output_dir: str | Path, format: Union[str, Sequence[str]] = "auto_round",
                        inplace: bool = True, overwrite: bool = False) -> Union[Path, dict[str, Path]]:
