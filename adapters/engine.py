@@ -26,6 +26,7 @@ from signround.adapters.device import Accelerator, peak_memory, reset_peak_memor
 from signround.adapters.progress import BlockProgress, print_summary
 from signround.adapters.pure import PureBlock, as_pure, weight_name, write_back
 from signround.adapters.report import BlockReport, LayerResult, QuantReport
+from signround.adapters.resume import ResumeStore
 from signround.rounding import (BlockInputs, QuantSpec, Recipe, RoundingParams, masked_mse, quantize_weight,
                                 tune_block)
 
@@ -137,6 +138,33 @@ def _tune_one(block: nn.Module, captured: CapturedInputs, index: int, x_fp: Tens
     return targets, out_q, results, loss_rtn, loss_tuned
 
 
+def _replay_one(block: nn.Module, captured: CapturedInputs, index: int, x_fp: Tensor, x_q: Tensor,
+                qweights: Mapping[str, Tensor], results: Mapping[str, LayerResult], recipe: Recipe,
+                accel: Accelerator) -> tuple[Tensor, Tensor]:
+    """A block finished in an earlier run: fix its stored weights and recompute its fp and quantized
+    outputs exactly as `_tune_one` does, so the next block gets the inputs of the original run."""
+    call = captured.calls[index]
+    assert call is not None
+    compile_block = accel.device.type == "cuda" and _compile_block() and bool(results) and recipe.iters > 0
+    fn, weights = as_pure(block, call.layout, autocast_dtype=accel.autocast_dtype, compile=compile_block)
+    inputs_fp = captured.block_inputs(index, x_fp)
+    inputs_q = captured.block_inputs(index, x_q) if recipe.enable_quanted_input else inputs_fp
+    inplace = recipe.enable_quanted_input
+    bs = recipe.batch_size
+    targets, _ = run_block(fn, weights, inputs_fp, accel, bs, out=x_fp if (inplace and x_fp is not x_q) else None)
+    del inputs_fp
+    qweights = {k: v.to(device=weights[k].device, dtype=weights[k].dtype) for k, v in qweights.items()}
+    out_q, _ = run_block(fn, {**weights, **qweights}, inputs_q, accel, bs, out=x_q if inplace else None)
+    write_back(block, qweights, results)
+    return targets, out_q
+
+
+def _block_qweights(block: nn.Module, results: Mapping[str, LayerResult]) -> dict[str, Tensor]:
+    """The quantized weights a block holds after write_back, keyed by weight name in the block."""
+    _, weights = as_pure(block)
+    return {weight_name(key): weights[weight_name(key)] for key in results}
+
+
 def _rtn_only(block: nn.Module, specs: Mapping[str, QuantSpec], names: Mapping[str, str]) -> dict[str, LayerResult]:
     _, weights = as_pure(block)
     qweights, results = quantize_weights(weights, specs, None, names)
@@ -148,14 +176,15 @@ def quantize_model(model: nn.Module, batches: Optional[Iterable[Batch]], spec: Q
                    layer_config: Optional[Mapping[str, LayerOverride]] = None,
                    block_names: Optional[Iterable[str]] = None, quant_nontext_module: bool = False,
                    device: torch.device | str | Accelerator | None = None, low_gpu_mem_usage: bool = False,
-                   progress: bool = True) -> tuple[nn.Module, QuantReport]:
+                   progress: bool = True, resume: Optional[ResumeStore] = None) -> tuple[nn.Module, QuantReport]:
     """Quantize the blocks of `model` in place with SignRound (or RTN when recipe.iters == 0).
 
     batches: calibration batches (dicts of model inputs or input_ids tensors, all of the same
     seqlen); None is allowed for RTN. block_names: block-list prefixes (default: discovered).
     layer_config: per-layer overrides (see `select_layers`). device: "cuda", "hpu", …, an
-    Accelerator, or None (auto). Returns the model (weights fixed to their quantized values, each
-    quantized layer carrying `signround_result`) and a QuantReport.
+    Accelerator, or None (auto). resume: a ResumeStore; blocks it holds are replayed instead of
+    tuned, and every newly finished block is added to it. Returns the model (weights fixed to their
+    quantized values, each quantized layer carrying `signround_result`) and a QuantReport.
     """
     start = time.perf_counter()
     accel = device if isinstance(device, Accelerator) else resolve(device, amp=recipe.amp,
@@ -201,6 +230,9 @@ def quantize_model(model: nn.Module, batches: Optional[Iterable[Batch]], spec: Q
                         results = {}
                         for layer in names.values():
                             skipped[layer] = "its block was not called by the model on the calibration data"
+                    elif resume is not None and resume.has(name):
+                        qweights, results, report = resume.load(name)
+                        x_fp, x_q = _replay_one(block, captured, i, x_fp, x_q, qweights, results, recipe, accel)
                     else:
                         # Each block draws its own sample order (the reference's RNG also moves on).
                         block_recipe = attrs.evolve(recipe, seed=recipe.seed + len(reports))
@@ -209,9 +241,13 @@ def quantize_model(model: nn.Module, batches: Optional[Iterable[Batch]], spec: Q
                     block.to(block_home)
                     layers.update({r.name: r for r in results.values()})
                     synchronize(accel.device)
-                    report = BlockReport(name=name, layers=tuple(r.name for r in results.values()),
-                                         loss_rtn=loss_rtn, loss_tuned=loss_tuned,
-                                         seconds=time.perf_counter() - t0, iters=recipe.iters if captured else 0)
+                    if captured is None or captured.calls[i] is None or resume is None or not resume.has(name):
+                        report = BlockReport(name=name, layers=tuple(r.name for r in results.values()),
+                                             loss_rtn=loss_rtn, loss_tuned=loss_tuned,
+                                             seconds=time.perf_counter() - t0,
+                                             iters=recipe.iters if captured else 0)
+                        if resume is not None and captured is not None and captured.calls[i] is not None:
+                            resume.save(name, _block_qweights(block, results), results, report)
                     reports.append(report)
                     bar.done(report)
     finally:

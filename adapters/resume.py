@@ -34,7 +34,7 @@ MANIFEST = "resume.json"
 
 def fingerprint(parts: Mapping[str, Any], tensors: Any = ()) -> str:
     """A stable hash of the run's arguments (JSON-able `parts`) and calibration tensors."""
-    h = hashlib.sha256(orjson.dumps(parts, option=orjson.OPT_SORT_KEYS, default=str))
+    h = hashlib.sha256(orjson.dumps(parts, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS, default=str))
     for t in tensors:
         if isinstance(t, Mapping):
             for k in sorted(t):

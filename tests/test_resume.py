@@ -58,7 +58,6 @@ def test_killed_run_resumes_to_a_bit_identical_checkpoint(model_dir, tmp_path):
     finished = len(list(resume.glob("*.safetensors")))
     assert 1 <= finished < LAYERS
     assert not out.exists()  # nothing checkpoint-like was left behind
-    assert not list(resume.glob("*.tmp*")) or True  # a torn temp file may remain; it is never read
 
     res = subprocess.run(_cmd(model_dir, out, resume), capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
