@@ -26,6 +26,7 @@ from signround.adapters.device import Accelerator, peak_memory, reset_peak_memor
 from signround.adapters.progress import BlockProgress, print_summary
 from signround.adapters.pure import PureBlock, as_pure, weight_name, write_back
 from signround.adapters.report import BlockReport, LayerResult, QuantReport
+from signround.adapters.distributed import DataParallel
 from signround.adapters.resume import ResumeStore
 from signround.rounding import (BlockInputs, QuantSpec, Recipe, RoundingParams, masked_mse, quantize_weight,
                                 tune_block)
@@ -107,6 +108,7 @@ def _compile_block() -> bool:
 
 def _tune_one(block: nn.Module, captured: CapturedInputs, index: int, x_fp: Tensor, x_q: Tensor,
               specs: Mapping[str, QuantSpec], names: Mapping[str, str], recipe: Recipe, accel: Accelerator,
+              data_parallel: Optional[DataParallel] = None,
               ) -> tuple[Tensor, Tensor, dict[str, LayerResult], Optional[float], Optional[float]]:
     """Tune one block. Memory: with `enable_quanted_input`, the targets B_fp(X_fp) overwrite X_fp's
     buffer and B_q(X_q) overwrites X_q's, so only two activation sets ever live at once."""
@@ -125,7 +127,10 @@ def _tune_one(block: nn.Module, captured: CapturedInputs, index: int, x_fp: Tens
         return targets, out_q, {}, loss, loss
     rtn_weights, rtn_results = quantize_weights(weights, specs, None, names)
     _, loss_rtn = run_block(fn, {**weights, **rtn_weights}, inputs_q, accel, bs, targets, keep_outputs=False)
-    tuned = tune_block(fn, weights, specs, inputs_q, targets, recipe, device=accel.device, after_step=accel.after_step)
+    dp = {} if data_parallel is None else dict(shard=(data_parallel.rank, data_parallel.world),
+                                               reduce=data_parallel.reduce)
+    tuned = tune_block(fn, weights, specs, inputs_q, targets, recipe, device=accel.device, after_step=accel.after_step,
+                       **dp)
     qweights, results = quantize_weights(weights, specs, tuned.params, names)
     _, loss_tuned = run_block(fn, {**weights, **qweights}, inputs_q, accel, bs, targets, keep_outputs=False)
     if recipe.use_best and loss_rtn is not None and loss_tuned is not None and loss_tuned > loss_rtn:
@@ -176,7 +181,8 @@ def quantize_model(model: nn.Module, batches: Optional[Iterable[Batch]], spec: Q
                    layer_config: Optional[Mapping[str, LayerOverride]] = None,
                    block_names: Optional[Iterable[str]] = None, quant_nontext_module: bool = False,
                    device: torch.device | str | Accelerator | None = None, low_gpu_mem_usage: bool = False,
-                   progress: bool = True, resume: Optional[ResumeStore] = None) -> tuple[nn.Module, QuantReport]:
+                   progress: bool = True, resume: Optional[ResumeStore] = None,
+                   data_parallel: Optional[DataParallel] = None) -> tuple[nn.Module, QuantReport]:
     """Quantize the blocks of `model` in place with SignRound (or RTN when recipe.iters == 0).
 
     batches: calibration batches (dicts of model inputs or input_ids tensors, all of the same
@@ -185,6 +191,8 @@ def quantize_model(model: nn.Module, batches: Optional[Iterable[Batch]], spec: Q
     Accelerator, or None (auto). resume: a ResumeStore; blocks it holds are replayed instead of
     tuned, and every newly finished block is added to it. Returns the model (weights fixed to their
     quantized values, each quantized layer carrying `signround_result`) and a QuantReport.
+    data_parallel: split every tuning step's batch across ranks (see adapters/distributed.py); the
+    result equals one process with gradient_accumulate_steps × world sub-batches.
     """
     start = time.perf_counter()
     accel = device if isinstance(device, Accelerator) else resolve(device, amp=recipe.amp,
@@ -237,7 +245,7 @@ def quantize_model(model: nn.Module, batches: Optional[Iterable[Batch]], spec: Q
                         # Each block draws its own sample order (the reference's RNG also moves on).
                         block_recipe = attrs.evolve(recipe, seed=recipe.seed + len(reports))
                         x_fp, x_q, results, loss_rtn, loss_tuned = _tune_one(
-                            block, captured, i, x_fp, x_q, specs, names, block_recipe, accel)
+                            block, captured, i, x_fp, x_q, specs, names, block_recipe, accel, data_parallel)
                     block.to(block_home)
                     layers.update({r.name: r for r in results.values()})
                     synchronize(accel.device)
@@ -246,7 +254,8 @@ def quantize_model(model: nn.Module, batches: Optional[Iterable[Batch]], spec: Q
                                              loss_rtn=loss_rtn, loss_tuned=loss_tuned,
                                              seconds=time.perf_counter() - t0,
                                              iters=recipe.iters if captured else 0)
-                        if resume is not None and captured is not None and captured.calls[i] is not None:
+                        main = data_parallel is None or data_parallel.is_main
+                        if resume is not None and main and captured is not None and captured.calls[i] is not None:
                             resume.save(name, _block_qweights(block, results), results, report)
                     reports.append(report)
                     bar.done(report)

@@ -23,6 +23,7 @@ import orjson
 import torch
 from torch import nn
 
+from signround.adapters import distributed
 from signround.adapters.blocks import BLOCK_REGISTRY, LayerPlan, blocks_of, find_block_lists, select_layers
 from signround.adapters.engine import quantize_model
 from signround.adapters.report import QuantReport
@@ -170,10 +171,13 @@ class AutoRound:
                                      enable_quanted_input=enable_quanted_input, amp=amp)
         self._seqlen_given = seqlen is not None
         self.layer_config = _check_layer_config(layer_config)
+        self.data_parallel = distributed.from_env()
+        if self.data_parallel is not None and device is None:
+            device = self.data_parallel.device()
         self.device = self._check_device(device)
         self.low_gpu_mem_usage = bool(low_gpu_mem_usage)
         self.skip_bad_samples = bool(skip_bad_samples)
-        self.progress = progress
+        self.progress = progress and (self.data_parallel is None or self.data_parallel.is_main)
         self.resume_dir = resume_dir
         if resume_dir is not None and Path(resume_dir).exists() and not Path(resume_dir).is_dir():
             raise FileExistsError(f"resume_dir {str(resume_dir)!r} is a file; give a directory")
@@ -301,7 +305,7 @@ class AutoRound:
                                             block_names=self.block_names,
                                             quant_nontext_module=self.quant_nontext_module, device=self.device,
                                             low_gpu_mem_usage=self.low_gpu_mem_usage, progress=self.progress,
-                                            resume=resume)
+                                            resume=resume, data_parallel=self.data_parallel)
         except torch.OutOfMemoryError as err:
             r = self.recipe
             hints = [] if self.low_gpu_mem_usage else ["low_gpu_mem_usage=True (--low-gpu-mem-usage) keeps "
@@ -334,11 +338,18 @@ class AutoRound:
             if not bool(torch.isfinite(layer.scale.float()).all()):
                 raise ValueError(f"layer {name!r} has NaN/Inf quantization scales; refusing to write a broken "
                                  "checkpoint (check the calibration data and the model's activations)")
-        return save_quantized(self.model, self.report.layers, output_dir, format=format, inplace=inplace,
+        dp = self.data_parallel
+        if dp is not None and not dp.is_main:  # every rank holds the same result; rank 0 writes it
+            dp.barrier()
+            return Path(output_dir)
+        path = save_quantized(self.model, self.report.layers, output_dir, format=format, inplace=inplace,
                               tokenizer=self.tokenizer, processor=getattr(self, "processor", None),
                               image_processor=getattr(self, "image_processor", None),
                               block_name_to_quantize=list(self.report.block_name_to_quantize),
                               recipe=self.recipe, overwrite=overwrite)
+        if dp is not None:
+            dp.barrier()
+        return path
 
 
 class AutoRoundMLLM(AutoRound):

@@ -74,6 +74,8 @@ class BlockInputs:
 
 
 BlockFn = Callable[[Mapping[str, Tensor], BlockInputs], Tensor]
+# Sums a rank's (loss, gradients) over all data-parallel ranks.
+ReduceFn = Callable[[Tensor, "dict[str, RoundingParams]"], "tuple[Tensor, dict[str, RoundingParams]]"]
 QdqFn = Callable[[GroupedWeight, QuantSpec, RoundingParams], Tensor]
 
 
@@ -150,27 +152,23 @@ def loss_and_grads(block_fn: BlockFn, weights: Mapping[str, Tensor], prepared: M
     return loss.detach(), out
 
 
-def step(block_fn: BlockFn, weights: Mapping[str, Tensor], prepared: Mapping[str, GroupedWeight],
-         specs: Mapping[str, QuantSpec], params: Mapping[str, RoundingParams], state: signsgd.SignSGDState,
-         batches: list[tuple[BlockInputs, Tensor]], *, qdq_fn: Optional[QdqFn] = None,
-         ) -> tuple[dict[str, RoundingParams], signsgd.SignSGDState, Tensor]:
-    """One iteration over `batches` (gradient-accumulation sub-batches): loss, grads, signed step.
-
-    The loss is the mean over all elements of all sub-batches (each sub-batch weighted by its size,
-    the reference's accumulation normalisation). Returns new params, new state and the loss.
-    """
+def accumulate(block_fn: BlockFn, weights: Mapping[str, Tensor], prepared: Mapping[str, GroupedWeight],
+               specs: Mapping[str, QuantSpec], params: Mapping[str, RoundingParams],
+               batches: list[tuple[BlockInputs, Tensor]], *, qdq_fn: Optional[QdqFn] = None,
+               total: Optional[int] = None) -> tuple[Tensor, dict[str, RoundingParams]]:
+    """Loss and gradients summed over gradient-accumulation sub-batches, each weighted by its share
+    of `total` samples (default: the samples in `batches`): the mean over all their elements, the
+    reference's accumulation normalisation. With data parallelism `total` is the global batch, so
+    summing every rank's result over ranks gives exactly the single-process value."""
     sizes = [b.hidden.shape[0] for b, _ in batches]
-    total = float(sum(sizes))
+    total = total if total is not None else sum(sizes)
     loss_sum: Optional[Tensor] = None
     grad_sum: Optional[dict[str, RoundingParams]] = None
     for (batch, target), n in zip(batches, sizes):
         loss, grads = loss_and_grads(block_fn, weights, prepared, specs, params, batch, target, qdq_fn=qdq_fn)
-        if len(batches) == 1:  # one batch: the weight is 1, skip a pass over every gradient
-            loss_sum, grad_sum = loss, grads
-            break
-        w = n / total
-        loss = loss * w
-        grads = {k: g.map(lambda t: t * w) for k, g in grads.items()}
+        if n != total:  # a weight of 1 would be a wasted pass over every gradient
+            w = n / float(total)
+            loss, grads = loss * w, {k: g.map(lambda t: t * w) for k, g in grads.items()}
         if grad_sum is None:
             loss_sum, grad_sum = loss, grads
         else:
@@ -178,6 +176,19 @@ def step(block_fn: BlockFn, weights: Mapping[str, Tensor], prepared: Mapping[str
             grad_sum = {k: RoundingParams(*(a + b for a, b in zip(grad_sum[k].tensors(), grads[k].tensors())))
                         for k in grads}
     assert loss_sum is not None and grad_sum is not None
+    return loss_sum, grad_sum
+
+
+def step(block_fn: BlockFn, weights: Mapping[str, Tensor], prepared: Mapping[str, GroupedWeight],
+         specs: Mapping[str, QuantSpec], params: Mapping[str, RoundingParams], state: signsgd.SignSGDState,
+         batches: list[tuple[BlockInputs, Tensor]], *, qdq_fn: Optional[QdqFn] = None,
+         ) -> tuple[dict[str, RoundingParams], signsgd.SignSGDState, Tensor]:
+    """One iteration over `batches` (gradient-accumulation sub-batches): loss, grads, signed step.
+
+    The loss is the mean over all elements of all sub-batches (see `accumulate`). Returns new
+    params, new state and the loss.
+    """
+    loss_sum, grad_sum = accumulate(block_fn, weights, prepared, specs, params, batches, qdq_fn=qdq_fn)
     new_params, new_state = signsgd.update(grad_sum, params, state, loss_sum)
     return new_params, new_state, loss_sum
 
@@ -237,7 +248,8 @@ def compiled_qdq() -> QdqFn:
 def tune_block(block_fn: BlockFn, weights: Mapping[str, Tensor], specs: Mapping[str, QuantSpec],
                inputs: BlockInputs, targets: Tensor, recipe: Recipe, *,
                device: torch.device | str | None = None,
-               after_step: Optional[Callable[[], None]] = None, compile: Optional[bool] = None) -> TuneResult:
+               after_step: Optional[Callable[[], None]] = None, compile: Optional[bool] = None,
+               shard: tuple[int, int] = (0, 1), reduce: Optional[ReduceFn] = None) -> TuneResult:
     """Tune the rounding of every weight in `specs` so the quantized block matches `targets`.
 
     weights: all tensors the block function needs (name → tensor, on the compute device).
@@ -245,13 +257,20 @@ def tune_block(block_fn: BlockFn, weights: Mapping[str, Tensor], specs: Mapping[
     mini-batch is moved to `device`). after_step: called after each optimizer step (HPU mark_step).
     compile: torch.compile the qdq and the optimizer update (None = on CUDA only, see
     `want_compile`); the values are the same as eager, and a compile failure falls back to eager.
+    shard/reduce: data parallelism. shard = (rank, world): every rank draws the same global step
+    batches and works on its share; `reduce(loss, grads)` must return their sums over ranks (an
+    all-reduce), so every rank takes the same step. With world ranks and gradient_accumulate_steps
+    g, the result equals one process with g·world accumulation steps.
     """
+    rank, shards = shard
+    if not 0 <= rank < shards:
+        raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard}")
     prepared = prepare(weights, specs)
     params, state = init_params(prepared, specs, recipe)
     if recipe.iters == 0:
         nan = float("nan")
         return TuneResult(params=params, losses=torch.zeros(0), best_loss=nan, first_loss=nan, iters=0)
-    per_step = recipe.batch_size * recipe.gradient_accumulate_steps
+    per_step = recipe.batch_size * recipe.gradient_accumulate_steps * shards
     schedule = sample_indices(inputs.num_samples, per_step, recipe.iters, recipe.seed)
     # All indices go to the devices once: no host-to-device copy (and no implicit sync) per step.
     rows_in = torch.stack(schedule).to(inputs.hidden.device)
@@ -263,26 +282,19 @@ def tune_block(block_fn: BlockFn, weights: Mapping[str, Tensor], specs: Mapping[
     lrs = signsgd.lr_table(state.config, out_device) if use_compile else None
 
     def one(t: int, params: dict, state: signsgd.SignSGDState, qdq_fn: Optional[QdqFn], step_fn: Any):
-        parts_in = _split(rows_in[t], recipe.gradient_accumulate_steps)
-        parts_tgt = _split(rows_tgt[t], recipe.gradient_accumulate_steps)
-        batches = [(inputs.select(a, device), targets.index_select(0, b).to(out_device))
-                   for a, b in zip(parts_in, parts_tgt)]
+        # The global step batch is cut into `parts` sub-batches; with data parallelism each rank
+        # takes its own share of them and `reduce` sums the ranks' weighted losses and gradients.
+        parts = recipe.gradient_accumulate_steps * shards
+        pairs = list(zip(_split(rows_in[t], parts), _split(rows_tgt[t], parts)))[rank::shards]
+        batches = [(inputs.select(a, device), targets.index_select(0, b).to(out_device)) for a, b in pairs]
+        loss_sum, grad_sum = accumulate(block_fn, weights, prepared, specs, params, batches, qdq_fn=qdq_fn,
+                                        total=int(rows_in[t].numel()))
+        if reduce is not None:
+            loss_sum, grad_sum = reduce(loss_sum, grad_sum)
         if step_fn is None:
-            return step(block_fn, weights, prepared, specs, params, state, batches, qdq_fn=qdq_fn)
-        loss_sum, grad_sum = None, None
-        sizes = [b.hidden.shape[0] for b, _ in batches]
-        for (batch, target), n in zip(batches, sizes):
-            loss, grads = loss_and_grads(block_fn, weights, prepared, specs, params, batch, target, qdq_fn=qdq_fn)
-            if len(batches) > 1:
-                w = n / float(sum(sizes))
-                loss, grads = loss * w, {k: g.map(lambda x: x * w) for k, g in grads.items()}
-            if grad_sum is None:
-                loss_sum, grad_sum = loss, grads
-            else:
-                loss_sum = loss_sum + loss
-                grad_sum = {k: RoundingParams(*(a + b for a, b in zip(grad_sum[k].tensors(), grads[k].tensors())))
-                            for k in grads}
-        new_params, new_state = signsgd.update_with(step_fn, lrs, grad_sum, params, state, loss_sum)
+            new_params, new_state = signsgd.update(grad_sum, params, state, loss_sum)
+        else:
+            new_params, new_state = signsgd.update_with(step_fn, lrs, grad_sum, params, state, loss_sum)
         return new_params, new_state, loss_sum
 
     losses = []

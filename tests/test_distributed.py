@@ -1,0 +1,65 @@
+"""Data parallel: `torchrun --nproc-per-node 2 -m signround quantize` (gloo on CPU) gives exactly the
+checkpoint of one process with twice the gradient-accumulation steps (same global batch)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from _templating_helpers import byte_tokenizer
+from tiny_models import tiny_text_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-llama-dp")
+    tok = byte_tokenizer([])
+    tiny_text_model("llama", vocab_size=len(tok)).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def _args(model_dir: Path, out: Path, gas: int) -> list[str]:
+    return ["quantize", str(model_dir), "-o", str(out), "--group-size", "32", "--iters", "10", "--nsamples", "16",
+            "--seqlen", "32", "--batch-size", "4", "--gradient-accumulate-steps", str(gas), "--device", "cpu"]
+
+
+def test_two_ranks_equal_one_process(model_dir, tmp_path):
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    if torchrun is None:
+        pytest.skip("torchrun is not installed beside this Python")
+    single = tmp_path / "single"
+    subprocess.run([sys.executable, "-m", "signround", *_args(model_dir, single, gas=2)], check=True,
+                   capture_output=True)
+    dp = tmp_path / "dp"
+    res = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "signround",
+                          *_args(model_dir, dp, gas=1)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a = load_file(str(single / "model.safetensors"))
+    b = load_file(str(dp / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_reduce_sums_over_ranks_single_process_group(tmp_path):
+    import torch.distributed as dist
+
+    from signround.adapters.distributed import DataParallel
+    from signround.rounding import RoundingParams
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        dp = DataParallel(rank=0, world=1)
+        g = {"w": RoundingParams(torch.randn(3, 4), torch.rand(3, 1), torch.rand(3, 1))}
+        loss, out = dp.reduce(torch.tensor(2.5), g)
+        assert float(loss) == 2.5
+        assert all(torch.equal(x, y) for x, y in zip(out["w"].tensors(), g["w"].tensors()))
+    finally:
+        dist.destroy_process_group()
