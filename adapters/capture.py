@@ -284,7 +284,14 @@ def _capture(model: nn.Module, batches: list[Batch], prefix: str, nsamples: Opti
             h = args[0] if args else kwargs[hidden_kwarg]
             current[index] = (h, args[1:], {k: v for k, v in kwargs.items() if k != hidden_kwarg}, hidden_kwarg)
             if index == 0 and not output_template:  # learn the block's output structure once
-                output_template.append(original(block, *args, **kwargs))
+                # The block may still sit on the CPU while inputs live on the accelerator (blocks
+                # move to the device one at a time): run this one call where the inputs are.
+                home = next(block.parameters(), h).device
+                block.to(h.device)
+                try:
+                    output_template.append(original(block, *args, **kwargs))
+                finally:
+                    block.to(home)
             if index == last:
                 raise _StopForward
             template = output_template[0]
