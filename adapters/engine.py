@@ -244,6 +244,8 @@ def quantize_model(model: nn.Module, batches: Optional[Iterable[Batch]], spec: Q
                     else:
                         # Each block draws its own sample order (the reference's RNG also moves on).
                         block_recipe = attrs.evolve(recipe, seed=recipe.seed + len(reports))
+                        if specs:  # low-bit blocks of long runs take the reference's larger lr
+                            block_recipe = block_recipe.for_bits(min(s.bits for s in specs.values()))
                         x_fp, x_q, results, loss_rtn, loss_tuned = _tune_one(
                             block, captured, i, x_fp, x_q, specs, names, block_recipe, accel, data_parallel)
                     block.to(block_home)

@@ -57,6 +57,13 @@ class Recipe:
         """Learning rate of the range scales alpha/beta."""
         return float(self.minmax_lr) if self.minmax_lr is not None else self.resolved_lr
 
+    def for_bits(self, bits: int) -> "Recipe":
+        """The recipe as applied to layers of `bits`: with lr left at its default, long runs
+        (iters >= 1000) of 2-3-bit layers take lr = 2/iters, as the reference (0.16) does."""
+        if self.lr is None and self.iters >= 1000 and bits <= 3:
+            return attrs.evolve(self, lr=2.0 / self.iters)
+        return self
+
     @property
     def is_rtn(self) -> bool:
         return self.iters == 0

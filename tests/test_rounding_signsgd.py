@@ -90,3 +90,15 @@ def test_best_params_are_those_that_produced_the_lowest_loss():
     # Ties keep the earlier params (strictly lower wins), like the reference.
     p2, state2 = signsgd.update(g, p, state, torch.tensor(3.0))
     assert torch.equal(state2.best["w"].v, seen[1])
+
+
+def test_low_bit_long_runs_take_twice_the_default_lr():
+    from signround.rounding import Recipe, preset
+
+    best = preset("best")
+    assert best.for_bits(2).resolved_lr == 2 / 1000 and best.for_bits(3).resolved_lr == 2 / 1000
+    assert best.for_bits(4).resolved_lr == 1 / 1000
+    assert preset("default").for_bits(2).resolved_lr == 1 / 200  # short runs keep 1/iters
+    assert Recipe(iters=1000, lr=0.01).for_bits(2).resolved_lr == 0.01  # an explicit lr is kept
+    # minmax_lr follows lr when it is not set, as everywhere else
+    assert best.for_bits(2).resolved_minmax_lr == 2 / 1000
