@@ -106,24 +106,33 @@ def _compile_block() -> bool:
     return os.environ.get("SIGNROUND_COMPILE_BLOCK", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _block_targets(block: nn.Module, captured: CapturedInputs, index: int, x_fp: Tensor, x_q: Tensor,
+                   quantized: bool, recipe: Recipe, accel: Accelerator,
+                   ) -> tuple[PureBlock, dict[str, Tensor], BlockInputs, Tensor]:
+    """The block as a pure function, its weights, its (quantized-chain) inputs, and its fp outputs
+    B_fp(X_fp) — the targets, written over X_fp's buffer when the chains are separate."""
+    call = captured.calls[index]
+    assert call is not None
+    compile_block = accel.device.type == "cuda" and _compile_block() and quantized and recipe.iters > 0
+    fn, weights = as_pure(block, call.layout, autocast_dtype=accel.autocast_dtype, compile=compile_block)
+    inputs_fp = captured.block_inputs(index, x_fp)
+    inputs_q = captured.block_inputs(index, x_q) if recipe.enable_quanted_input else inputs_fp
+    inplace = recipe.enable_quanted_input and x_fp is not x_q
+    targets, _ = run_block(fn, weights, inputs_fp, accel, recipe.batch_size, out=x_fp if inplace else None)
+    return fn, weights, inputs_q, targets
+
+
 def _tune_one(block: nn.Module, captured: CapturedInputs, index: int, x_fp: Tensor, x_q: Tensor,
               specs: Mapping[str, QuantSpec], names: Mapping[str, str], recipe: Recipe, accel: Accelerator,
               data_parallel: Optional[DataParallel] = None,
               ) -> tuple[Tensor, Tensor, dict[str, LayerResult], Optional[float], Optional[float]]:
     """Tune one block. Memory: with `enable_quanted_input`, the targets B_fp(X_fp) overwrite X_fp's
     buffer and B_q(X_q) overwrites X_q's, so only two activation sets ever live at once."""
-    call = captured.calls[index]
-    assert call is not None
-    compile_block = accel.device.type == "cuda" and _compile_block() and bool(specs) and recipe.iters > 0
-    fn, weights = as_pure(block, call.layout, autocast_dtype=accel.autocast_dtype, compile=compile_block)
-    inputs_fp = captured.block_inputs(index, x_fp)
-    inputs_q = captured.block_inputs(index, x_q) if recipe.enable_quanted_input else inputs_fp
-    inplace = recipe.enable_quanted_input
+    fn, weights, inputs_q, targets = _block_targets(block, captured, index, x_fp, x_q, bool(specs), recipe, accel)
+    out = x_q if recipe.enable_quanted_input else None
     bs = recipe.batch_size
-    targets, _ = run_block(fn, weights, inputs_fp, accel, bs, out=x_fp if (inplace and x_fp is not x_q) else None)
-    del inputs_fp
     if not specs:
-        out_q, loss = run_block(fn, weights, inputs_q, accel, bs, targets, out=x_q if inplace else None)
+        out_q, loss = run_block(fn, weights, inputs_q, accel, bs, targets, out=out)
         return targets, out_q, {}, loss, loss
     rtn_weights, rtn_results = quantize_weights(weights, specs, None, names)
     _, loss_rtn = run_block(fn, {**weights, **rtn_weights}, inputs_q, accel, bs, targets, keep_outputs=False)
@@ -138,7 +147,7 @@ def _tune_one(block: nn.Module, captured: CapturedInputs, index: int, x_fp: Tens
         # be better, and then it is the best iterate: keep it.
         qweights, results, loss_tuned = rtn_weights, rtn_results, loss_rtn
     del tuned, rtn_weights
-    out_q, _ = run_block(fn, {**weights, **qweights}, inputs_q, accel, bs, out=x_q if inplace else None)
+    out_q, _ = run_block(fn, {**weights, **qweights}, inputs_q, accel, bs, out=out)
     write_back(block, qweights, results)
     return targets, out_q, results, loss_rtn, loss_tuned
 
@@ -148,18 +157,10 @@ def _replay_one(block: nn.Module, captured: CapturedInputs, index: int, x_fp: Te
                 accel: Accelerator) -> tuple[Tensor, Tensor]:
     """A block finished in an earlier run: fix its stored weights and recompute its fp and quantized
     outputs exactly as `_tune_one` does, so the next block gets the inputs of the original run."""
-    call = captured.calls[index]
-    assert call is not None
-    compile_block = accel.device.type == "cuda" and _compile_block() and bool(results) and recipe.iters > 0
-    fn, weights = as_pure(block, call.layout, autocast_dtype=accel.autocast_dtype, compile=compile_block)
-    inputs_fp = captured.block_inputs(index, x_fp)
-    inputs_q = captured.block_inputs(index, x_q) if recipe.enable_quanted_input else inputs_fp
-    inplace = recipe.enable_quanted_input
-    bs = recipe.batch_size
-    targets, _ = run_block(fn, weights, inputs_fp, accel, bs, out=x_fp if (inplace and x_fp is not x_q) else None)
-    del inputs_fp
+    fn, weights, inputs_q, targets = _block_targets(block, captured, index, x_fp, x_q, bool(results), recipe, accel)
     qweights = {k: v.to(device=weights[k].device, dtype=weights[k].dtype) for k, v in qweights.items()}
-    out_q, _ = run_block(fn, {**weights, **qweights}, inputs_q, accel, bs, out=x_q if inplace else None)
+    out_q, _ = run_block(fn, {**weights, **qweights}, inputs_q, accel, recipe.batch_size,
+                         out=x_q if recipe.enable_quanted_input else None)
     write_back(block, qweights, results)
     return targets, out_q
 
