@@ -48,6 +48,8 @@ MLLM_DEFAULT_SEQLEN = 512  # the reference's cap for image-text calibration
 # Vision towers that take all images' patches packed into one sequence (no per-sample batch
 # dimension, cu_seqlens boundaries): their blocks cannot be tuned on sampled mini-batches yet.
 PACKED_VISION_TOWERS = ("qwen2_vl", "qwen2_5_vl")
+# Families whose decoder blocks take image features without a per-sample batch dimension.
+PACKED_CROSS_ATTENTION = ("mllama",)
 
 
 def _check_layer_config(layer_config: Optional[Mapping[str, Any]]) -> dict[str, Any]:
@@ -388,6 +390,10 @@ class AutoRoundMLLM(AutoRound):
         if self.quant_nontext_module and not self._has_images():
             raise ValueError("quant_nontext_module=True tunes the vision blocks, which needs image-text data: "
                              "pass a llava JSON dataset with images (or no dataset for the built-in set)")
+        if self._has_images() and model_type in PACKED_CROSS_ATTENTION:
+            raise ValueError(f"image-text calibration is not supported for {model_type} yet: its cross-attention "
+                             "states are packed per image tile, which block-wise tuning cannot split into samples; "
+                             "calibrate on text (the default: no dataset, or a text file)")
         if self._has_images() and self.processor is None:
             raise ValueError("this dataset has images, which need the model's processor: pass processor= "
                              "(e.g. AutoProcessor.from_pretrained(path))")
