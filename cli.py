@@ -20,7 +20,7 @@ templates_app = typer.Typer(no_args_is_help=True, help="List, show, validate and
 app.add_typer(templates_app, name="templates")
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
-               PermissionError, KeyError, MemoryError)
+               PermissionError, KeyError, MemoryError, FloatingPointError)
 F = TypeVar("F", bound=Callable[..., Any])
 _state = {"debug": False}
 

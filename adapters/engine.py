@@ -129,6 +129,10 @@ def _tune_one(block: nn.Module, captured: CapturedInputs, index: int, x_fp: Tens
     """Tune one block. Memory: with `enable_quanted_input`, the targets B_fp(X_fp) overwrite X_fp's
     buffer and B_q(X_q) overwrites X_q's, so only two activation sets ever live at once."""
     fn, weights, inputs_q, targets = _block_targets(block, captured, index, x_fp, x_q, bool(specs), recipe, accel)
+    if not bool(torch.isfinite(targets).all()):
+        raise FloatingPointError(f"block {captured.prefix}.{index} produces NaN/Inf activations in full precision "
+                                 "on the calibration data; check the model's weights, or load it in bfloat16/float32 "
+                                 "instead of float16 (overflow)")
     out = x_q if recipe.enable_quanted_input else None
     bs = recipe.batch_size
     if not specs:
@@ -140,6 +144,11 @@ def _tune_one(block: nn.Module, captured: CapturedInputs, index: int, x_fp: Tens
                                                reduce=data_parallel.reduce)
     tuned = tune_block(fn, weights, specs, inputs_q, targets, recipe, device=accel.device, after_step=accel.after_step,
                        **dp)
+    bad = (~torch.isfinite(tuned.losses)).nonzero()
+    if bad.numel():
+        raise FloatingPointError(f"block {captured.prefix}.{index}: the tuning loss became NaN/Inf at iteration "
+                                 f"{int(bad[0])} (layers {sorted(names.values())[:3]}…); try recipe 'rtn' for this "
+                                 "model, a smaller lr, or float32 activations (amp=False)")
     qweights, results = quantize_weights(weights, specs, tuned.params, names)
     _, loss_tuned = run_block(fn, {**weights, **qweights}, inputs_q, accel, bs, targets, keep_outputs=False)
     if recipe.use_best and loss_rtn is not None and loss_tuned is not None and loss_tuned > loss_rtn:

@@ -220,3 +220,13 @@ def test_unknown_family_warns_and_uses_the_generic_finder(tok):
     with pytest.warns(UserWarning, match="no registered block layout"):
         ar = AutoRound(model, tok, **SMALL)
     assert ar.block_names == ["model.layers"]
+
+
+def test_nan_activations_stop_with_the_block_named(tok):
+    model = _model(tok)
+    with torch.no_grad():
+        model.model.layers[1].post_attention_layernorm.weight[0] = float("inf")
+    ar = AutoRound(model, tok, group_size=32, **SMALL)
+    with pytest.raises(FloatingPointError, match=r"block model\.layers\.1 .*NaN/Inf activations"):
+        ar.quantize()
+    assert ar.report is None
