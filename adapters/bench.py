@@ -10,6 +10,10 @@ block output, on the quantized-input chain (as tuning sees it), over all calibra
     python tests/bench/bench_engine.py --tiny               # seconds on a CPU
     python tests/bench/bench_engine.py --nsamples 32 --seqlen 512 --iters 50 --no-auto-round
 
+Data parallel (one process per GPU, each step's batch split across ranks; auto-round is skipped):
+
+    torchrun --nproc-per-node 2 -m signround bench --no-reference
+
 Environment: SIGNROUND_COMPILE=0 runs the step eagerly on CUDA; SIGNROUND_COMPILE_BLOCK=1 also
 compiles the block forward (faster steps, ~30 s more compile once per process).
 
@@ -22,6 +26,7 @@ import argparse
 import copy
 import json
 import logging
+import os
 import sys
 import time
 from typing import Any, Optional
@@ -30,6 +35,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from signround.adapters import as_pure, capture_inputs, find_block_lists, quantize_model, run_block
+from signround.adapters import distributed
 from signround.adapters.blocks import blocks_of
 from signround.adapters.device import peak_memory, reset_peak_memory, resolve, synchronize
 from signround.rounding import QuantSpec, preset
@@ -157,7 +163,7 @@ def run_bench(*, layers: int = 4, hidden: int = 1536, intermediate: int = 8960, 
     for k, v in extra.items():
         argv += [f"--{k.replace('_', '-')}", str(v)]
     result = main(argv)
-    if json_out is not None:
+    if json_out is not None and int(os.environ.get("RANK", "0")) == 0:  # one writer under torchrun
         with open(json_out, "w", encoding="utf-8") as f:
             json.dump(result, f, default=str, indent=1)
     return result
@@ -171,6 +177,10 @@ def _steady(per_block: list[float]) -> float:
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = parse(argv)
+    dp = distributed.from_env()
+    if dp is not None:
+        args.no_auto_round = True  # auto-round has no data-parallel block tuning to compare with
+        args.device = args.device or dp.device()
     accel = resolve(args.device, low_gpu_mem_usage=args.low_gpu_mem_usage)
     dtype = getattr(torch, args.dtype) if accel.is_accelerator else torch.float32
     fp_model = build_model(args, accel.device, dtype)
@@ -182,12 +192,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
     ours = copy.deepcopy(fp_model)
     start = time.perf_counter()
-    ours, report = quantize_model(ours, batches, spec, recipe, device=accel, progress=False)
+    ours, report = quantize_model(ours, batches, spec, recipe, device=accel, progress=False, data_parallel=dp)
     total = time.perf_counter() - start
     per_block = [b.seconds for b in report.blocks]
     result: dict[str, Any] = {
         "device": str(accel.device), "gpu": torch.cuda.get_device_name() if accel.device.type == "cuda" else None,
-        "torch": torch.__version__, "args": vars(args),
+        "torch": torch.__version__, "args": vars(args), "world_size": 1 if dp is None else dp.world,
         "signround": {"seconds": total, "seconds_per_block": per_block, "mean_seconds_per_block": sum(per_block) / len(per_block),
                       "steady_seconds_per_block": _steady(per_block),
                       "peak_memory_bytes": report.peak_memory_bytes, "peak_memory_kind": report.peak_memory_kind,
@@ -203,15 +213,22 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         result["speedup_per_block"] = ar["seconds_per_block"] / result["signround"]["mean_seconds_per_block"]
         if ar.get("steady_seconds_per_block"):
             result["speedup_steady"] = ar["steady_seconds_per_block"] / result["signround"]["steady_seconds_per_block"]
-    print_table(result)
-    print("RESULT " + json.dumps(result, default=str))
+    if dp is not None:  # one line per rank: where it ran, its own peak and speed
+        print(f"rank {dp.rank}/{dp.world} on {accel.device} (current cuda device "
+              f"{torch.cuda.current_device() if torch.cuda.is_available() else '-'}): steady "
+              f"{result['signround']['steady_seconds_per_block']:.3f} s/block, peak "
+              f"{report.peak_memory_bytes / 2**30:.2f} GiB", file=sys.stderr, flush=True)
+    if dp is None or dp.is_main:
+        print_table(result)
+        print("RESULT " + json.dumps(result, default=str))
     return result
 
 
 def print_table(r: dict[str, Any]) -> None:
     s, a = r["signround"], r.get("auto_round")
     gib = lambda b: "-" if b is None else f"{b / 2**30:.2f} GiB"  # noqa: E731
-    print(f"device {r['device']} {r['gpu'] or ''}  torch {r['torch']}")
+    ranks = f"  data-parallel ranks {r['world_size']}" if r.get("world_size", 1) > 1 else ""
+    print(f"device {r['device']} {r['gpu'] or ''}  torch {r['torch']}{ranks}")
     st = lambda x: "-" if not x else f"{x:.2f}"  # noqa: E731
     print(f"{'':14}{'s/block':>10}{'steady':>8}{'peak mem':>12}  final-block loss (all blocks)")
     print(f"{'signround':14}{s['mean_seconds_per_block']:>10.2f}{st(s.get('steady_seconds_per_block')):>8}"

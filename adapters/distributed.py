@@ -1,8 +1,10 @@
 """Data-parallel block tuning over torch.distributed (NCCL on GPUs, gloo on CPUs).
 
-Every rank holds the whole model and the same calibration data; each tuning step's global batch is
-split across ranks, and the ranks' weighted losses and gradients are summed with one all-reduce
-before the signed step, so every rank keeps identical params. Only rank 0 writes files.
+Every rank holds the whole model and the same calibration data; each tuning step's batch (the
+recipe's batch_size × gradient_accumulate_steps samples, as in one process) is split across ranks,
+and the ranks' weighted losses and gradients are summed with one all-reduce before the signed
+step, so every rank keeps identical params and the recipe's math is unchanged: more GPUs, same
+result, less time per step. Only rank 0 writes files.
 
     torchrun --nproc-per-node 2 -m signround quantize MODEL -o OUT     # picked up from the env
 """
@@ -42,7 +44,9 @@ class DataParallel:
         flat = [loss.reshape(1).float()] + [t.reshape(-1).float() for k in keys for t in grads[k].tensors()]
         buf = torch.cat(flat)
         dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-        out_loss = buf[:1].reshape(loss.shape).to(loss.dtype)
+        # A copy, not a view: the caller keeps every step's loss, and a view would keep every
+        # step's whole gradient buffer alive with it (measured: +16 GiB over 100 steps).
+        out_loss = buf[:1].reshape(loss.shape).to(loss.dtype, copy=True)
         pos, out = 1, {}
         for k in keys:
             parts = []

@@ -202,7 +202,8 @@ def quantize_model(model: nn.Module, batches: Optional[Iterable[Batch]], spec: Q
     tuned, and every newly finished block is added to it. Returns the model (weights fixed to their
     quantized values, each quantized layer carrying `signround_result`) and a QuantReport.
     data_parallel: split every tuning step's batch across ranks (see adapters/distributed.py); the
-    result equals one process with gradient_accumulate_steps × world sub-batches.
+    recipe is unchanged, and the result equals one process that cuts each step batch into
+    gradient_accumulate_steps × world sub-batches.
     """
     start = time.perf_counter()
     accel = device if isinstance(device, Accelerator) else resolve(device, amp=recipe.amp,

@@ -257,20 +257,27 @@ def tune_block(block_fn: BlockFn, weights: Mapping[str, Tensor], specs: Mapping[
     mini-batch is moved to `device`). after_step: called after each optimizer step (HPU mark_step).
     compile: torch.compile the qdq and the optimizer update (None = on CUDA only, see
     `want_compile`); the values are the same as eager, and a compile failure falls back to eager.
-    shard/reduce: data parallelism. shard = (rank, world): every rank draws the same global step
-    batches and works on its share; `reduce(loss, grads)` must return their sums over ranks (an
-    all-reduce), so every rank takes the same step. With world ranks and gradient_accumulate_steps
-    g, the result equals one process with g·world accumulation steps.
+    shard/reduce: data parallelism. shard = (rank, world): every rank draws the recipe's global
+    step batch (batch_size × gradient_accumulate_steps samples, the same as one process), cuts it
+    into gradient_accumulate_steps × world sub-batches and works on its share of them;
+    `reduce(loss, grads)` must return their sums over ranks (an all-reduce), so every rank takes
+    the same step. The recipe's math is unchanged; the result equals one process cutting each step
+    batch the same way (batch_size / world per sub-batch, gradient_accumulate_steps × world of them).
     """
     rank, shards = shard
     if not 0 <= rank < shards:
         raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard}")
+    if recipe.iters and recipe.batch_size * recipe.gradient_accumulate_steps < shards:
+        raise ValueError(f"data parallel over {shards} ranks splits each step's batch of batch_size × "
+                         f"gradient_accumulate_steps = {recipe.batch_size * recipe.gradient_accumulate_steps} "
+                         f"samples across the ranks; it needs at least one sample per rank: raise batch_size "
+                         f"to {shards} or more, or run fewer ranks")
     prepared = prepare(weights, specs)
     params, state = init_params(prepared, specs, recipe)
     if recipe.iters == 0:
         nan = float("nan")
         return TuneResult(params=params, losses=torch.zeros(0), best_loss=nan, first_loss=nan, iters=0)
-    per_step = recipe.batch_size * recipe.gradient_accumulate_steps * shards
+    per_step = recipe.batch_size * recipe.gradient_accumulate_steps
     schedule = sample_indices(inputs.num_samples, per_step, recipe.iters, recipe.seed)
     # All indices go to the devices once: no host-to-device copy (and no implicit sync) per step.
     rows_in = torch.stack(schedule).to(inputs.hidden.device)
