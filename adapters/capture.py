@@ -300,6 +300,8 @@ def _capture(model: nn.Module, batches: list[Batch], prefix: str, nsamples: Opti
         return forward
 
     collected = 0
+    # A forward already set on the instance (accelerate's device_map hooks wrap it so) comes back after.
+    own_forward = [block.__dict__.get("forward") for block in blocks]
     try:
         for i, block in enumerate(blocks):
             block.forward = recorder(i, block)
@@ -322,8 +324,11 @@ def _capture(model: nn.Module, batches: list[Batch], prefix: str, nsamples: Opti
             records.append(list(current))
             collected += h.shape[0]
     finally:
-        for block in blocks:
-            block.__dict__.pop("forward", None)
+        for block, fwd in zip(blocks, own_forward):
+            if fwd is None:
+                block.__dict__.pop("forward", None)
+            else:
+                block.forward = fwd
     if not hidden:
         raise ValueError("no calibration batches were given")
     return _assemble(prefix, hidden, masks, records, nsamples, store_device, dtype, shared_device)

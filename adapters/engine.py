@@ -12,9 +12,10 @@ just rounds every layer.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from typing import Iterable, Mapping, Optional
+from typing import Iterable, Iterator, Mapping, Optional
 
 import attrs
 import torch
@@ -32,18 +33,64 @@ from signround.rounding import (BlockInputs, QuantSpec, Recipe, RoundingParams, 
                                 tune_block)
 
 
-def _move_outside(model: nn.Module, prefixes: Iterable[str], device: torch.device) -> None:
-    """Move every parameter and buffer that is not inside the block lists to `device`."""
+Placement = list[tuple[nn.Module, str, bool, torch.device]]
+
+
+def _move_outside(model: nn.Module, prefixes: Iterable[str], device: torch.device) -> Placement:
+    """Move every parameter and buffer that is not inside the block lists to `device`; returns
+    where each one was, for `_restore` (a model dispatched over several devices keeps its map)."""
     skip = tuple(p + "." for p in prefixes)
+    moved: Placement = []
     for name, module in model.named_modules():
         if name.startswith(skip) or any(name == p[:-1] for p in skip):
             continue
         for key, p in list(module._parameters.items()):
             if p is not None and p.device != device:
+                moved.append((module, key, True, p.device))
                 p.data = p.data.to(device)
         for key, b in list(module._buffers.items()):
             if b is not None and b.device != device:
+                moved.append((module, key, False, b.device))
                 module._buffers[key] = b.to(device)
+    return moved
+
+
+def _restore(moved: Placement) -> None:
+    for module, key, is_param, device in moved:
+        if is_param:
+            p = module._parameters[key]
+            if p is not None:
+                p.data = p.data.to(device)
+        elif module._buffers.get(key) is not None:
+            module._buffers[key] = module._buffers[key].to(device)
+
+
+def _check_materialized(model: nn.Module, prefixes: Iterable[str]) -> None:
+    """Weights offloaded by accelerate (on the meta device, read from disk/CPU by hooks) cannot be
+    tuned in place: say so before any work is done."""
+    for name, p in model.named_parameters():
+        if p.device.type == "meta":
+            raise ValueError(f"parameter {name!r} is on the meta device (offloaded by accelerate's device_map / "
+                             "offload_folder); load the model without disk offload (device_map=None or 'cpu', "
+                             "blocks then move to the GPU one at a time) to quantize it")
+
+
+@contextlib.contextmanager
+def _hooks_on(block: nn.Module, device: torch.device) -> Iterator[None]:
+    """Point accelerate's AlignDevicesHooks inside `block` at `device` while the block is tuned there
+    (a device_map may have put the block on another GPU; its hook would move inputs back there)."""
+    saved = []
+    for module in block.modules():
+        hook = getattr(module, "_hf_hook", None)
+        for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+            if getattr(h, "execution_device", None) is not None:
+                saved.append((h, h.execution_device))
+                h.execution_device = device
+    try:
+        yield
+    finally:
+        for h, dev in saved:
+            h.execution_device = dev
 
 
 @torch.no_grad()
@@ -216,14 +263,16 @@ def quantize_model(model: nn.Module, batches: Optional[Iterable[Batch]], spec: Q
     skipped = dict(plan.skipped)
     layers: dict[str, LayerResult] = {}
     reports: list[BlockReport] = []
-    home = next(model.parameters()).device
     was_training = model.training
     model.eval()
     torch.manual_seed(recipe.seed)
     reset_peak_memory(accel.device)
     total = sum(len(blocks_of(model, p)) for p in prefixes)
+    _check_materialized(model, prefixes)
+    moved: Placement = []
+    in_flight: Optional[tuple[nn.Module, torch.device]] = None
     try:
-        _move_outside(model, prefixes, accel.device)
+        moved = _move_outside(model, prefixes, accel.device)
         with BlockProgress(total, enabled=progress) as bar:
             for prefix in prefixes:
                 blocks = blocks_of(model, prefix)
@@ -241,25 +290,28 @@ def quantize_model(model: nn.Module, batches: Optional[Iterable[Batch]], spec: Q
                     name = f"{prefix}.{i}"
                     specs, names = _block_specs(plan, name)
                     block_home = next(block.parameters()).device
+                    in_flight = (block, block_home)
                     block.to(accel.device)
                     loss_rtn = loss_tuned = None
-                    if captured is None:
-                        results = _rtn_only(block, specs, names)
-                    elif captured.calls[i] is None:
-                        results = {}
-                        for layer in names.values():
-                            skipped[layer] = "its block was not called by the model on the calibration data"
-                    elif resume is not None and resume.has(name):
-                        qweights, results, report = resume.load(name)
-                        x_fp, x_q = _replay_one(block, captured, i, x_fp, x_q, qweights, results, recipe, accel)
-                    else:
-                        # Each block draws its own sample order (the reference's RNG also moves on).
-                        block_recipe = attrs.evolve(recipe, seed=recipe.seed + len(reports))
-                        if specs:  # low-bit blocks of long runs take the reference's larger lr
-                            block_recipe = block_recipe.for_bits(min(s.bits for s in specs.values()))
-                        x_fp, x_q, results, loss_rtn, loss_tuned = _tune_one(
-                            block, captured, i, x_fp, x_q, specs, names, block_recipe, accel, data_parallel)
+                    with _hooks_on(block, accel.device):
+                        if captured is None:
+                            results = _rtn_only(block, specs, names)
+                        elif captured.calls[i] is None:
+                            results = {}
+                            for layer in names.values():
+                                skipped[layer] = "its block was not called by the model on the calibration data"
+                        elif resume is not None and resume.has(name):
+                            qweights, results, report = resume.load(name)
+                            x_fp, x_q = _replay_one(block, captured, i, x_fp, x_q, qweights, results, recipe, accel)
+                        else:
+                            # Each block draws its own sample order (the reference's RNG also moves on).
+                            block_recipe = attrs.evolve(recipe, seed=recipe.seed + len(reports))
+                            if specs:  # low-bit blocks of long runs take the reference's larger lr
+                                block_recipe = block_recipe.for_bits(min(s.bits for s in specs.values()))
+                            x_fp, x_q, results, loss_rtn, loss_tuned = _tune_one(
+                                block, captured, i, x_fp, x_q, specs, names, block_recipe, accel, data_parallel)
                     block.to(block_home)
+                    in_flight = None
                     layers.update({r.name: r for r in results.values()})
                     synchronize(accel.device)
                     if captured is None or captured.calls[i] is None or resume is None or not resume.has(name):
@@ -273,7 +325,9 @@ def quantize_model(model: nn.Module, batches: Optional[Iterable[Batch]], spec: Q
                     reports.append(report)
                     bar.done(report)
     finally:
-        model.to(home)
+        if in_flight is not None:  # an error inside a block: put it back where it lives
+            in_flight[0].to(in_flight[1])
+        _restore(moved)
         model.train(was_training)
     mem, kind = peak_memory(accel.device)
     result = QuantReport(spec=spec, recipe=recipe, block_name_to_quantize=tuple(prefixes), blocks=tuple(reports),
