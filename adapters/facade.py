@@ -176,11 +176,8 @@ class AutoRound:
         self.data_parallel = distributed.from_env()
         if self.data_parallel is not None and device is None:
             device = self.data_parallel.device()
-        dp_world = 1 if self.data_parallel is None else self.data_parallel.world
-        if self.recipe.iters and self.recipe.batch_size * self.recipe.gradient_accumulate_steps < dp_world:
-            raise ValueError(f"{dp_world} data-parallel ranks split each step's batch_size × gradient_accumulate_steps "
-                             f"= {self.recipe.batch_size * self.recipe.gradient_accumulate_steps} samples; that is "
-                             f"fewer than one per rank: use batch_size >= {dp_world} or fewer ranks")
+        if self.data_parallel is not None:  # before any data is read
+            self.recipe.check_ranks(self.data_parallel.world)
         self.device = self._check_device(device)
         self.low_gpu_mem_usage = bool(low_gpu_mem_usage)
         self.skip_bad_samples = bool(skip_bad_samples)

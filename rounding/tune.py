@@ -267,11 +267,7 @@ def tune_block(block_fn: BlockFn, weights: Mapping[str, Tensor], specs: Mapping[
     rank, shards = shard
     if not 0 <= rank < shards:
         raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard}")
-    if recipe.iters and recipe.batch_size * recipe.gradient_accumulate_steps < shards:
-        raise ValueError(f"data parallel over {shards} ranks splits each step's batch of batch_size × "
-                         f"gradient_accumulate_steps = {recipe.batch_size * recipe.gradient_accumulate_steps} "
-                         f"samples across the ranks; it needs at least one sample per rank: raise batch_size "
-                         f"to {shards} or more, or run fewer ranks")
+    recipe.check_ranks(shards)
     prepared = prepare(weights, specs)
     params, state = init_params(prepared, specs, recipe)
     if recipe.iters == 0:
