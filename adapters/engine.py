@@ -76,9 +76,11 @@ def _check_materialized(model: nn.Module, prefixes: Iterable[str]) -> None:
 
 
 @contextlib.contextmanager
-def _hooks_on(block: nn.Module, device: torch.device) -> Iterator[None]:
-    """Point accelerate's AlignDevicesHooks inside `block` at `device` while the block is tuned there
-    (a device_map may have put the block on another GPU; its hook would move inputs back there)."""
+def _on_device(block: nn.Module, device: torch.device) -> Iterator[None]:
+    """The block on `device` for the duration, back where it lives afterwards (on errors too).
+    accelerate's AlignDevicesHooks inside it point at `device` meanwhile: a device_map may have put
+    the block on another GPU, and its hook would move the inputs back there."""
+    home = next(block.parameters()).device
     saved = []
     for module in block.modules():
         hook = getattr(module, "_hf_hook", None)
@@ -86,9 +88,11 @@ def _hooks_on(block: nn.Module, device: torch.device) -> Iterator[None]:
             if getattr(h, "execution_device", None) is not None:
                 saved.append((h, h.execution_device))
                 h.execution_device = device
+    block.to(device)
     try:
         yield
     finally:
+        block.to(home)
         for h, dev in saved:
             h.execution_device = dev
 
@@ -270,7 +274,6 @@ def quantize_model(model: nn.Module, batches: Optional[Iterable[Batch]], spec: Q
     total = sum(len(blocks_of(model, p)) for p in prefixes)
     _check_materialized(model, prefixes)
     moved: Placement = []
-    in_flight: Optional[tuple[nn.Module, torch.device]] = None
     try:
         moved = _move_outside(model, prefixes, accel.device)
         with BlockProgress(total, enabled=progress) as bar:
@@ -289,11 +292,8 @@ def quantize_model(model: nn.Module, batches: Optional[Iterable[Batch]], spec: Q
                     t0 = time.perf_counter()
                     name = f"{prefix}.{i}"
                     specs, names = _block_specs(plan, name)
-                    block_home = next(block.parameters()).device
-                    in_flight = (block, block_home)
-                    block.to(accel.device)
                     loss_rtn = loss_tuned = None
-                    with _hooks_on(block, accel.device):
+                    with _on_device(block, accel.device):
                         if captured is None:
                             results = _rtn_only(block, specs, names)
                         elif captured.calls[i] is None:
@@ -310,8 +310,6 @@ def quantize_model(model: nn.Module, batches: Optional[Iterable[Batch]], spec: Q
                                 block_recipe = block_recipe.for_bits(min(s.bits for s in specs.values()))
                             x_fp, x_q, results, loss_rtn, loss_tuned = _tune_one(
                                 block, captured, i, x_fp, x_q, specs, names, block_recipe, accel, data_parallel)
-                    block.to(block_home)
-                    in_flight = None
                     layers.update({r.name: r for r in results.values()})
                     synchronize(accel.device)
                     if captured is None or captured.calls[i] is None or resume is None or not resume.has(name):
@@ -325,8 +323,6 @@ def quantize_model(model: nn.Module, batches: Optional[Iterable[Batch]], spec: Q
                     reports.append(report)
                     bar.done(report)
     finally:
-        if in_flight is not None:  # an error inside a block: put it back where it lives
-            in_flight[0].to(in_flight[1])
         _restore(moved)
         model.train(was_training)
     mem, kind = peak_memory(accel.device)
