@@ -45,11 +45,15 @@ class HasGrid(Protocol):
     zero: Tensor
 
 
-def packing_format(fmt: str, spec: QuantSpec) -> str:
-    """auto_round: ``"auto_round:auto_gptq"`` (zero − 1) for sym, native ``"auto_round"`` for asym;
-    auto_gptq: ``"auto_gptq"``."""
+def packing_format(fmt: str, spec: QuantSpec, layer_specs: Iterable[QuantSpec] = ()) -> str:
+    """auto_round: ``"auto_round:auto_gptq"`` (zero − 1) for sym; for asym ``"auto_round:auto_awq"``
+    when every quantized layer is 4-bit (what auto-round 0.16 writes, and the asym layout vLLM
+    loads), else native ``"auto_round"``. auto_gptq: ``"auto_gptq"``."""
     if fmt == "auto_round":
-        return "auto_round:auto_gptq" if spec.sym else "auto_round"
+        if spec.sym:
+            return "auto_round:auto_gptq"
+        awq = spec.bits == 4 and all(s.bits == 4 for s in layer_specs)
+        return "auto_round:auto_awq" if awq else "auto_round"
     if fmt == "auto_gptq":
         return "auto_gptq"
     raise ValueError(f"unknown format {fmt!r}; choose from {FORMATS}")
@@ -143,7 +147,7 @@ def quantization_config(
     kept = {name: {"bits": 16} for name in sorted(fp_in_blocks)}
     qc: dict[str, Any] = {**_spec_dict(spec), **_recipe_fields(recipe)}
     if fmt == "auto_round":
-        qc.update(quant_method="auto-round", packing_format=packing_format(fmt, spec),
+        qc.update(quant_method="auto-round", packing_format=packing_format(fmt, spec, layer_specs.values()),
                   autoround_version=AUTOROUND_COMPAT_VERSION, signround_version=signround_version(),
                   block_name_to_quantize=",".join(blocks))
         if overrides or kept:
@@ -264,7 +268,7 @@ def _export_one(model: nn.Module, layer_results: Mapping[str, HasGrid], tmp: Pat
                 extra_info: Mapping[str, Any] | None, max_shard_size: int | str,
                 side_files: tuple[Any, Any, Any]) -> tuple[dict[str, QuantLinear], dict[str, Any]]:
     """Write one format into `tmp`; returns the packed layers and the quantization_config."""
-    packing = packing_format(fmt, spec)
+    packing = packing_format(fmt, spec, [r.spec for r in layer_results.values()])
     packed = _pack(model, layer_results, packing)
     quantized_keys = {f"{n}.{k}" for n, ql in packed.items() for k in ql.state_dict()}
     # fp layers inside the blocks: every Linear under a block prefix that has no result

@@ -64,7 +64,7 @@ def logits(model: nn.Module, seed: int = 0) -> torch.Tensor:
 
 CASES = {  # id: (spec, expected packing_format)
     "w4-sym": (QuantSpec(4, 32, True), "auto_round:auto_gptq"),
-    "w4-asym": (QuantSpec(4, 32, False), "auto_round"),
+    "w4-asym": (QuantSpec(4, 32, False), "auto_round:auto_awq"),  # as auto-round 0.16 writes it
     "w3-sym": (QuantSpec(3, 32, True), "auto_round:auto_gptq"),
     "w3-asym": (QuantSpec(3, 32, False), "auto_round"),
     "w2-sym": (QuantSpec(2, 32, True), "auto_round:auto_gptq"),
@@ -87,7 +87,8 @@ def test_auto_round_tensors_and_config(tmp_path: Path, case: str) -> None:
             k, n = module.in_features, module.out_features
             g = k // gs if gs and gs < k else 1
             assert f"{name}.weight" not in t
-            assert (t[f"{name}.qweight"].dtype, tuple(t[f"{name}.qweight"].shape)) == (torch.int32, (k * bits // 32, n))
+            qshape = (k, n * bits // 32) if packing.endswith("awq") else (k * bits // 32, n)  # AWQ packs along N
+            assert (t[f"{name}.qweight"].dtype, tuple(t[f"{name}.qweight"].shape)) == (torch.int32, qshape)
             assert (t[f"{name}.qzeros"].dtype, tuple(t[f"{name}.qzeros"].shape)) == (torch.int32, (g, n * bits // 32))
             assert (t[f"{name}.scales"].dtype, tuple(t[f"{name}.scales"].shape)) == (torch.float16, (g, n))
             assert f"{name}.g_idx" not in t
@@ -109,6 +110,16 @@ def test_auto_round_tensors_and_config(tmp_path: Path, case: str) -> None:
     assert config["torch_dtype"] == "float32"
     for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (out / f).is_file(), f
+
+
+def test_4bit_asym_with_other_widths_stays_native(tmp_path: Path) -> None:
+    """The AWQ layout holds 4-bit codes only: one 8-bit layer keeps the whole checkpoint native."""
+    model = tiny_text_model("llama")
+    results = rtn_state(model, QuantSpec(4, 32, False), override={"model.layers.1.mlp.down_proj": QuantSpec(8, 32, False)})
+    out = save_quantized(model, results, tmp_path / "ckpt")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["packing_format"] == "auto_round"
+    assert tuple(tensors(out)["model.layers.0.mlp.down_proj.qweight"].shape) == (128 * 4 // 32, 64)  # packed along K
 
 
 def test_extra_config_for_mixed_layers(tmp_path: Path) -> None:

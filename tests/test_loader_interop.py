@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 CASES = {
     "qwen2-w4-sym": ("qwen2", QuantSpec(4, 32, True)),
-    "qwen2-w4-asym-native": ("qwen2", QuantSpec(4, 32, False)),
+    "qwen2-w3-asym-native": ("qwen2", QuantSpec(3, 32, False)),
     "llama-w3-sym": ("llama", QuantSpec(3, 32, True)),
     "llama-w2-asym": ("llama", QuantSpec(2, 64, False)),
     "llama-w8-sym": ("llama", QuantSpec(8, 32, True)),
@@ -101,3 +101,34 @@ def test_autoround_sym_checkpoint_matches_transformers(tmp_path: Path) -> None:
     ours = load_quantized(path)
     theirs = transformers.LlamaForCausalLM.from_pretrained(str(path), device_map="cpu", local_files_only=True)
     torch.testing.assert_close(logits(ours), logits(theirs.eval()), rtol=0, atol=2e-2)
+
+
+def test_our_4bit_asym_checkpoint_has_autorounds_layout(tmp_path: Path) -> None:
+    """4-bit asym goes out as auto-round 0.16 writes it (`auto_round:auto_awq`, the asym layout vLLM
+    loads): same packing_format, tensor names, shapes and dtypes. (transformers cannot run either
+    tool's AWQ checkpoint on the CPU: auto-round 0.16.1's CPU fallback for it fails.)"""
+    from safetensors import safe_open
+
+    spec = QuantSpec(4, 32, False)
+    model = tiny_text_model("llama").to(torch.bfloat16)
+    theirs = _autoround_checkpoint(copy.deepcopy(model), tmp_path / "ar", spec)
+    state = rtn_state(model, spec)  # the model now holds its on-grid weights
+    expected = logits(copy.deepcopy(model).float())
+    ours = save_quantized(model, state, tmp_path / "ours", tokenizer=tiny_tokenizer())
+
+    def tensors(path: Path) -> dict[str, tuple]:
+        out = {}
+        for f in sorted(path.glob("*.safetensors")):
+            with safe_open(str(f), "pt") as st:
+                out.update({k: (tuple(st.get_slice(k).get_shape()), st.get_slice(k).get_dtype()) for k in st.keys()})
+        return out
+
+    import json
+    qc = {p: json.loads((p / "config.json").read_text())["quantization_config"] for p in (theirs, ours)}
+    assert qc[ours]["packing_format"] == qc[theirs]["packing_format"] == "auto_round:auto_awq"
+    mine, ref = tensors(ours), tensors(theirs)
+    quant = {k for k in ref if k.rsplit(".", 1)[-1] in ("qweight", "qzeros", "scales")}
+    assert quant and {k: mine.get(k) for k in quant} == {k: ref[k] for k in quant}
+    # and our own loader reads it back to the weights we quantized
+    loaded = load_quantized(ours)
+    torch.testing.assert_close(logits(loaded.float()), expected, rtol=0, atol=5e-3)  # fp16 scales
