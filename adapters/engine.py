@@ -65,7 +65,7 @@ def _restore(moved: Placement) -> None:
             module._buffers[key] = module._buffers[key].to(device)
 
 
-def _check_materialized(model: nn.Module, prefixes: Iterable[str]) -> None:
+def _check_materialized(model: nn.Module) -> None:
     """Weights offloaded by accelerate (on the meta device, read from disk/CPU by hooks) cannot be
     tuned in place: say so before any work is done."""
     for name, p in model.named_parameters():
@@ -272,7 +272,7 @@ def quantize_model(model: nn.Module, batches: Optional[Iterable[Batch]], spec: Q
     torch.manual_seed(recipe.seed)
     reset_peak_memory(accel.device)
     total = sum(len(blocks_of(model, p)) for p in prefixes)
-    _check_materialized(model, prefixes)
+    _check_materialized(model)
     moved: Placement = []
     try:
         moved = _move_outside(model, prefixes, accel.device)
