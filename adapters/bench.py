@@ -26,7 +26,6 @@ import argparse
 import copy
 import json
 import logging
-import os
 import sys
 import time
 from typing import Any, Optional
@@ -163,7 +162,8 @@ def run_bench(*, layers: int = 4, hidden: int = 1536, intermediate: int = 8960, 
     for k, v in extra.items():
         argv += [f"--{k.replace('_', '-')}", str(v)]
     result = main(argv)
-    if json_out is not None and int(os.environ.get("RANK", "0")) == 0:  # one writer under torchrun
+    dp = distributed.from_env()  # already initialised by main(): this only reads the rank
+    if json_out is not None and (dp is None or dp.is_main):  # one writer under torchrun
         with open(json_out, "w", encoding="utf-8") as f:
             json.dump(result, f, default=str, indent=1)
     return result
@@ -214,8 +214,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         if ar.get("steady_seconds_per_block"):
             result["speedup_steady"] = ar["steady_seconds_per_block"] / result["signround"]["steady_seconds_per_block"]
     if dp is not None:  # one line per rank: where it ran, its own peak and speed
-        print(f"rank {dp.rank}/{dp.world} on {accel.device} (current cuda device "
-              f"{torch.cuda.current_device() if torch.cuda.is_available() else '-'}): steady "
+        print(f"rank {dp.rank}/{dp.world} on {accel.device}: steady "
               f"{result['signround']['steady_seconds_per_block']:.3f} s/block, peak "
               f"{report.peak_memory_bytes / 2**30:.2f} GiB", file=sys.stderr, flush=True)
     if dp is None or dp.is_main:
