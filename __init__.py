@@ -17,25 +17,25 @@ from signround.rounding import QuantSpec, Recipe, RoundingParams, preset
 __version__ = "0.1.0"
 
 _LAZY = {
-    "AutoRound": "signround.adapters.facade",
-    "AutoRoundMLLM": "signround.adapters.facade",
-    "quantize_model": "signround.adapters.engine",
-    "capture_inputs": "signround.adapters.capture",
-    "as_pure": "signround.adapters.pure",
-    "write_back": "signround.adapters.pure",
-    "save_quantized": "signround.adapters.export",
-    "load_quantized": "signround.adapters.loader",
-    "QuantReport": "signround.adapters.report",
+    "AutoRound": "signround.adapters.frontends.facade",
+    "AutoRoundMLLM": "signround.adapters.frontends.facade",
+    "quantize_model": "signround.adapters.engine.loop",
+    "capture_inputs": "signround.adapters.hf.capture",
+    "as_pure": "signround.adapters.hf.pure",
+    "write_back": "signround.adapters.hf.pure",
+    "save_quantized": "signround.adapters.checkpoint.export",
+    "load_quantized": "signround.adapters.checkpoint.loader",
+    "QuantReport": "signround.adapters.engine.report",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from signround.adapters.capture import capture_inputs
-    from signround.adapters.engine import quantize_model
-    from signround.adapters.export import save_quantized
-    from signround.adapters.facade import AutoRound, AutoRoundMLLM
-    from signround.adapters.loader import load_quantized
-    from signround.adapters.pure import as_pure, write_back
-    from signround.adapters.report import QuantReport
+    from signround.adapters.hf.capture import capture_inputs
+    from signround.adapters.engine.loop import quantize_model
+    from signround.adapters.checkpoint.export import save_quantized
+    from signround.adapters.frontends.facade import AutoRound, AutoRoundMLLM
+    from signround.adapters.checkpoint.loader import load_quantized
+    from signround.adapters.hf.pure import as_pure, write_back
+    from signround.adapters.engine.report import QuantReport
 
 
 def __getattr__(name: str) -> Any:

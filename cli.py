@@ -103,9 +103,9 @@ def quantize(
                                               "arguments to continue after a crash."),
 ) -> None:
     """Quantize MODEL_PATH and save the checkpoint."""
-    from signround.adapters.facade import build_quantizer, check_output_dir, read_layer_config
-    from signround.adapters.model_io import load_model, parse_dtype
-    from signround.adapters.progress import print_plan
+    from signround.adapters.frontends.facade import build_quantizer, check_output_dir, read_layer_config
+    from signround.adapters.hf.model_io import load_model, parse_dtype
+    from signround.adapters.engine.progress import print_plan
 
     if output is None and not dry_run:
         raise ValueError("--output is required (where to write the checkpoint), unless --dry-run")
@@ -148,8 +148,8 @@ def eval_(
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Perplexity (and image-text loss) of a model, side by side with its quantized checkpoint."""
-    from signround.adapters.evaluate import compare_models, print_comparison
-    from signround.adapters.model_io import parse_dtype
+    from signround.adapters.frontends.evaluate import compare_models, print_comparison
+    from signround.adapters.hf.model_io import parse_dtype
 
     rows = compare_models(model_path, quantized, text=text, image_text=image_text, extra_data_dir=extra_data_dir,
                           template=template, seqlen=seqlen, max_windows=max_windows, dtype=parse_dtype(dtype))
@@ -168,7 +168,7 @@ def inspect(
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Format, bits per layer, group sizes, sizes, and which layers stayed in full precision."""
-    from signround.adapters.inspect_checkpoint import inspect_checkpoint, print_inspection
+    from signround.adapters.checkpoint.inspect import inspect_checkpoint, print_inspection
 
     info = inspect_checkpoint(checkpoint)
     if json_out:
@@ -188,7 +188,7 @@ def demo(
     group_size: int = typer.Option(64, help="Group size (SmolLM2's width 576 is not a multiple of 128)."),
 ) -> None:
     """Quantize a small SmolVLM-shaped model end to end on built-in data; print before/after."""
-    from signround.adapters.demo import run_demo
+    from signround.adapters.frontends.demo import run_demo
 
     run_demo(output=output, iters=iters, bits=bits, group_size=group_size)
 
@@ -210,7 +210,7 @@ def bench(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here."),
 ) -> None:
     """Time per-block tuning and peak memory on a random Qwen2-shaped model (vs auto-round when installed)."""
-    from signround.adapters.bench import run_bench
+    from signround.adapters.frontends.bench import run_bench
 
     run_bench(layers=layers, hidden=hidden, intermediate=intermediate, heads=heads, kv_heads=kv_heads, iters=iters,
               nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, device=device, reference=reference,

@@ -1,13 +1,13 @@
 """The imperative shell: Hugging Face models in, quantized models and checkpoints out."""
 
 # --- block tuning engine (blocks, capture, pure blocks, devices, reports) ---
-from signround.adapters.blocks import (BLOCK_REGISTRY, LayerPlan, find_block_lists, register_blocks,
+from signround.adapters.hf.blocks import (BLOCK_REGISTRY, LayerPlan, find_block_lists, register_blocks,
                                        select_layers)
-from signround.adapters.capture import BlockCall, CallLayout, CapturedInputs, capture_inputs
-from signround.adapters.device import Accelerator, resolve as resolve_device
-from signround.adapters.engine import layer_results, quantize_model, run_block
-from signround.adapters.pure import as_pure, write_back
-from signround.adapters.report import BlockReport, LayerResult, QuantReport
+from signround.adapters.hf.capture import BlockCall, CallLayout, CapturedInputs, capture_inputs
+from signround.adapters.engine.device import Accelerator, resolve as resolve_device
+from signround.adapters.engine.loop import layer_results, quantize_model, run_block
+from signround.adapters.hf.pure import as_pure, write_back
+from signround.adapters.engine.report import BlockReport, LayerResult, QuantReport
 
 __all__ = [
     # block tuning engine
@@ -17,9 +17,9 @@ __all__ = [
 ]
 
 # --- checkpoints: export, QuantLinear, loader ---
-from signround.adapters.checkpoint import LayerQuant
-from signround.adapters.export import save_quantized
-from signround.adapters.loader import load_quantized
-from signround.adapters.qlinear import QuantLinear
+from signround.adapters.checkpoint.files import LayerQuant
+from signround.adapters.checkpoint.export import save_quantized
+from signround.adapters.checkpoint.loader import load_quantized
+from signround.adapters.checkpoint.qlinear import QuantLinear
 
 __all__ += ["LayerQuant", "QuantLinear", "load_quantized", "save_quantized"]

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from tiny_models import TEXT_FAMILIES, VLM_FAMILIES, tiny_text_model, tiny_vlm
 
-from signround.adapters.blocks import (BLOCK_REGISTRY, find_block_lists, generic_block_lists, register_blocks,
+from signround.adapters.hf.blocks import (BLOCK_REGISTRY, find_block_lists, generic_block_lists, register_blocks,
                                        select_layers)
 from signround.rounding import QuantSpec
 
@@ -57,7 +57,7 @@ def test_register_blocks_adds_a_family(monkeypatch: pytest.MonkeyPatch) -> None:
             self.small = nn.ModuleList([nn.Sequential(nn.Linear(32, 32)) for _ in range(2)])
             self.big = nn.ModuleList([nn.Sequential(nn.Linear(64, 64)) for _ in range(2)])
 
-    monkeypatch.setattr("signround.adapters.blocks.BLOCK_REGISTRY", dict(BLOCK_REGISTRY))
+    monkeypatch.setattr("signround.adapters.hf.blocks.BLOCK_REGISTRY", dict(BLOCK_REGISTRY))
     assert find_block_lists(Toy()) == ["big"]  # generic: the largest list
     register_blocks("toy", ["small"])
     assert find_block_lists(Toy()) == ["small"]

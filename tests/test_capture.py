@@ -7,7 +7,7 @@ import torch
 from tiny_models import IMAGE_TOKEN, VISION_END, VISION_START, random_batches, tiny_text_model, tiny_vlm
 
 from signround.adapters import as_pure, capture_inputs, find_block_lists
-from signround.adapters.blocks import blocks_of
+from signround.adapters.hf.blocks import blocks_of
 
 
 def _replay(model, captured):

@@ -18,7 +18,7 @@ import torch
 from tiny_models import random_batches, tiny_text_model
 
 from signround.adapters import quantize_model
-from signround.adapters.device import default_device, hpu_available, resolve
+from signround.adapters.engine.device import default_device, hpu_available, resolve
 from signround.rounding import QuantSpec, preset
 
 

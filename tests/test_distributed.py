@@ -53,7 +53,7 @@ def test_two_ranks_equal_one_process(model_dir, tmp_path):
 def test_reduce_sums_over_ranks_single_process_group(tmp_path):
     import torch.distributed as dist
 
-    from signround.adapters.distributed import DataParallel
+    from signround.adapters.engine.distributed import DataParallel
     from signround.rounding import RoundingParams
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
@@ -72,7 +72,7 @@ def test_reduced_loss_does_not_keep_the_gradient_buffer(tmp_path):
     all-reduce buffer (all gradients) until the block ends."""
     import torch.distributed as dist
 
-    from signround.adapters.distributed import DataParallel
+    from signround.adapters.engine.distributed import DataParallel
     from signround.rounding import RoundingParams
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)

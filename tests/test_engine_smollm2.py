@@ -3,7 +3,7 @@
 SignRound on the first blocks must give a lower held-out perplexity than RTN on the same blocks.
 Calibration and evaluation text is Python's own help corpus (`pydoc_data.topics`): calibration
 from the start, evaluation from the end. The converted model is cached (see
-`signround.adapters.assets.cache_root`), so only the first run pays the GGUF conversion.
+`signround.adapters.frontends.assets.cache_root`), so only the first run pays the GGUF conversion.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from signround.adapters import quantize_model
-from signround.adapters.assets import INSTALL_HINT, load_smollm2, smollm2_gguf
-from signround.adapters.evaluate import perplexity
+from signround.adapters.frontends.assets import INSTALL_HINT, load_smollm2, smollm2_gguf
+from signround.adapters.frontends.evaluate import perplexity
 from signround.rounding import QuantSpec, preset
 
 SPEC = QuantSpec(bits=4, group_size=64)

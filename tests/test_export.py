@@ -12,11 +12,11 @@ import torch
 from tiny_models import tiny_text_model, tiny_vlm
 from torch import nn
 
-from signround.adapters import checkpoint as ckpt
-from signround.adapters.blocks import find_block_lists
-from signround.adapters.checkpoint import LayerQuant, checkpoint_keys, iter_tensors
-from signround.adapters.export import save_quantized
-from signround.adapters.qlinear import QuantLinear
+from signround.adapters.checkpoint import files as ckpt
+from signround.adapters.hf.blocks import find_block_lists
+from signround.adapters.checkpoint.files import LayerQuant, checkpoint_keys, iter_tensors
+from signround.adapters.checkpoint.export import save_quantized
+from signround.adapters.checkpoint.qlinear import QuantLinear
 from signround.rounding import QuantSpec, Recipe, quantize_weight
 
 

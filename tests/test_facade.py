@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from _templating_helpers import byte_tokenizer
-from signround.adapters.facade import AutoRound, AutoRoundMLLM, check_output_dir, read_layer_config
-from signround.adapters.loader import load_quantized
+from signround.adapters.frontends.facade import AutoRound, AutoRoundMLLM, check_output_dir, read_layer_config
+from signround.adapters.checkpoint.loader import load_quantized
 from signround.rounding import QuantSpec
 from tiny_models import IMAGE_TOKEN, tiny_text_model, tiny_vlm
 
@@ -159,7 +159,7 @@ def test_packed_vision_towers_are_refused_clearly():
 
 
 def test_quant_nontext_module_tunes_vision_blocks(tmp_path):
-    from signround.adapters.assets import build_demo_vlm, random_smollm2
+    from signround.adapters.frontends.assets import build_demo_vlm, random_smollm2
 
     lm, tok = random_smollm2(num_layers=2)
     model, proc = build_demo_vlm(lm, tok)
@@ -204,7 +204,7 @@ def test_nan_scales_are_never_saved(tok, tmp_path):
 
 
 def test_out_of_memory_gives_options(tok, monkeypatch):
-    import signround.adapters.facade as facade
+    import signround.adapters.frontends.facade as facade
 
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

@@ -10,9 +10,9 @@ import torch
 from test_export import logits, rtn_state, tiny_tokenizer
 from tiny_models import VLM_FAMILIES, tiny_text_model, tiny_vlm
 
-from signround.adapters.export import save_quantized
-from signround.adapters.loader import layer_spec, load_quantized
-from signround.adapters.qlinear import QuantLinear
+from signround.adapters.checkpoint.export import save_quantized
+from signround.adapters.checkpoint.loader import layer_spec, load_quantized
+from signround.adapters.checkpoint.qlinear import QuantLinear
 from signround.rounding import QuantSpec
 
 

@@ -15,9 +15,9 @@ import torch
 from test_export import logits, rtn_state, tiny_tokenizer
 from tiny_models import tiny_text_model, tiny_vlm
 
-from signround.adapters.export import save_quantized
-from signround.adapters.loader import load_quantized
-from signround.adapters.qlinear import QuantLinear
+from signround.adapters.checkpoint.export import save_quantized
+from signround.adapters.checkpoint.loader import load_quantized
+from signround.adapters.checkpoint.qlinear import QuantLinear
 from signround.rounding import QuantSpec, quantize_weight
 
 pytest.importorskip("auto_round", reason="the auto-round package (test extra) is not installed")

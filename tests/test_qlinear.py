@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from signround.adapters.qlinear import AWQ_ORDER, PACKINGS, QuantLinear
+from signround.adapters.checkpoint.qlinear import AWQ_ORDER, PACKINGS, QuantLinear
 from signround.rounding import QuantSpec, QuantizedWeight, quantize_weight
 
 SPECS = [QuantSpec(b, 32, s) for b in (2, 3, 4, 8) for s in (True, False)]

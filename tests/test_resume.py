@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from _templating_helpers import byte_tokenizer
-from signround.adapters.resume import ResumeStore
+from signround.adapters.engine.resume import ResumeStore
 from tiny_models import tiny_text_model
 
 LAYERS = 4

@@ -43,10 +43,10 @@ from typing import Any, Optional
 import torch
 
 from signround.adapters import as_pure, capture_inputs, find_block_lists, quantize_model, run_block
-from signround.adapters.blocks import blocks_of
-from signround.adapters.device import resolve, synchronize
-from signround.adapters.evaluate import perplexity
-from signround.adapters.facade import resolve_recipe
+from signround.adapters.hf.blocks import blocks_of
+from signround.adapters.engine.device import resolve, synchronize
+from signround.adapters.frontends.evaluate import perplexity
+from signround.adapters.frontends.facade import resolve_recipe
 from signround.rounding import QuantSpec
 from signround.templating import text_calibration
 
@@ -134,7 +134,7 @@ def load_model(spec: Optional[str], dtype: torch.dtype) -> tuple[Any, Any, str, 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if spec is None or spec == "smollm2":
-        from signround.adapters.assets import load_smollm2, smollm2_gguf
+        from signround.adapters.frontends.assets import load_smollm2, smollm2_gguf
 
         model, tok = load_smollm2(dtype=dtype)
         gguf = smollm2_gguf()

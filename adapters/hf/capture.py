@@ -24,7 +24,7 @@ import attrs
 import torch
 from torch import Tensor, nn
 
-from signround.adapters.blocks import blocks_of
+from signround.adapters.hf.blocks import blocks_of
 from signround.rounding import BlockInputs
 
 try:

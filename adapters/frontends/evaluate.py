@@ -100,8 +100,8 @@ def compare_models(model_path: Any, quantized: Optional[Any] = None, *, text: Op
                    template: Optional[Any] = None, seqlen: int = 512, max_windows: Optional[int] = None,
                    dtype: Optional[torch.dtype] = None) -> list[dict[str, Any]]:
     """Perplexity (and image-text loss) of the model at `model_path` and of its quantized checkpoint."""
-    from signround.adapters.loader import load_quantized
-    from signround.adapters.model_io import load_model
+    from signround.adapters.checkpoint.loader import load_quantized
+    from signround.adapters.hf.model_io import load_model
 
     loaded = load_model(model_path, dtype=dtype)
     ids = _text_ids(loaded.tokenizer, text)

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from signround.adapters.checkpoint import checkpoint_keys, from_checkpoint_namer, iter_tensors
-from signround.adapters.qlinear import QuantLinear
+from signround.adapters.checkpoint.files import checkpoint_keys, from_checkpoint_namer, iter_tensors
+from signround.adapters.checkpoint.qlinear import QuantLinear
 from signround.rounding.spec import QuantSpec
 
 
@@ -94,7 +94,7 @@ def _stored_dtype(path: Path) -> torch.dtype:
 
     from safetensors import safe_open
 
-    from signround.adapters.checkpoint import safetensors_files
+    from signround.adapters.checkpoint.files import safetensors_files
 
     counts: Counter[torch.dtype] = Counter()
     for f in safetensors_files(path):

@@ -15,9 +15,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from signround.adapters.blocks import Conv1D, is_quantizable
-from signround.adapters.capture import CallLayout
-from signround.adapters.report import LayerResult
+from signround.adapters.hf.blocks import Conv1D, is_quantizable
+from signround.adapters.hf.capture import CallLayout
+from signround.adapters.engine.report import LayerResult
 from signround.rounding import BlockInputs
 
 PureBlock = Callable[[Mapping[str, Tensor], BlockInputs], Tensor]

@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from signround.adapters.report import BlockReport, QuantReport
+from signround.adapters.engine.report import BlockReport, QuantReport
 
 
 def _fmt(x: Optional[float]) -> str:

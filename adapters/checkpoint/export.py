@@ -21,8 +21,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from signround.adapters.checkpoint import LayerQuant, atomic_dir, recover_codes, to_checkpoint_namer, write_safetensors
-from signround.adapters.qlinear import QuantLinear
+from signround.adapters.checkpoint.files import LayerQuant, atomic_dir, recover_codes, to_checkpoint_namer, write_safetensors
+from signround.adapters.checkpoint.qlinear import QuantLinear
 from signround.rounding.recipe import Recipe
 from signround.rounding.spec import QuantSpec
 

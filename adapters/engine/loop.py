@@ -21,14 +21,14 @@ import attrs
 import torch
 from torch import Tensor, nn
 
-from signround.adapters.blocks import LayerOverride, LayerPlan, blocks_of, find_block_lists, select_layers
-from signround.adapters.capture import Batch, CapturedInputs, capture_inputs
-from signround.adapters.device import Accelerator, peak_memory, reset_peak_memory, resolve, synchronize
-from signround.adapters.progress import BlockProgress, print_summary
-from signround.adapters.pure import PureBlock, as_pure, weight_name, write_back
-from signround.adapters.report import BlockReport, LayerResult, QuantReport
-from signround.adapters.distributed import DataParallel
-from signround.adapters.resume import ResumeStore
+from signround.adapters.hf.blocks import LayerOverride, LayerPlan, blocks_of, find_block_lists, select_layers
+from signround.adapters.hf.capture import Batch, CapturedInputs, capture_inputs
+from signround.adapters.engine.device import Accelerator, peak_memory, reset_peak_memory, resolve, synchronize
+from signround.adapters.engine.progress import BlockProgress, print_summary
+from signround.adapters.hf.pure import PureBlock, as_pure, weight_name, write_back
+from signround.adapters.engine.report import BlockReport, LayerResult, QuantReport
+from signround.adapters.engine.distributed import DataParallel
+from signround.adapters.engine.resume import ResumeStore
 from signround.rounding import (BlockInputs, QuantSpec, Recipe, RoundingParams, masked_mse, quantize_weight,
                                 tune_block)
 

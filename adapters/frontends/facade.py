@@ -23,11 +23,11 @@ import orjson
 import torch
 from torch import nn
 
-from signround.adapters import distributed
-from signround.adapters.blocks import BLOCK_REGISTRY, LayerPlan, blocks_of, find_block_lists, select_layers
-from signround.adapters.engine import quantize_model
-from signround.adapters.report import QuantReport
-from signround.adapters.resume import ResumeStore, fingerprint
+from signround.adapters.engine import distributed
+from signround.adapters.hf.blocks import BLOCK_REGISTRY, LayerPlan, blocks_of, find_block_lists, select_layers
+from signround.adapters.engine.loop import quantize_model
+from signround.adapters.engine.report import QuantReport
+from signround.adapters.engine.resume import ResumeStore, fingerprint
 from signround.rounding import QuantSpec, Recipe, preset
 from signround.templating import (
     ConversationDataset,
@@ -209,7 +209,7 @@ class AutoRound:
         if dev.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
             raise ValueError(f"device {device!r} was asked for but no Intel XPU is available")
         if dev.type == "hpu":
-            from signround.adapters.device import hpu_available
+            from signround.adapters.engine.device import hpu_available
 
             if not hpu_available():
                 raise ValueError("device 'hpu' needs Intel Gaudi's habana_frameworks.torch, which is not installed")
@@ -334,7 +334,7 @@ class AutoRound:
     def save_quantized(self, output_dir: str | Path, format: Union[str, Sequence[str]] = "auto_round",
                        inplace: bool = True, overwrite: bool = False) -> Union[Path, dict[str, Path]]:
         """Write the checkpoint(s); the directory appears complete or not at all."""
-        from signround.adapters.export import save_quantized
+        from signround.adapters.checkpoint.export import save_quantized
 
         if self.report is None:
             raise ValueError("nothing to save yet: call quantize() first")

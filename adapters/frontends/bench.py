@@ -34,9 +34,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from signround.adapters import as_pure, capture_inputs, find_block_lists, quantize_model, run_block
-from signround.adapters import distributed
-from signround.adapters.blocks import blocks_of
-from signround.adapters.device import peak_memory, reset_peak_memory, resolve, synchronize
+from signround.adapters.engine import distributed
+from signround.adapters.hf.blocks import blocks_of
+from signround.adapters.engine.device import peak_memory, reset_peak_memory, resolve, synchronize
 from signround.rounding import QuantSpec, preset
 
 TINY = dict(layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=512, iters=5, nsamples=8,

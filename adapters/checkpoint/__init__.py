@@ -1,0 +1,1 @@
+"""The checkpoint format: packings, quantization_config, export, QuantLinear, loader, inspect."""

@@ -1,0 +1,1 @@
+"""Front ends over the library: the AutoRound facade, demo, bench, evaluation, offline assets."""
