@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from signround.templating import PLACEHOLDER, Template, TemplateError, list_presets, load_template
 from signround.templating.template import preset_dir
 
-SPEC_DIR = Path(__file__).resolve().parents[1] / "spec"
+SPEC_DIR = Path(__file__).resolve().parents[2] / "spec"
 EXPECTED_PRESETS = {"default", "qwen2_vl", "qwen2_5_vl", "llava", "phi3_v", "mllama", "gemma3", "idefics3"}
 
 text = st.text(st.characters(codec="utf-8", exclude_characters="{}"), max_size=12)
@@ -133,7 +133,7 @@ def test_json_schema_matches_template_fields() -> None:
 
 def test_templating_stays_pure() -> None:
     """Design rule: templating imports neither rounding nor adapters."""
-    root = Path(__file__).resolve().parents[1] / "templating"
+    root = Path(__file__).resolve().parents[2] / "templating"
     for path in root.glob("*.py"):
         src = path.read_text()
         for banned in ("signround.rounding", "signround.adapters", "from ..rounding", "from ..adapters"):

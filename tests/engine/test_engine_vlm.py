@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from test_capture import _qwen2_vl_image_batch
 from tiny_models import IMAGE_TOKEN, random_batches, tiny_vlm
+from vlm_helpers import qwen2_vl_image_batch
 
 from signround.adapters import quantize_model
 from signround.rounding import QuantSpec, preset
@@ -16,7 +16,7 @@ RECIPE = preset("default", iters=8, nsamples=8, batch_size=8)  # full batch: bes
 def test_qwen2_vl_text_decoder_with_image_calibration() -> None:
     model = tiny_vlm("qwen2_vl")
     vision_before = model.model.visual.blocks[0].mlp.fc1.weight.clone()
-    batches = [_qwen2_vl_image_batch((1, 6)), _qwen2_vl_image_batch((3, 9)), *random_batches(2, 2, 20)]
+    batches = [qwen2_vl_image_batch((1, 6)), qwen2_vl_image_batch((3, 9)), *random_batches(2, 2, 20)]
     model, report = quantize_model(model, batches, SPEC, RECIPE, progress=False)
     assert report.block_name_to_quantize == ("model.language_model.layers",)
     assert len(report.layers) == 14 and all(n.startswith("model.language_model.layers.") for n in report.layers)

@@ -3,63 +3,25 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import pytest
 import safetensors.torch as st
 import torch
+from checkpoint_helpers import logits, rtn_state, tiny_tokenizer
 from tiny_models import tiny_text_model, tiny_vlm
 from torch import nn
 
 from signround.adapters.checkpoint import files as ckpt
 from signround.adapters.hf.blocks import find_block_lists
-from signround.adapters.checkpoint.files import LayerQuant, checkpoint_keys, iter_tensors
+from signround.adapters.checkpoint.files import checkpoint_keys, iter_tensors
 from signround.adapters.checkpoint.export import save_quantized
 from signround.adapters.checkpoint.qlinear import QuantLinear
-from signround.rounding import QuantSpec, Recipe, quantize_weight
-
-
-def rtn_state(model: nn.Module, spec: QuantSpec, *, blocks: Iterable[str] | None = None, skip: Iterable[str] = (),
-              override: Mapping[str, QuantSpec] | None = None, extra: Iterable[str] = ()) -> dict[str, LayerQuant]:
-    """What the engine leaves behind, made with RTN: on-grid weights in the model + per-layer grids."""
-    prefixes = list(blocks) if blocks is not None else find_block_lists(model)
-    override = dict(override or {})
-    skip = set(skip)
-    results = {}
-    for name, m in model.named_modules():
-        inside = any(name.startswith(p + ".") for p in prefixes)
-        if not isinstance(m, nn.Linear) or name in skip or not (inside or name in extra):
-            continue
-        s = override.get(name, spec)
-        qw = quantize_weight(m.weight, s)
-        with torch.no_grad():
-            m.weight.copy_(qw.dequantize(m.weight.dtype))
-        results[name] = LayerQuant(s, qw.scale, qw.zero)
-    return results
-
-
-def tiny_tokenizer(vocab_size: int = 256):  # type: ignore[no-untyped-def]
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(vocab_size - 4)]
-    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                  unk_token="<unk>")
-    tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
-    return tok
+from signround.rounding import QuantSpec, Recipe
 
 
 def tensors(path: Path) -> dict[str, torch.Tensor]:
     return dict(iter_tensors(path))
-
-
-def logits(model: nn.Module, seed: int = 0) -> torch.Tensor:
-    ids = torch.randint(3, 240, (2, 10), generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        return model(input_ids=ids).logits.float()
 
 
 CASES = {  # id: (spec, expected packing_format)

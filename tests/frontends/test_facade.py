@@ -13,6 +13,7 @@ from signround.adapters.frontends.facade import AutoRound, AutoRoundMLLM, check_
 from signround.adapters.checkpoint.loader import load_quantized
 from signround.rounding import QuantSpec
 from tiny_models import IMAGE_TOKEN, tiny_text_model, tiny_vlm
+from vlm_helpers import qwen2_vl_with_processor
 
 SMALL = dict(iters=8, nsamples=8, seqlen=32, batch_size=4, progress=False)
 
@@ -112,26 +113,8 @@ def test_output_dir_checks(tmp_path):
     assert check_output_dir(tmp_path / "new") == (tmp_path / "new").resolve()
 
 
-def _qwen2_vl_with_processor():
-    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor
-    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
-
-    specials = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-    tok = byte_tokenizer(specials)
-    model = tiny_vlm("qwen2_vl", vocab_size=len(tok))
-    cfg = model.config
-    cfg.image_token_id = tok.convert_tokens_to_ids("<|image_pad|>")
-    cfg.video_token_id = tok.convert_tokens_to_ids("<|video_pad|>")
-    cfg.vision_start_token_id = tok.convert_tokens_to_ids("<|vision_start|>")
-    cfg.vision_end_token_id = tok.convert_tokens_to_ids("<|vision_end|>")
-    proc = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112),
-                            tokenizer=tok, video_processor=Qwen2VLVideoProcessor(),
-                            chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
-    return model, tok, proc
-
-
 def test_mllm_text_default_then_image_text_calibration():
-    model, tok, proc = _qwen2_vl_with_processor()
+    model, tok, proc = qwen2_vl_with_processor()
     vis_before = copy.deepcopy(model.model.visual.state_dict())
     # Default: text-only calibration of the text decoder; the vision tower is untouched.
     ar = AutoRoundMLLM(model, tok, processor=proc, group_size=32, **SMALL)
@@ -140,7 +123,7 @@ def test_mllm_text_default_then_image_text_calibration():
     assert report.block_name_to_quantize == ("model.language_model.layers",)
     assert all(torch.equal(vis_before[k], v) for k, v in model.model.visual.state_dict().items())
     # A dataset with images: image-text calibration through the processor (tokenizer.processor form).
-    model2, tok2, proc2 = _qwen2_vl_with_processor()
+    model2, tok2, proc2 = qwen2_vl_with_processor()
     tok2.processor = proc2
     ar2 = AutoRoundMLLM(model2, tok2, group_size=32, dataset="embedded", **{**SMALL, "seqlen": 256})
     batches = ar2.calibration()
@@ -153,7 +136,7 @@ def test_mllm_text_default_then_image_text_calibration():
 
 
 def test_packed_vision_towers_are_refused_clearly():
-    model, tok, proc = _qwen2_vl_with_processor()
+    model, tok, proc = qwen2_vl_with_processor()
     with pytest.raises(ValueError, match="qwen2_vl"):
         AutoRoundMLLM(model, tok, processor=proc, quant_nontext_module=True, **SMALL)
 

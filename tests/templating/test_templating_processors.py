@@ -27,8 +27,7 @@ from signround.templating import (
     render,
 )
 from signround.templating.processors import PROCESSORS, renumber_phi3_images
-
-TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+from vlm_helpers import TINY, gemma3_parts, idefics3_parts, llava_parts, mllama_parts
 
 
 def _mixed_dataset(n_image: int = 3) -> ConversationDataset:
@@ -189,78 +188,7 @@ def test_qwen2_vl_seeded_selection_and_image_drop(qwen2_vl: tuple[Any, Any, Any]
 # ---------------------------------------------------------------------------- byte-vocab families
 
 
-def _llama_text(vocab: int, **extra: Any) -> dict[str, Any]:
-    return dict(vocab_size=vocab, max_position_embeddings=1024, **TINY, **extra)
-
-
-def _llava() -> tuple[Any, Any, Any]:
-    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-
-    tok = byte_tokenizer(["<image>"], bos="<s>", add_bos=True)
-    ip = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
-    proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
-                          num_additional_image_tokens=1)
-    cfg = LlavaConfig(
-        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                           num_attention_heads=2, image_size=28, patch_size=14, projection_dim=32),
-        text_config=dict(model_type="llama", **_llama_text(len(tok))),
-        image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
-    )
-    return tok, proc, LlavaForConditionalGeneration(cfg).eval()
-
-
-def _idefics3() -> tuple[Any, Any, Any]:
-    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessor, Idefics3Processor
-
-    tok = byte_tokenizer(["<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>", "<|im_start|>"])
-    ip = Idefics3ImageProcessor(do_image_splitting=False, size={"longest_edge": 32}, max_image_size={"longest_edge": 32})
-    proc = Idefics3Processor(ip, tok, image_seq_len=4)
-    cfg = Idefics3Config(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8),
-        text_config=dict(model_type="llama", **_llama_text(len(tok))),
-        scale_factor=2, image_token_id=tok.convert_tokens_to_ids("<image>"),
-    )
-    return tok, proc, Idefics3ForConditionalGeneration(cfg).eval()
-
-
-def _gemma3() -> tuple[Any, Any, Any]:
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor
-
-    specials = ["<start_of_image>", "<end_of_image>", "<image_soft_token>", "<start_of_turn>", "<end_of_turn>"]
-    tok = byte_tokenizer(specials, bos="<bos>", add_bos=True, extra={"extra_special_tokens": {
-        "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}})
-    ip = Gemma3ImageProcessor(size={"height": 28, "width": 28})
-    proc = Gemma3Processor(ip, tok, image_seq_length=4)
-    ids = tok.convert_tokens_to_ids
-    cfg = Gemma3Config(
-        text_config=dict(vocab_size=len(tok), max_position_embeddings=1024, head_dim=16, sliding_window=64, **TINY),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=7),
-        mm_tokens_per_image=4, boi_token_index=ids("<start_of_image>"), eoi_token_index=ids("<end_of_image>"),
-        image_token_index=ids("<image_soft_token>"),
-    )
-    return tok, proc, Gemma3ForConditionalGeneration(cfg).eval()
-
-
-def _mllama() -> tuple[Any, Any, Any]:
-    from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaImageProcessor, MllamaProcessor
-
-    specials = ["<|image|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|python_tag|>"]
-    tok = byte_tokenizer(specials, bos="<|begin_of_text|>", add_bos=True)
-    ip = MllamaImageProcessor(size={"height": 28, "width": 28}, max_image_tiles=2)
-    proc = MllamaProcessor(ip, tok)
-    cfg = MllamaConfig(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1, attention_heads=2,
-                           image_size=28, patch_size=14, max_num_tiles=2, intermediate_layers_indices=[0],
-                           vision_output_dim=64, supported_aspect_ratios=[[1, 1], [1, 2], [2, 1]]),
-        text_config=dict(vocab_size=len(tok) + 8, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=1, cross_attention_layers=[1], max_position_embeddings=1024,
-                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id),
-        image_token_index=tok.convert_tokens_to_ids("<|image|>"),
-    )
-    return tok, proc, MllamaForConditionalGeneration(cfg).eval()
-
-
-@pytest.mark.parametrize(("family", "build"), [("llava", _llava), ("idefics3", _idefics3), ("gemma3", _gemma3), ("mllama", _mllama)])
+@pytest.mark.parametrize(("family", "build"), [("llava", llava_parts), ("idefics3", idefics3_parts), ("gemma3", gemma3_parts), ("mllama", mllama_parts)])
 def test_family_processor_batches_run_forward(family: str, build: Any) -> None:
     torch.manual_seed(0)
     tok, proc, model = build()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_export import logits, rtn_state, tiny_tokenizer
+from checkpoint_helpers import logits, rtn_state, tiny_tokenizer
 from tiny_models import VLM_FAMILIES, tiny_text_model, tiny_vlm
 
 from signround.adapters.checkpoint.export import save_quantized

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import IMAGE_TOKEN, VISION_END, VISION_START, random_batches, tiny_text_model, tiny_vlm
+from tiny_models import random_batches, tiny_text_model, tiny_vlm
+from vlm_helpers import qwen2_vl_image_batch
 
 from signround.adapters import as_pure, capture_inputs, find_block_lists
 from signround.adapters.hf.blocks import blocks_of
@@ -92,20 +93,6 @@ def test_mismatched_seqlen_is_a_clear_error() -> None:
         capture_inputs(model, [torch.randint(3, 200, (1, 8)), torch.randint(3, 200, (1, 9))], "model.layers")
 
 
-def _qwen2_vl_image_batch(offsets: tuple[int, ...], seqlen: int = 20) -> dict[str, torch.Tensor]:
-    """One image (grid 1x4x4 patches → 4 merged tokens) per sample, at different offsets."""
-    gen = torch.Generator().manual_seed(3)
-    ids = torch.randint(3, 240, (len(offsets), seqlen), generator=gen)
-    for row, off in enumerate(offsets):
-        ids[row, off] = VISION_START
-        ids[row, off + 1: off + 5] = IMAGE_TOKEN
-        ids[row, off + 5] = VISION_END
-    pixels = torch.randn(16 * len(offsets), 3 * 2 * 14 * 14, generator=gen)
-    grid = torch.tensor([[1, 4, 4]] * len(offsets))
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels, "image_grid_thw": grid,
-            "mm_token_type_ids": (ids == IMAGE_TOKEN).long()}
-
-
 def test_qwen2_vl_text_only() -> None:
     model = tiny_vlm("qwen2_vl", num_hidden_layers=3)
     captured = _check_replay(model, random_batches(2, 2, 16))
@@ -115,7 +102,7 @@ def test_qwen2_vl_text_only() -> None:
 
 def test_qwen2_vl_with_images_has_per_sample_mrope_positions() -> None:
     model = tiny_vlm("qwen2_vl", num_hidden_layers=3)
-    batches = [_qwen2_vl_image_batch((1, 6)), _qwen2_vl_image_batch((3, 9))]
+    batches = [qwen2_vl_image_batch((1, 6)), qwen2_vl_image_batch((3, 9))]
     captured = _check_replay(model, batches)
     layout = captured.calls[0].layout.kwargs
     cos = layout["position_embeddings"][0]

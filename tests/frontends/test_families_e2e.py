@@ -9,19 +9,18 @@ import pytest
 import torch
 
 from signround import AutoRoundMLLM, load_quantized
-from test_facade import _qwen2_vl_with_processor
-from test_templating_processors import _gemma3, _idefics3, _llava, _mllama
+from vlm_helpers import gemma3_parts, idefics3_parts, llava_parts, mllama_parts, qwen2_vl_with_processor
 
 SMALL = dict(iters=3, nsamples=4, batch_size=2, progress=False)
 
 
 def _qwen2_vl() -> tuple[Any, Any, Any]:
-    model, tok, proc = _qwen2_vl_with_processor()
+    model, tok, proc = qwen2_vl_with_processor()
     return tok, proc, model
 
 
-FAMILIES = [("qwen2_vl", _qwen2_vl), ("llava", _llava), ("idefics3", _idefics3), ("gemma3", _gemma3),
-            ("mllama", _mllama)]
+FAMILIES = [("qwen2_vl", _qwen2_vl), ("llava", llava_parts), ("idefics3", idefics3_parts), ("gemma3", gemma3_parts),
+            ("mllama", mllama_parts)]
 
 
 @pytest.mark.parametrize("dataset", [None, "embedded"], ids=["text", "image-text"])
