@@ -64,15 +64,6 @@ class Recipe:
             return attrs.evolve(self, lr=2.0 / self.iters)
         return self
 
-    def check_ranks(self, world: int) -> None:
-        """Data parallelism splits each step batch (batch_size × gradient_accumulate_steps samples)
-        over `world` ranks: refuse a split that leaves a rank without a sample."""
-        per_step = self.batch_size * self.gradient_accumulate_steps
-        if self.iters and per_step < world:
-            raise ValueError(f"data parallel over {world} ranks splits each step's batch of batch_size × "
-                             f"gradient_accumulate_steps = {per_step} samples across the ranks; it needs at "
-                             f"least one sample per rank: use batch_size >= {world}, or fewer ranks")
-
     @property
     def is_rtn(self) -> bool:
         return self.iters == 0

@@ -1,13 +1,19 @@
-"""Signed SGD with linear learning-rate decay, as a pair of pure functions (optax style).
+"""Signed SGD with linear learning-rate decay, in optax's shape: built once, then `init`/`update`.
 
-    state = init(params)
-    params, state = update(grads, params, state, loss)   # once per iteration
+    opt = sign_sgd(lr=1 / 200, minmax_lr=1 / 200, iters=200)
+    state = opt.init(params)
+    params, state = opt.update(grads, state, params)       # once per iteration
 
-`params` is a mapping layer name → RoundingParams (a block's tunables). Each update moves every
+`params` maps a layer name to its RoundingParams (a block's tunables). Each update moves every
 element by exactly lr_t · sign(grad): v with `lr`, alpha/beta with `minmax_lr`, where
-lr_t = lr · (1 − t / iters) (linear decay to 0, as the reference's LinearLR). alpha/beta are then
-clamped to [0, 1]. When a loss is given, the params that produced it are kept if it is the best
-so far — decided on the device with torch.where, so the loop never waits for the host.
+lr_t = lr · (1 − t / iters) (linear decay to 0, the reference's LinearLR); alpha/beta are then
+clamped to [0, 1]. The hyper-parameters live on the optimizer value; the state holds only tensors
+(the step count and the per-step learning rates, on the params' device), so a step never waits for
+the host and the same function can be compiled.
+
+Donation: `update(..., donate=True)` may write the new params into the buffers of `params` (as
+JAX's donated arguments): the caller promises not to use the old value again. Without it, no input
+is modified. Both give the same values.
 """
 
 from __future__ import annotations
@@ -24,102 +30,64 @@ Params = Mapping[str, RoundingParams]
 
 
 @attrs.frozen
-class SignSGDConfig:
-    """lr for v, minmax_lr for alpha/beta, iters for the decay horizon, tune_minmax to freeze alpha/beta."""
+class SignSGDState:
+    """step: iterations done (int64 scalar tensor); lrs: [max(iters, 1), 2] float32 (lr, minmax_lr) per step."""
+
+    step: Tensor
+    lrs: Tensor
+
+
+@attrs.frozen
+class SignSGD:
+    """The optimizer value: hyper-parameters fixed here; `init`/`update` are pure over tensor states."""
 
     lr: float
     minmax_lr: float
     iters: int
     tune_minmax: bool = True
 
+    def lr_at(self, step: int) -> tuple[float, float]:
+        """(lr, minmax_lr) used by iteration `step` (0-based): linear decay from full to 0 over iters."""
+        factor = max(0.0, 1.0 - step / self.iters) if self.iters > 0 else 0.0
+        return self.lr * factor, self.minmax_lr * factor
 
-@attrs.frozen
-class SignSGDState:
-    """step: iterations done; best_loss: lowest loss seen (device scalar); best: params that gave it."""
+    def init(self, params: Params) -> SignSGDState:
+        """Step 0 and every step's learning rates, on the device of `params`."""
+        device = next(iter(params.values())).v.device if params else None
+        rows = [self.lr_at(t) for t in range(max(self.iters, 1))]
+        return SignSGDState(step=torch.zeros((), dtype=torch.int64, device=device),
+                            lrs=torch.tensor(rows, dtype=torch.float32, device=device))
 
-    config: SignSGDConfig
-    step: int
-    best_loss: Tensor
-    best: Params
+    def update_layer(self, grad: RoundingParams, state: SignSGDState, param: RoundingParams, *,
+                     donate: bool = False) -> RoundingParams:
+        """One layer's signed step at `state.step` (the step count is not advanced: see `advance`)."""
+        lrs = state.lrs[state.step]
+        lr, mlr = lrs[0], lrs[1]
+        if donate:
+            param.v.sub_(torch.sign(grad.v).mul_(lr))
+            if self.tune_minmax:
+                param.alpha.sub_(torch.sign(grad.alpha).mul_(mlr)).clamp_(0.0, 1.0)
+                param.beta.sub_(torch.sign(grad.beta).mul_(mlr)).clamp_(0.0, 1.0)
+            return param
+        v = param.v - torch.sign(grad.v) * lr
+        if not self.tune_minmax:
+            return RoundingParams(v, param.alpha, param.beta)
+        alpha = (param.alpha - torch.sign(grad.alpha) * mlr).clamp(0.0, 1.0)
+        beta = (param.beta - torch.sign(grad.beta) * mlr).clamp(0.0, 1.0)
+        return RoundingParams(v, alpha, beta)
 
+    @staticmethod
+    def advance(state: SignSGDState) -> SignSGDState:
+        return attrs.evolve(state, step=state.step + 1)
 
-def init(params: Params, config: SignSGDConfig) -> SignSGDState:
-    """Starting state: step 0, no best loss yet (inf), best params = the initial params."""
-    device = next(iter(params.values())).v.device if params else None
-    return SignSGDState(config=config, step=0, best_loss=torch.tensor(float("inf"), device=device),
-                        best=dict(params))
-
-
-def lr_at(config: SignSGDConfig, step: int) -> tuple[float, float]:
-    """(lr, minmax_lr) used by iteration `step` (0-based): linear decay from full to 0 over iters."""
-    factor = max(0.0, 1.0 - step / config.iters) if config.iters > 0 else 0.0
-    return config.lr * factor, config.minmax_lr * factor
-
-
-def _pick(better: Tensor, new: RoundingParams, old: RoundingParams) -> RoundingParams:
-    return RoundingParams(*(torch.where(better, n, o) for n, o in zip(new.tensors(), old.tensors())))
-
-
-def track_best(state: SignSGDState, params: Params, loss: Tensor) -> SignSGDState:
-    """Remember `params` if `loss` (a device scalar) is lower than the best so far."""
-    better = loss.detach() < state.best_loss
-    best = {k: _pick(better, params[k], state.best[k]) for k in params}
-    return attrs.evolve(state, best_loss=torch.where(better, loss.detach(), state.best_loss), best=best)
-
-
-def apply_sign_step(params: RoundingParams, grads: RoundingParams, lr: float, minmax_lr: float,
-                    tune_minmax: bool = True) -> RoundingParams:
-    """One signed step on one layer: p − lr·sign(g); alpha/beta clamped to [0, 1] afterwards."""
-    v = params.v - lr * torch.sign(grads.v)
-    if not tune_minmax:
-        return RoundingParams(v, params.alpha, params.beta)
-    alpha = (params.alpha - minmax_lr * torch.sign(grads.alpha)).clamp(0.0, 1.0)
-    beta = (params.beta - minmax_lr * torch.sign(grads.beta)).clamp(0.0, 1.0)
-    return RoundingParams(v, alpha, beta)
+    def update(self, grads: Params, state: SignSGDState, params: Params, *,
+               donate: bool = False) -> tuple[dict[str, RoundingParams], SignSGDState]:
+        """One iteration over every layer: signed step with this step's lr, then the count advances."""
+        new = {k: self.update_layer(grads[k], state, params[k], donate=donate) for k in params}
+        return new, self.advance(state)
 
 
-def update(grads: Params, params: Params, state: SignSGDState,
-           loss: Optional[Tensor] = None) -> tuple[dict[str, RoundingParams], SignSGDState]:
-    """One iteration: track the best (if `loss` is given), then a signed step with this step's lr."""
-    if loss is not None:
-        state = track_best(state, params, loss)
-    lr, minmax_lr = lr_at(state.config, state.step)
-    cfg = state.config
-    new = {k: apply_sign_step(params[k], grads[k], lr, minmax_lr, cfg.tune_minmax) for k in params}
-    return new, attrs.evolve(state, step=state.step + 1)
-
-
-def layer_step(p_v: Tensor, p_a: Tensor, p_b: Tensor, g_v: Tensor, g_a: Tensor, g_b: Tensor,
-               b_v: Tensor, b_a: Tensor, b_b: Tensor, better: Tensor, lr: Tensor, minmax_lr: Tensor,
-               tune_minmax: bool) -> tuple[Tensor, ...]:
-    """`track_best` + `apply_sign_step` for one layer on plain tensors (lr as device scalars), so
-    that `torch.compile` can fuse them into one pass: returns (v, alpha, beta, best_v, best_alpha,
-    best_beta). Same values as `update` (lr·sign(g) is exactly ±lr, so fusing cannot round)."""
-    nb = (torch.where(better, p_v, b_v), torch.where(better, p_a, b_a), torch.where(better, p_b, b_b))
-    v = p_v - lr * torch.sign(g_v)
-    if not tune_minmax:
-        return (v, p_a, p_b, *nb)
-    a = (p_a - minmax_lr * torch.sign(g_a)).clamp(0.0, 1.0)
-    b = (p_b - minmax_lr * torch.sign(g_b)).clamp(0.0, 1.0)
-    return (v, a, b, *nb)
-
-
-def update_with(step_fn, lr_table: Tensor, grads: Params, params: Params, state: SignSGDState,
-                loss: Tensor) -> tuple[dict[str, RoundingParams], SignSGDState]:
-    """`update` through `step_fn` (`layer_step` or a compiled copy of it). lr_table [iters, 2] holds
-    every step's (lr, minmax_lr) on the device, so no Python float reaches a compiled graph."""
-    better = loss.detach() < state.best_loss
-    lr, mlr = lr_table[state.step, 0], lr_table[state.step, 1]
-    new, best = {}, {}
-    for k in params:
-        p, g, b = params[k], grads[k], state.best[k]
-        out = step_fn(*p.tensors(), *g.tensors(), *b.tensors(), better, lr, mlr, state.config.tune_minmax)
-        new[k], best[k] = RoundingParams(*out[:3]), RoundingParams(*out[3:])
-    return new, attrs.evolve(state, step=state.step + 1, best=best,
-                             best_loss=torch.where(better, loss.detach(), state.best_loss))
-
-
-def lr_table(config: SignSGDConfig, device: torch.device | str | None = None) -> Tensor:
-    """[iters, 2] float32: (lr, minmax_lr) of every step, as `lr_at` gives them."""
-    rows = [lr_at(config, t) for t in range(max(config.iters, 1))]
-    return torch.tensor(rows, dtype=torch.float32, device=device)
+def sign_sgd(lr: float, minmax_lr: Optional[float] = None, *, iters: int, tune_minmax: bool = True) -> SignSGD:
+    """The SignRound optimizer (minmax_lr defaults to lr)."""
+    return SignSGD(lr=float(lr), minmax_lr=float(lr if minmax_lr is None else minmax_lr), iters=int(iters),
+                   tune_minmax=bool(tune_minmax))

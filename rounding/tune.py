@@ -1,29 +1,35 @@
 """Tuning one block: the SignRound loop as pure steps over immutable states.
 
 A block is handed in as a pure function `block_fn(weights, batch) -> output` (adapters build it
-with torch.func.functional_call). Nothing here knows about nn.Module or Hugging Face.
+with torch.func.functional_call). Nothing here knows about nn.Module, devices or Hugging Face: the
+caller hands in each step's batches (already where they must be), and may hand in compiled qdq
+halves and a cross-rank reduce. The loop `tune_block` runs is five lines of public steps:
 
     prepared = prepare(weights, specs)
-    params, opt = init_params(prepared, specs, recipe)
-    for t in range(recipe.iters):
-        batch, target = select(inputs, targets, indices[t])
-        params, opt, loss = step(block_fn, weights, prepared, specs, params, opt, batch, target)
+    state = init(prepared, specs, recipe)                  # params, optimizer state, best iterate
+    for parts in step_batches(inputs, targets, recipe):    # the seeded epoch sampler
+        state, loss = step(block_fn, weights, prepared, specs, state, parts)
+    quantized = result(state, prepared, specs, recipe)     # QuantizedWeight per layer
+
+Donation: `step(..., donate=True)` writes the new params and best iterate into the buffers of the
+state it is handed (the caller must not use that state again); without it no input is modified.
+Both give the same values (`spec/rounding.md`, "Steps and donation").
 """
 
 from __future__ import annotations
 
-import os
-import warnings
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import attrs
 import torch
 from torch import Tensor
 
-from signround.rounding import signsgd
-from signround.rounding.grid import GroupedWeight, group_weight, qdq_grouped, qdq_tensors
+from signround.rounding import best as best_iterate
+from signround.rounding.grid import GroupedWeight, QuantizedWeight, group_weight
 from signround.rounding.params import RoundingParams
 from signround.rounding.recipe import Recipe
+from signround.rounding.recompute import QdqOps, recomputing_qdq
+from signround.rounding.signsgd import SignSGD, SignSGDState, sign_sgd
 from signround.rounding.spec import QuantSpec
 
 # The reference scales the loss by 1000 before backward; a sign step ignores the scale, but with
@@ -50,40 +56,42 @@ class BlockInputs:
     def num_samples(self) -> int:
         return self.hidden.shape[0]
 
-    def select(self, idx: Tensor, device: torch.device | str | None = None) -> "BlockInputs":
-        """The samples at `idx`, moved to `device` (inputs may live on the CPU to save device memory)."""
-        def take(t: Tensor) -> Tensor:
-            return t.index_select(0, idx.to(t.device)).to(device, non_blocking=True) if device else t.index_select(0, idx.to(t.device))
-
-        def move(x: Any) -> Any:
-            if device is not None and isinstance(x, Tensor):
-                return x.to(device, non_blocking=True)
-            if device is not None and isinstance(x, tuple):
-                return tuple(move(y) for y in x)
-            return x
-
-        return BlockInputs(
-            hidden=take(self.hidden),
-            per_sample={k: take(v) for k, v in self.per_sample.items()},
-            shared={k: move(v) for k, v in self.shared.items()},
-            loss_mask=None if self.loss_mask is None else take(self.loss_mask),
-        )
+    def select(self, idx: Tensor) -> "BlockInputs":
+        """The samples at `idx` (an index tensor on the inputs' device); shared inputs as they are."""
+        return BlockInputs(hidden=self.hidden.index_select(0, idx),
+                           per_sample={k: v.index_select(0, idx) for k, v in self.per_sample.items()},
+                           shared=dict(self.shared),
+                           loss_mask=None if self.loss_mask is None else self.loss_mask.index_select(0, idx))
 
     def with_hidden(self, hidden: Tensor) -> "BlockInputs":
         return attrs.evolve(self, hidden=hidden)
 
 
 BlockFn = Callable[[Mapping[str, Tensor], BlockInputs], Tensor]
+# One step's work: its gradient-accumulation sub-batches (inputs, targets) and the number of samples
+# the step's loss is the mean over (with data parallelism: the global step batch of all ranks).
+StepParts = tuple[Sequence[tuple[BlockInputs, Tensor]], int]
 # Sums a rank's (loss, gradients) over all data-parallel ranks.
 ReduceFn = Callable[[Tensor, "dict[str, RoundingParams]"], "tuple[Tensor, dict[str, RoundingParams]]"]
-QdqFn = Callable[[GroupedWeight, QuantSpec, RoundingParams], Tensor]
+
+
+@attrs.frozen
+class TuneState:
+    """Everything one block's tuning carries from step to step: params, optimizer state, best iterate."""
+
+    params: Mapping[str, RoundingParams]
+    opt: SignSGDState
+    best: best_iterate.BestState
+    optimizer: SignSGD
 
 
 @attrs.frozen
 class TuneResult:
-    """params: best (or last) RoundingParams per layer; losses: per-iteration training loss (MSE);
-    best_loss / first_loss: host floats (first_loss is the RTN starting point)."""
+    """quantized: the chosen iterate of every layer (best, or last with use_best=False) as codes,
+    fp16 scales and zeros; params: the params after the last step; losses: per-iteration training
+    loss (MSE); best_loss / first_loss: host floats (first_loss is the RTN starting point)."""
 
+    quantized: Mapping[str, QuantizedWeight]
     params: Mapping[str, RoundingParams]
     losses: Tensor
     best_loss: float
@@ -109,38 +117,45 @@ def prepare(weights: Mapping[str, Tensor], specs: Mapping[str, QuantSpec]) -> di
     return {k: group_weight(weights[k], spec) for k, spec in specs.items()}
 
 
+def optimizer_for(recipe: Recipe) -> SignSGD:
+    return sign_sgd(recipe.resolved_lr, recipe.resolved_minmax_lr, iters=recipe.iters,
+                    tune_minmax=recipe.enable_minmax_tuning)
+
+
+def init(prepared: Mapping[str, GroupedWeight], specs: Mapping[str, QuantSpec], recipe: Recipe,
+         optimizer: Optional[SignSGD] = None) -> TuneState:
+    """RTN starting params for every layer, a fresh optimizer state, RTN as the first best candidate."""
+    params = {k: RoundingParams.zeros((g.grouped.shape[0], g.in_features), specs[k], device=g.grouped.device)
+              for k, g in prepared.items()}
+    opt = optimizer or optimizer_for(recipe)
+    return TuneState(params=params, opt=opt.init(params), best=best_iterate.init(prepared, specs, params),
+                     optimizer=opt)
+
+
+def _clone(state: TuneState) -> TuneState:
+    return attrs.evolve(state, params={k: p.map(torch.clone) for k, p in state.params.items()},
+                        best=best_iterate.clone(state.best))
+
+
 def quantized_weights(weights: Mapping[str, Tensor], prepared: Mapping[str, GroupedWeight],
                       specs: Mapping[str, QuantSpec], params: Mapping[str, RoundingParams], *,
-                      qdq_fn: Optional[QdqFn] = None) -> dict[str, Tensor]:
+                      ops: QdqOps = QdqOps(), trigger: Optional[Tensor] = None,
+                      sinks: Optional[Mapping[str, Any]] = None) -> dict[str, Tensor]:
     """`weights` with every tuned layer replaced by its quantize-dequantize under `params`."""
     out = dict(weights)
-    fn = qdq_fn or qdq_grouped
     for k, spec in specs.items():
-        out[k] = fn(prepared[k], spec, params[k])
+        out[k] = recomputing_qdq(prepared[k], spec, params[k], ops=ops, trigger=trigger,
+                                 sink=None if sinks is None else sinks[k])
     return out
-
-
-def init_params(prepared: Mapping[str, GroupedWeight], specs: Mapping[str, QuantSpec], recipe: Recipe,
-                ) -> tuple[dict[str, RoundingParams], signsgd.SignSGDState]:
-    """RTN starting params for every layer and a fresh SignSGD state for `recipe`."""
-    params = {}
-    for k, spec in specs.items():
-        g = prepared[k]
-        params[k] = RoundingParams.zeros((g.grouped.shape[0], g.in_features), spec, device=g.grouped.device)
-    config = signsgd.SignSGDConfig(lr=recipe.resolved_lr, minmax_lr=recipe.resolved_minmax_lr,
-                                   iters=recipe.iters, tune_minmax=recipe.enable_minmax_tuning)
-    return params, signsgd.init(params, config)
 
 
 def loss_and_grads(block_fn: BlockFn, weights: Mapping[str, Tensor], prepared: Mapping[str, GroupedWeight],
                    specs: Mapping[str, QuantSpec], params: Mapping[str, RoundingParams],
-                   batch: BlockInputs, target: Tensor, *, qdq_fn: Optional[QdqFn] = None,
+                   batch: BlockInputs, target: Tensor, *, ops: QdqOps = QdqOps(),
                    ) -> tuple[Tensor, dict[str, RoundingParams]]:
-    """Loss of the quantized block on `batch` and its gradient w.r.t. every layer's (v, alpha, beta).
-
-    qdq_fn: replaces `qdq_grouped` (a compiled version of it; same values)."""
+    """Loss of the quantized block on `batch` and its gradient w.r.t. every layer's (v, alpha, beta)."""
     leaves = {k: p.map(lambda t: t.detach().requires_grad_(True)) for k, p in params.items()}
-    qweights = quantized_weights(weights, prepared, specs, leaves, qdq_fn=qdq_fn)
+    qweights = quantized_weights(weights, prepared, specs, leaves, ops=ops)
     loss = masked_mse(block_fn(qweights, batch), target, batch.loss_mask)
     flat = [t for k in leaves for t in leaves[k].tensors()]
     grads = torch.autograd.grad(loss * LOSS_SCALE, flat, allow_unused=True)
@@ -154,18 +169,18 @@ def loss_and_grads(block_fn: BlockFn, weights: Mapping[str, Tensor], prepared: M
 
 def accumulate(block_fn: BlockFn, weights: Mapping[str, Tensor], prepared: Mapping[str, GroupedWeight],
                specs: Mapping[str, QuantSpec], params: Mapping[str, RoundingParams],
-               batches: list[tuple[BlockInputs, Tensor]], *, qdq_fn: Optional[QdqFn] = None,
+               parts: Sequence[tuple[BlockInputs, Tensor]], *, ops: QdqOps = QdqOps(),
                total: Optional[int] = None) -> tuple[Tensor, dict[str, RoundingParams]]:
     """Loss and gradients summed over gradient-accumulation sub-batches, each weighted by its share
-    of `total` samples (default: the samples in `batches`): the mean over all their elements, the
+    of `total` samples (default: the samples in `parts`): the mean over all their elements, the
     reference's accumulation normalisation. With data parallelism `total` is the global batch, so
     summing every rank's result over ranks gives exactly the single-process value."""
-    sizes = [b.hidden.shape[0] for b, _ in batches]
+    sizes = [b.hidden.shape[0] for b, _ in parts]
     total = total if total is not None else sum(sizes)
     loss_sum: Optional[Tensor] = None
     grad_sum: Optional[dict[str, RoundingParams]] = None
-    for (batch, target), n in zip(batches, sizes):
-        loss, grads = loss_and_grads(block_fn, weights, prepared, specs, params, batch, target, qdq_fn=qdq_fn)
+    for (batch, target), n in zip(parts, sizes):
+        loss, grads = loss_and_grads(block_fn, weights, prepared, specs, params, batch, target, ops=ops)
         if n != total:  # a weight of 1 would be a wasted pass over every gradient
             w = n / float(total)
             loss, grads = loss * w, {k: g.map(lambda t: t * w) for k, g in grads.items()}
@@ -179,18 +194,66 @@ def accumulate(block_fn: BlockFn, weights: Mapping[str, Tensor], prepared: Mappi
     return loss_sum, grad_sum
 
 
-def step(block_fn: BlockFn, weights: Mapping[str, Tensor], prepared: Mapping[str, GroupedWeight],
-         specs: Mapping[str, QuantSpec], params: Mapping[str, RoundingParams], state: signsgd.SignSGDState,
-         batches: list[tuple[BlockInputs, Tensor]], *, qdq_fn: Optional[QdqFn] = None,
-         ) -> tuple[dict[str, RoundingParams], signsgd.SignSGDState, Tensor]:
-    """One iteration over `batches` (gradient-accumulation sub-batches): loss, grads, signed step.
+def _fused(block_fn: BlockFn, weights: Mapping[str, Tensor], prepared: Mapping[str, GroupedWeight],
+           specs: Mapping[str, QuantSpec], state: TuneState, batch: BlockInputs, target: Tensor,
+           ops: QdqOps) -> Tensor:
+    """One step on one batch, updating `state`'s buffers in place: each layer's backward recomputes
+    its qdq, records its codes as the best when this loss is the lowest, and takes its signed step at
+    once, so no layer's gradient outlives its own backward. Same values as accumulate + update."""
+    if not specs:  # nothing to tune: the loss alone
+        with torch.no_grad():
+            return masked_mse(block_fn(weights, batch), target, batch.loss_mask)
+    cell: dict[str, Tensor] = {}
+    opt, best = state.optimizer, state.best
 
-    The loss is the mean over all elements of all sub-batches (see `accumulate`). Returns new
-    params, new state and the loss.
-    """
-    loss_sum, grad_sum = accumulate(block_fn, weights, prepared, specs, params, batches, qdq_fn=qdq_fn)
-    new_params, new_state = signsgd.update(grad_sum, params, state, loss_sum)
-    return new_params, new_state, loss_sum
+    def sink_for(k: str):
+        def sink(codes: Tensor, grads: RoundingParams) -> None:
+            best_iterate.select(best, k, cell["better"], codes, state.params[k], donate=True)
+            opt.update_layer(grads, state.opt, state.params[k], donate=True)
+        return sink
+
+    trigger = torch.empty(0, device=target.device, requires_grad=True)
+    qweights = quantized_weights(weights, prepared, specs, state.params, ops=ops, trigger=trigger,
+                                 sinks={k: sink_for(k) for k in specs})
+    loss = masked_mse(block_fn(qweights, batch), target, batch.loss_mask)
+    cell["better"] = best_iterate.is_better(best, loss)
+    # A layer the block did not use on this batch has a zero gradient: sign 0, no move; its codes are
+    # those of the params it keeps, so its best entry needs no update either.
+    torch.autograd.backward(loss * LOSS_SCALE, inputs=[trigger])
+    best.loss.copy_(torch.where(cell["better"], loss.detach(), best.loss))
+    return loss.detach()
+
+
+def step(block_fn: BlockFn, weights: Mapping[str, Tensor], prepared: Mapping[str, GroupedWeight],
+         specs: Mapping[str, QuantSpec], state: TuneState, parts: StepParts | Sequence[tuple[BlockInputs, Tensor]],
+         *, ops: QdqOps = QdqOps(), reduce: Optional[ReduceFn] = None, donate: bool = False,
+         ) -> tuple[TuneState, Tensor]:
+    """One iteration: loss and gradients over the step's sub-batches (see `accumulate`), summed over
+    ranks by `reduce`, the best iterate updated with the params that gave the loss, a signed step.
+
+    parts: the sub-batches, or (sub-batches, total samples) as `step_batches` yields them. Returns
+    the new state and the loss (a device scalar)."""
+    if parts and isinstance(parts, tuple) and len(parts) == 2 and isinstance(parts[1], int):
+        subs, total = parts
+    else:
+        subs, total = parts, None
+    if not donate:
+        state = _clone(state)
+    if len(subs) == 1 and reduce is None and (total is None or total == subs[0][0].num_samples):
+        batch, target = subs[0]
+        loss = _fused(block_fn, weights, prepared, specs, state, batch, target, ops)
+        return attrs.evolve(state, opt=state.optimizer.advance(state.opt)), loss
+    loss, grads = accumulate(block_fn, weights, prepared, specs, state.params, subs, ops=ops, total=total)
+    if reduce is not None:
+        loss, grads = reduce(loss, grads)
+    better = best_iterate.is_better(state.best, loss)
+    best = state.best
+    for k in state.params:
+        best = best_iterate.select(best, k, better, best_iterate.codes_of(prepared[k], specs[k], state.params[k]),
+                                   state.params[k], donate=True)
+    best = best_iterate.with_loss(best, better, loss)
+    params, opt = state.optimizer.update(grads, state.opt, state.params, donate=True)
+    return attrs.evolve(state, params=params, opt=opt, best=best), loss
 
 
 def sample_indices(num_samples: int, per_step: int, iters: int, seed: int) -> list[Tensor]:
@@ -209,132 +272,77 @@ def sample_indices(num_samples: int, per_step: int, iters: int, seed: int) -> li
     return out
 
 
-def _split(idx: Tensor, parts: int) -> list[Tensor]:
+def split_step(idx: Tensor, parts: int) -> list[Tensor]:
+    """One step's sample indices cut into `parts` consecutive sub-batches (none empty)."""
     return [c for c in torch.chunk(idx, parts) if c.numel()]
 
 
-def want_compile(device: torch.device | str | None, compile: Optional[bool] = None) -> bool:
-    """Whether to torch.compile the tuning step: on by default on CUDA only (never on HPU or the
-    CPU, where eager is what the tests pin down); `SIGNROUND_COMPILE=0/1` overrides the default."""
-    if compile is not None:
-        return bool(compile)
-    env = os.environ.get("SIGNROUND_COMPILE")
-    if env is not None:
-        return env.strip().lower() not in ("0", "false", "no", "off", "")
-    return device is not None and torch.device(device).type == "cuda"
+def step_batches(inputs: BlockInputs, targets: Tensor, recipe: Recipe) -> Iterator[StepParts]:
+    """The recipe's steps over `inputs`/`targets` as they lie: every iteration's sub-batches
+    (gradient_accumulate_steps of them) and its sample count."""
+    per_step = recipe.batch_size * recipe.gradient_accumulate_steps
+    for rows in sample_indices(inputs.num_samples, per_step, recipe.iters, recipe.seed):
+        subs = split_step(rows, recipe.gradient_accumulate_steps)
+        yield [(inputs.select(r.to(inputs.hidden.device)), targets.index_select(0, r.to(targets.device)))
+               for r in subs], int(rows.numel())
 
 
-_COMPILED: dict[str, Callable[..., Any]] = {}
-
-
-def _compiled(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-    """One torch.compile wrapper per function (dynamic shapes after the first recompile, so every
-    layer shape of every block shares two graphs at most)."""
-    if name not in _COMPILED:
-        _COMPILED[name] = torch.compile(fn)
-    return _COMPILED[name]
-
-
-def compiled_qdq() -> QdqFn:
-    """A `QdqFn` that runs `qdq_tensors` through torch.compile (fused forward and backward)."""
-    fn = _compiled("qdq", qdq_tensors)
-
-    def qdq(gw: GroupedWeight, spec: QuantSpec, params: RoundingParams) -> Tensor:
-        return fn(gw.grouped, gw.wmin, gw.wmax, params.v, params.alpha, params.beta, spec, gw.in_features, gw.dtype)
-
-    return qdq
+def result(state: TuneState, prepared: Mapping[str, GroupedWeight], specs: Mapping[str, QuantSpec],
+           recipe: Recipe) -> dict[str, QuantizedWeight]:
+    """The chosen iterate per layer: the best one, or the last with `use_best=False`."""
+    if recipe.use_best:
+        return best_iterate.to_quantized(state.best, prepared, specs)
+    with torch.no_grad():
+        return {k: best_iterate.quantized_of(prepared[k], specs[k],
+                                             best_iterate.codes_of(prepared[k], specs[k], state.params[k]),
+                                             state.params[k].alpha, state.params[k].beta) for k in specs}
 
 
 def tune_block(block_fn: BlockFn, weights: Mapping[str, Tensor], specs: Mapping[str, QuantSpec],
                inputs: BlockInputs, targets: Tensor, recipe: Recipe, *,
-               device: torch.device | str | None = None,
-               after_step: Optional[Callable[[], None]] = None, compile: Optional[bool] = None,
-               shard: tuple[int, int] = (0, 1), reduce: Optional[ReduceFn] = None) -> TuneResult:
+               batches: Optional[Iterable[StepParts]] = None, ops: QdqOps = QdqOps(),
+               reduce: Optional[ReduceFn] = None, optimizer: Optional[SignSGD] = None) -> TuneResult:
     """Tune the rounding of every weight in `specs` so the quantized block matches `targets`.
 
-    weights: all tensors the block function needs (name → tensor, on the compute device).
-    inputs/targets: calibration inputs and full-precision outputs (may live on the CPU; each
-    mini-batch is moved to `device`). after_step: called after each optimizer step (HPU mark_step).
-    compile: torch.compile the qdq and the optimizer update (None = on CUDA only, see
-    `want_compile`); the values are the same as eager, and a compile failure falls back to eager.
-    shard/reduce: data parallelism. shard = (rank, world): every rank draws the recipe's global
-    step batch (batch_size × gradient_accumulate_steps samples, the same as one process), cuts it
-    into gradient_accumulate_steps × world sub-batches and works on its share of them;
-    `reduce(loss, grads)` must return their sums over ranks (an all-reduce), so every rank takes
-    the same step. The recipe's math is unchanged; the result equals one process cutting each step
-    batch the same way (batch_size / world per sub-batch, gradient_accumulate_steps × world of them).
+    weights: all tensors the block function needs (name → tensor). inputs/targets: calibration
+    inputs and full-precision outputs. Runtime, all optional: batches — the steps' sub-batches
+    (default `step_batches(inputs, targets, recipe)`, on the inputs' device; the engine passes its
+    own, moved to the compute device and split across data-parallel ranks); ops — the qdq halves
+    (compiled ones from the engine on CUDA); reduce — sums loss and gradients over ranks;
+    optimizer — default `sign_sgd` of the recipe. The state is donated from step to step (nothing
+    the caller passed in is modified).
     """
-    rank, shards = shard
-    if not 0 <= rank < shards:
-        raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard}")
-    recipe.check_ranks(shards)
     prepared = prepare(weights, specs)
-    params, state = init_params(prepared, specs, recipe)
+    state = init(prepared, specs, recipe, optimizer)
     if recipe.iters == 0:
         nan = float("nan")
-        return TuneResult(params=params, losses=torch.zeros(0), best_loss=nan, first_loss=nan, iters=0)
-    per_step = recipe.batch_size * recipe.gradient_accumulate_steps
-    schedule = sample_indices(inputs.num_samples, per_step, recipe.iters, recipe.seed)
-    # All indices go to the devices once: no host-to-device copy (and no implicit sync) per step.
-    rows_in = torch.stack(schedule).to(inputs.hidden.device)
-    rows_tgt = rows_in if targets.device == inputs.hidden.device else torch.stack(schedule).to(targets.device)
-    out_device = device or targets.device
-    use_compile = want_compile(device or inputs.hidden.device, compile)
-    qdq_fn = compiled_qdq() if use_compile else None
-    step_fn = _compiled("layer_step", signsgd.layer_step) if use_compile else None
-    lrs = signsgd.lr_table(state.config, out_device) if use_compile else None
-
-    def one(t: int, params: dict, state: signsgd.SignSGDState, qdq_fn: Optional[QdqFn], step_fn: Any):
-        # The global step batch is cut into `parts` sub-batches; with data parallelism each rank
-        # takes its own share of them and `reduce` sums the ranks' weighted losses and gradients.
-        parts = recipe.gradient_accumulate_steps * shards
-        pairs = list(zip(_split(rows_in[t], parts), _split(rows_tgt[t], parts)))[rank::shards]
-        batches = [(inputs.select(a, device), targets.index_select(0, b).to(out_device)) for a, b in pairs]
-        loss_sum, grad_sum = accumulate(block_fn, weights, prepared, specs, params, batches, qdq_fn=qdq_fn,
-                                        total=int(rows_in[t].numel()))
-        if reduce is not None:
-            loss_sum, grad_sum = reduce(loss_sum, grad_sum)
-        if step_fn is None:
-            new_params, new_state = signsgd.update(grad_sum, params, state, loss_sum)
-        else:
-            new_params, new_state = signsgd.update_with(step_fn, lrs, grad_sum, params, state, loss_sum)
-        return new_params, new_state, loss_sum
-
+        return TuneResult(quantized=result(state, prepared, specs, recipe), params=state.params,
+                          losses=torch.zeros(0), best_loss=nan, first_loss=nan, iters=0)
     losses = []
-    for t in range(recipe.iters):
-        if t == 0 and use_compile:
-            try:
-                new = one(t, params, state, qdq_fn, step_fn)
-            except Exception as exc:  # noqa: BLE001 - any compiler failure: run eager instead
-                warnings.warn(f"torch.compile of the tuning step failed ({type(exc).__name__}: {exc}); "
-                              "running eager", RuntimeWarning, stacklevel=2)
-                qdq_fn = step_fn = None
-                if hasattr(block_fn, "disable_compile"):
-                    block_fn.disable_compile()
-                new = one(t, params, state, None, None)
-        else:
-            new = one(t, params, state, qdq_fn, step_fn)
-        params, state, loss = new
+    for parts in (batches if batches is not None else step_batches(inputs, targets, recipe)):
+        state, loss = step(block_fn, weights, prepared, specs, state, parts, ops=ops, reduce=reduce, donate=True)
         losses.append(loss)
-        if after_step is not None:
-            after_step()
     history = torch.stack(losses).float().cpu()  # one host sync, after the loop
-    final = state.best if recipe.use_best else params
     best = float(history.min()) if recipe.use_best else float(history[-1])
-    return TuneResult(params=dict(final), losses=history, best_loss=best, first_loss=float(history[0]),
-                      iters=recipe.iters)
+    return TuneResult(quantized=result(state, prepared, specs, recipe), params=dict(state.params), losses=history,
+                      best_loss=best, first_loss=float(history[0]), iters=len(losses))
 
 
 @torch.no_grad()
 def block_loss(block_fn: BlockFn, weights: Mapping[str, Tensor], inputs: BlockInputs, targets: Tensor,
-               batch_size: int = 8, device: torch.device | str | None = None) -> float:
+               batch_size: int = 8) -> float:
     """Mean squared error of `block_fn(weights)` against `targets` over all samples (for reports)."""
     total, count = 0.0, 0
     for start in range(0, inputs.num_samples, batch_size):
-        idx = torch.arange(start, min(start + batch_size, inputs.num_samples))
-        batch = inputs.select(idx, device)
-        tgt = targets.index_select(0, idx.to(targets.device)).to(device or targets.device)
+        idx = torch.arange(start, min(start + batch_size, inputs.num_samples), device=inputs.hidden.device)
+        batch = inputs.select(idx)
+        tgt = targets.index_select(0, idx.to(targets.device))
         n = idx.numel()
         total += float(masked_mse(block_fn(weights, batch), tgt, batch.loss_mask)) * n
         count += n
     return total / max(count, 1)
+
+
+__all__ = ["BlockFn", "BlockInputs", "LOSS_SCALE", "ReduceFn", "StepParts", "TuneResult", "TuneState", "accumulate",
+           "block_loss", "init", "loss_and_grads", "masked_mse", "optimizer_for", "prepare",
+           "quantized_weights", "result", "sample_indices", "split_step", "step", "step_batches", "tune_block"]

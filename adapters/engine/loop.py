@@ -29,8 +29,8 @@ from signround.adapters.hf.pure import PureBlock, as_pure, weight_name, write_ba
 from signround.adapters.engine.report import BlockReport, LayerResult, QuantReport
 from signround.adapters.engine.distributed import DataParallel
 from signround.adapters.engine.resume import ResumeStore
-from signround.rounding import (BlockInputs, QuantSpec, Recipe, RoundingParams, masked_mse, quantize_weight,
-                                tune_block)
+from signround.adapters.engine import runtime
+from signround.rounding import BlockInputs, QuantSpec, QuantizedWeight, Recipe, masked_mse, quantize_weight
 
 
 Placement = list[tuple[nn.Module, str, bool, torch.device]]
@@ -111,7 +111,7 @@ def run_block(fn: PureBlock, weights: Mapping[str, Tensor], inputs: BlockInputs,
     total = torch.zeros((), dtype=torch.float64, device=accel.device) if targets is not None else None
     for start in range(0, n, batch_size):
         idx = torch.arange(start, min(start + batch_size, n))
-        batch = inputs.select(idx, accel.device)
+        batch = runtime.select(inputs, idx, accel.device)
         y = fn(weights, batch)
         if targets is not None:
             tgt = targets[start:start + idx.numel()].to(accel.device, non_blocking=True)
@@ -128,14 +128,15 @@ def run_block(fn: PureBlock, weights: Mapping[str, Tensor], inputs: BlockInputs,
 
 
 def quantize_weights(weights: Mapping[str, Tensor], specs: Mapping[str, QuantSpec],
-                     params: Optional[Mapping[str, RoundingParams]], names: Mapping[str, str],
+                     quantized: Optional[Mapping[str, QuantizedWeight]], names: Mapping[str, str],
                      ) -> tuple[dict[str, Tensor], dict[str, LayerResult]]:
     """Quantized weights (dequantized, in the weight's dtype) and LayerResults for every layer in
-    `specs` (weight name → spec); `params` None = RTN; `names`: weight name → full layer name."""
+    `specs` (weight name → spec); `quantized` None = RTN, else the tuned codes/scales per weight
+    name; `names`: weight name → full layer name."""
     qweights, results = {}, {}
     for key, spec in specs.items():
         w = weights[key]
-        q = quantize_weight(w, spec, None if params is None else params[key])
+        q = quantize_weight(w, spec) if quantized is None else quantized[key]
         qweights[key] = q.dequantize(w.dtype)
         layer = key.rsplit(".", 1)[0]
         results[layer] = LayerResult(name=names[key], spec=spec, scale=q.scale.cpu(), zero=q.zero.cpu())
@@ -191,16 +192,13 @@ def _tune_one(block: nn.Module, captured: CapturedInputs, index: int, x_fp: Tens
         return targets, out_q, {}, loss, loss
     rtn_weights, rtn_results = quantize_weights(weights, specs, None, names)
     _, loss_rtn = run_block(fn, {**weights, **rtn_weights}, inputs_q, accel, bs, targets, keep_outputs=False)
-    dp = {} if data_parallel is None else dict(shard=(data_parallel.rank, data_parallel.world),
-                                               reduce=data_parallel.reduce)
-    tuned = tune_block(fn, weights, specs, inputs_q, targets, recipe, device=accel.device, after_step=accel.after_step,
-                       **dp)
+    tuned = runtime.tune(fn, weights, specs, inputs_q, targets, recipe, accel, data_parallel)
     bad = (~torch.isfinite(tuned.losses)).nonzero()
     if bad.numel():
         raise FloatingPointError(f"block {captured.prefix}.{index}: the tuning loss became NaN/Inf at iteration "
                                  f"{int(bad[0])} (layers {sorted(names.values())[:3]}…); try recipe 'rtn' for this "
                                  "model, a smaller lr, or float32 activations (amp=False)")
-    qweights, results = quantize_weights(weights, specs, tuned.params, names)
+    qweights, results = quantize_weights(weights, specs, tuned.quantized, names)
     _, loss_tuned = run_block(fn, {**weights, **qweights}, inputs_q, accel, bs, targets, keep_outputs=False)
     if recipe.use_best and loss_rtn is not None and loss_tuned is not None and loss_tuned > loss_rtn:
         # The best iterate is picked on mini-batch losses; on all samples RTN (iteration 0) can still

@@ -23,7 +23,7 @@ import orjson
 import torch
 from torch import nn
 
-from signround.adapters.engine import distributed
+from signround.adapters.engine import distributed, runtime
 from signround.adapters.hf.blocks import BLOCK_REGISTRY, LayerPlan, blocks_of, find_block_lists, select_layers
 from signround.adapters.engine.loop import quantize_model
 from signround.adapters.engine.report import QuantReport
@@ -177,7 +177,7 @@ class AutoRound:
         if self.data_parallel is not None and device is None:
             device = self.data_parallel.device()
         if self.data_parallel is not None:  # before any data is read
-            self.recipe.check_ranks(self.data_parallel.world)
+            runtime.check_ranks(self.recipe, self.data_parallel.world)
         self.device = self._check_device(device)
         self.low_gpu_mem_usage = bool(low_gpu_mem_usage)
         self.skip_bad_samples = bool(skip_bad_samples)

@@ -1,0 +1,154 @@
+"""Runtime policy for block tuning, decided here and nowhere else.
+
+The core (`signround.rounding`) computes the method and takes its runtime as arguments; this
+module chooses them for a device:
+- compile: the qdq halves go through torch.compile on CUDA by default (`SIGNROUND_COMPILE` forces
+  it on or off), with inductor told to honour every precision cast (the fp16 rounding of scales is
+  part of the grid). Before first use, the compiled halves are checked once per process against
+  eager on a small layer; a compiler failure falls back to eager with one warning.
+- batches: each step's samples are drawn by the core's epoch sampler, cut into sub-batches, split
+  across data-parallel ranks, and moved to the compute device here; on Gaudi, `mark_step()` runs at
+  every step boundary (when the next step's batch is asked for).
+- donation: the tuning state is always donated from step to step (the core's in-place path).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Iterator, Mapping, Optional
+
+import attrs
+import torch
+from torch import Tensor
+
+from signround.adapters.engine import env as environment
+from signround.adapters.engine.device import Accelerator
+from signround.adapters.engine.distributed import DataParallel
+from signround.rounding import (BlockInputs, QdqOps, QuantSpec, Recipe, StepParts, TuneResult, group_weight,
+                                qdq_forward, qdq_vjp, sample_indices, split_step, tune_block)
+from signround.rounding.grid import qdq_tensors
+from signround.rounding.recompute import qdq_vjp_functional
+
+# inductor may otherwise keep fp32 precision across a `.to(float16).float()` round trip, which
+# would tune on scales that are not the stored fp16 ones.
+COMPILE_OPTIONS = {"emulate_precision_casts": True}
+
+
+@attrs.frozen
+class Runtime:
+    """How tuning runs on one device: compiled qdq halves or not, block forward compiled or not."""
+
+    compile: bool
+    compile_block: bool
+
+
+def policy(accel: Accelerator, env: Optional[environment.Env] = None) -> Runtime:
+    """The runtime for `accel`: compile on CUDA unless SIGNROUND_COMPILE says otherwise (never on HPU
+    by default, where lazy mode builds its own graphs, nor on the CPU)."""
+    env = env or environment.read()
+    cuda = accel.device.type == "cuda"
+    return Runtime(compile=env.compile if env.compile is not None else cuda, compile_block=cuda and env.compile_block)
+
+
+_COMPILED: dict[str, Any] = {}  # per process: compiled functions are shared by every block
+
+
+def _compiled_ops() -> QdqOps:
+    if "ops" not in _COMPILED:
+        fwd = torch.compile(qdq_tensors, dynamic=None, options=COMPILE_OPTIONS)
+        vjp = torch.compile(qdq_vjp_functional, dynamic=None, options=COMPILE_OPTIONS)
+
+        def forward(*args: Any) -> Tensor:
+            with torch.no_grad():
+                return fwd(*args)
+
+        _COMPILED["ops"] = QdqOps(forward=forward, vjp=vjp)
+    return _COMPILED["ops"]
+
+
+def _probe(ops: QdqOps, device: torch.device) -> None:
+    """Run the compiled halves once on a small random layer of each grid kind (raises on a compiler
+    failure; also triggers the compile before the first timed step)."""
+    gen = torch.Generator().manual_seed(0)
+    for sym in (True, False):
+        spec = QuantSpec(bits=4, group_size=32, sym=sym)
+        w = torch.randn(64, 96, generator=gen).to(device, torch.bfloat16)
+        gw = group_weight(w, spec)
+        v = (torch.rand(64, 96, generator=gen) - 0.5).to(device)
+        a, b = torch.rand(64, 3, generator=gen).to(device), torch.rand(64, 3, generator=gen).to(device)
+        g = torch.randn(64, 96, generator=gen).to(device, torch.bfloat16)
+        ops.forward(gw.grouped, gw.wmin, gw.wmax, v, a, b, spec, 96, torch.bfloat16)
+        ops.vjp(gw.grouped, gw.wmin, gw.wmax, v, a, b, spec, 96, torch.bfloat16, g)
+
+
+def qdq_ops(runtime: Runtime, device: torch.device) -> QdqOps:
+    """The qdq halves for this runtime: compiled (checked once per process) or eager."""
+    if not runtime.compile:
+        return QdqOps(forward=qdq_forward, vjp=qdq_vjp)
+    key = f"checked:{device.type}"
+    if key not in _COMPILED:
+        try:
+            _probe(_compiled_ops(), device)
+            _COMPILED[key] = True
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: eager from now on
+            warnings.warn(f"torch.compile of the tuning step failed ({type(exc).__name__}: {str(exc)[:200]}); "
+                          "running eager", RuntimeWarning, stacklevel=2)
+            _COMPILED[key] = False
+    return _compiled_ops() if _COMPILED[key] else QdqOps(forward=qdq_forward, vjp=qdq_vjp)
+
+
+def to_device(inputs: BlockInputs, device: torch.device) -> BlockInputs:
+    """`inputs` on `device` (copies are asynchronous where the source allows it)."""
+    def move(x: Any) -> Any:
+        if isinstance(x, Tensor):
+            return x.to(device, non_blocking=True)
+        if isinstance(x, tuple):
+            return tuple(move(y) for y in x)
+        return x
+
+    return BlockInputs(hidden=move(inputs.hidden), per_sample={k: move(v) for k, v in inputs.per_sample.items()},
+                       shared={k: move(v) for k, v in inputs.shared.items()}, loss_mask=move(inputs.loss_mask))
+
+
+def select(inputs: BlockInputs, idx: Tensor, device: torch.device) -> BlockInputs:
+    """The samples at `idx` of inputs stored anywhere, on the compute `device`."""
+    return to_device(inputs.select(idx.to(inputs.hidden.device)), device)
+
+
+def check_ranks(recipe: Recipe, world: int) -> None:
+    """Data parallelism splits each step batch (batch_size × gradient_accumulate_steps samples)
+    over `world` ranks: refuse a split that leaves a rank without a sample."""
+    per_step = recipe.batch_size * recipe.gradient_accumulate_steps
+    if recipe.iters and per_step < world:
+        raise ValueError(f"data parallel over {world} ranks splits each step's batch of batch_size × "
+                         f"gradient_accumulate_steps = {per_step} samples across the ranks; it needs at "
+                         f"least one sample per rank: use batch_size >= {world}, or fewer ranks")
+
+
+def step_batches(inputs: BlockInputs, targets: Tensor, recipe: Recipe, accel: Accelerator,
+                 data_parallel: Optional[DataParallel] = None) -> Iterator[StepParts]:
+    """Every step's sub-batches on the compute device, as `rounding.step_batches` draws them, with
+    this rank's share under data parallelism: the global step batch is cut into
+    gradient_accumulate_steps × world sub-batches and rank r takes every world-th from r."""
+    rank, world = (0, 1) if data_parallel is None else (data_parallel.rank, data_parallel.world)
+    check_ranks(recipe, world)
+    per_step = recipe.batch_size * recipe.gradient_accumulate_steps
+    parts = recipe.gradient_accumulate_steps * world
+    for rows in sample_indices(inputs.num_samples, per_step, recipe.iters, recipe.seed):
+        mine = split_step(rows, parts)[rank::world]
+        yield ([(select(inputs, r, accel.device), targets.index_select(0, r.to(targets.device)).to(accel.device,
+                                                                                                   non_blocking=True))
+                for r in mine], int(rows.numel()))
+        if accel.after_step is not None:  # the step that used this batch is done
+            accel.after_step()
+
+
+def tune(fn: Any, weights: Mapping[str, Tensor], specs: Mapping[str, QuantSpec], inputs: BlockInputs,
+         targets: Tensor, recipe: Recipe, accel: Accelerator, data_parallel: Optional[DataParallel] = None,
+         runtime: Optional[Runtime] = None) -> TuneResult:
+    """Tune one block with the runtime this device gets (see the module docstring)."""
+    runtime = runtime or policy(accel)
+    return tune_block(fn, weights, specs, inputs, targets, recipe,
+                      batches=step_batches(inputs, targets, recipe, accel, data_parallel),
+                      ops=qdq_ops(runtime, accel.device),
+                      reduce=None if data_parallel is None else data_parallel.reduce)
