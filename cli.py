@@ -196,25 +196,42 @@ def demo(
 @app.command()
 @user_errors
 def bench(
-    layers: int = typer.Option(4, help="Decoder blocks."),
-    hidden: int = typer.Option(1536, help="Hidden size (Qwen2-VL-2B: 1536)."),
-    intermediate: int = typer.Option(8960, help="MLP width (Qwen2-VL-2B: 8960)."),
-    heads: int = typer.Option(12, help="Attention heads."),
-    kv_heads: int = typer.Option(2, help="Key/value heads."),
-    iters: int = typer.Option(200, help="Tuning iterations per block."),
-    nsamples: int = typer.Option(128, help="Calibration samples."),
-    seqlen: int = typer.Option(2048, help="Tokens per sample."),
-    batch_size: int = typer.Option(8, help="Samples per step."),
+    dims: str = typer.Option("2b", help="Block dimensions: 2b (Qwen2-VL-2B text), 8b (Llama-3-8B), "
+                             "70b (Llama-3-70B), tiny (seconds on a CPU)."),
+    layers: Optional[int] = typer.Option(None, help="Decoder blocks (default: the preset's)."),
+    hidden: Optional[int] = typer.Option(None, help="Hidden size."),
+    intermediate: Optional[int] = typer.Option(None, help="MLP width."),
+    heads: Optional[int] = typer.Option(None, help="Attention heads."),
+    kv_heads: Optional[int] = typer.Option(None, help="Key/value heads."),
+    vocab: Optional[int] = typer.Option(None, help="Vocabulary size."),
+    model_type: Optional[str] = typer.Option(None, help="Decoder architecture (default qwen2; llama, …)."),
+    iters: Optional[int] = typer.Option(None, help="Tuning iterations per block (default 200)."),
+    nsamples: Optional[int] = typer.Option(None, help="Calibration samples (default 128)."),
+    seqlen: Optional[int] = typer.Option(None, help="Tokens per sample (default 2048)."),
+    batch_size: Optional[int] = typer.Option(None, help="Samples per step (default 8)."),
+    bits: Optional[int] = typer.Option(None, help="Weight bits (default 4)."),
+    group_size: Optional[int] = typer.Option(None, help="Group size (default 128)."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the random model and data (default 0)."),
     device: Optional[str] = typer.Option(None, help="Device (default: best available)."),
+    dtype: Optional[str] = typer.Option(None, help="Model dtype on accelerators: bfloat16 (default), float16, "
+                                        "float32; always float32 on the CPU."),
+    low_gpu_mem_usage: bool = typer.Option(False, help="Ours: keep the activation cache on the CPU."),
     reference: bool = typer.Option(True, help="Also run the auto-round package, when installed, and print ratios."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here."),
+    reference_low_mem: bool = typer.Option(False, help="Also run auto-round with its low_gpu_mem_usage."),
+    profile: Optional[Path] = typer.Option(None, help="CUDA: profile one block's tuning steps into this "
+                                           "directory (ops table, memory snapshot)."),
+    profile_iters: Optional[int] = typer.Option(None, help="Tuning steps under the profiler (default 25)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write every number as JSON here."),
 ) -> None:
-    """Time per-block tuning and peak memory on a random Qwen2-shaped model (vs auto-round when installed)."""
-    from signround.adapters.frontends.bench import run_bench
+    """Per-block tuning time and peak memory on a random model of real block dimensions, vs auto-round."""
+    from signround.adapters.frontends.bench import BenchConfig, run_bench
 
-    run_bench(layers=layers, hidden=hidden, intermediate=intermediate, heads=heads, kv_heads=kv_heads, iters=iters,
-              nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, device=device, reference=reference,
-              json_out=json_out)
+    cfg = BenchConfig.preset(dims, layers=layers, hidden=hidden, intermediate=intermediate, heads=heads,
+                             kv_heads=kv_heads, vocab=vocab, model_type=model_type, iters=iters, nsamples=nsamples,
+                             seqlen=seqlen, batch_size=batch_size, bits=bits, group_size=group_size, seed=seed,
+                             device=device, dtype=dtype, low_gpu_mem_usage=low_gpu_mem_usage, reference=reference,
+                             reference_low_mem=reference_low_mem, profile=profile, profile_iters=profile_iters)
+    run_bench(cfg, json_out=json_out)
 
 
 @templates_app.command("list")

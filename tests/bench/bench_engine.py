@@ -1,6 +1,6 @@
-"""Thin wrapper: the benchmark lives in `signround.adapters.frontends.bench` (also `signround bench`).
+"""Thin wrapper: the benchmark lives in `signround.adapters.frontends.bench`; this is `signround bench`.
 
-    python tests/bench/bench_engine.py [--tiny] [--no-auto-round] [...]   # flags: see --help
+    python tests/bench/bench_engine.py --dims tiny --no-reference      # flags: see --help
 """
 
 import sys
