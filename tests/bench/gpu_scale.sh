@@ -30,7 +30,7 @@ set -uo pipefail
 PART=${1:?usage: bash tests/bench/gpu_scale.sh a|b|tiny}
 REPO=$PWD
 OUT=${OUT:-/tmp/gpu_scale-out}
-mkdir -p "$OUT"
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)  # absolute: the bench runs from /tmp
 LOG=$OUT/gpu_scale-$PART.log
 : >"$LOG"
 PY=${PYTHON:-python3}
