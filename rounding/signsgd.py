@@ -63,11 +63,11 @@ class SignSGD:
         """One layer's signed step at `state.step` (the step count is not advanced: see `advance`)."""
         lrs = state.lrs[state.step]
         lr, mlr = lrs[0], lrs[1]
-        if donate:
-            param.v.sub_(torch.sign(grad.v).mul_(lr))
+        if donate:  # v + sign·(−lr) is v − sign·lr exactly (negation and ±lr products are exact)
+            param.v.addcmul_(torch.sign(grad.v), lr.neg())
             if self.tune_minmax:
-                param.alpha.sub_(torch.sign(grad.alpha).mul_(mlr)).clamp_(0.0, 1.0)
-                param.beta.sub_(torch.sign(grad.beta).mul_(mlr)).clamp_(0.0, 1.0)
+                param.alpha.addcmul_(torch.sign(grad.alpha), mlr.neg()).clamp_(0.0, 1.0)
+                param.beta.addcmul_(torch.sign(grad.beta), mlr.neg()).clamp_(0.0, 1.0)
             return param
         v = param.v - torch.sign(grad.v) * lr
         if not self.tune_minmax:

@@ -59,10 +59,11 @@ def default_device() -> torch.device:
 class Accelerator:
     """Where tuning runs and what goes with it.
 
-    device: compute device. store_device: where cached block inputs/targets live (the CPU with
-    low_gpu_mem_usage; mini-batches are streamed to `device` per step). autocast_dtype: bf16 on
-    accelerators with amp, None (fp32) on the CPU. cache_dtype: dtype of cached hidden states.
-    after_step: called at every step boundary (HPU mark_step), or None.
+    device: compute device. store_device: where cached block inputs/targets live; on CUDA the
+    host by default, in pinned memory, with each step's rows copied ahead of use on a side stream
+    (see `CACHE_PLACES`). autocast_dtype: bf16 on accelerators with amp, None (fp32) on the CPU.
+    cache_dtype: dtype of cached hidden states. after_step: called at every step boundary (HPU
+    mark_step), or None.
     """
 
     device: torch.device
@@ -75,10 +76,28 @@ class Accelerator:
     def is_accelerator(self) -> bool:
         return self.device.type != "cpu"
 
+    @property
+    def pinned_cache(self) -> bool:
+        """The cache lives in page-locked host memory, so rows reach the GPU by asynchronous DMA."""
+        return self.store_device.type == "cpu" and self.device.type == "cuda"
+
+    def empty_cache(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised cache tensor where the cache lives (pinned when on the host for CUDA)."""
+        return torch.empty(shape, dtype=dtype, device=self.store_device, pin_memory=self.pinned_cache)
+
+
+#: where the activation cache may live: "auto" (the host for CUDA, where pinned rows stream to the
+#: GPU ahead of use at little cost; the device elsewhere), "device", "host"
+CACHE_PLACES = ("auto", "device", "host")
+
 
 def resolve(device: torch.device | str | None = None, *, amp: bool = True,
-            low_gpu_mem_usage: bool = False) -> Accelerator:
-    """An Accelerator for `device` ("cuda", "cuda:1", "xpu", "hpu", "cpu", or None = auto)."""
+            low_gpu_mem_usage: bool = False, cache: str = "auto") -> Accelerator:
+    """An Accelerator for `device` ("cuda", "cuda:1", "xpu", "hpu", "cpu", or None = auto).
+
+    cache: see `CACHE_PLACES`; low_gpu_mem_usage=True means "host"."""
+    if cache not in CACHE_PLACES:
+        raise ValueError(f"cache placement must be one of {CACHE_PLACES}, got {cache!r}")
     dev = torch.device(device) if device is not None else default_device()
     if dev.type == "hpu" and _habana_core() is None:
         raise RuntimeError("device 'hpu' needs habana_frameworks.torch (Intel Gaudi software stack), "
@@ -89,7 +108,8 @@ def resolve(device: torch.device | str | None = None, *, amp: bool = True,
         core = _habana_core()
         after_step = core.mark_step
     dtype = torch.bfloat16 if (accel and amp) else None
-    store = torch.device("cpu") if low_gpu_mem_usage else dev
+    host = low_gpu_mem_usage or cache == "host" or (cache == "auto" and dev.type == "cuda")
+    store = torch.device("cpu") if host else dev
     return Accelerator(device=dev, store_device=store, autocast_dtype=dtype, cache_dtype=dtype, after_step=after_step)
 
 

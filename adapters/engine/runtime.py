@@ -55,8 +55,10 @@ _COMPILED: dict[str, Any] = {}  # per process: compiled functions are shared by 
 
 def _compiled_ops() -> QdqOps:
     if "ops" not in _COMPILED:
-        fwd = torch.compile(qdq_tensors, dynamic=None, options=COMPILE_OPTIONS)
-        vjp = torch.compile(qdq_vjp_functional, dynamic=None, options=COMPILE_OPTIONS)
+        # dynamic shapes from the start: one graph for every layer shape of every block (the probe
+        # below compiles it before the first block), instead of one per shape.
+        fwd = torch.compile(qdq_tensors, dynamic=True, options=COMPILE_OPTIONS)
+        vjp = torch.compile(qdq_vjp_functional, dynamic=True, options=COMPILE_OPTIONS)
 
         def forward(*args: Any) -> Tensor:
             with torch.no_grad():
@@ -110,9 +112,34 @@ def to_device(inputs: BlockInputs, device: torch.device) -> BlockInputs:
                        shared={k: move(v) for k, v in inputs.shared.items()}, loss_mask=move(inputs.loss_mask))
 
 
+def take_rows(t: Tensor, idx: Tensor, device: torch.device) -> Tensor:
+    """Rows `idx` of `t` on `device`. From pinned host memory each row goes by its own asynchronous
+    copy (a gather on the host would land in pageable memory and make the copy synchronous)."""
+    if t.device.type == "cpu" and device.type == "cuda" and t.is_pinned():
+        rows = idx.tolist()
+        out = torch.empty((len(rows), *t.shape[1:]), dtype=t.dtype, device=device)
+        for j, r in enumerate(rows):
+            out[j].copy_(t[r], non_blocking=True)
+        return out
+    return t.index_select(0, idx.to(t.device)).to(device, non_blocking=True)
+
+
 def select(inputs: BlockInputs, idx: Tensor, device: torch.device) -> BlockInputs:
     """The samples at `idx` of inputs stored anywhere, on the compute `device`."""
-    return to_device(inputs.select(idx.to(inputs.hidden.device)), device)
+    shared = to_device(BlockInputs(hidden=inputs.hidden[:0], shared=inputs.shared), device).shared
+    return BlockInputs(hidden=take_rows(inputs.hidden, idx, device),
+                       per_sample={k: take_rows(v, idx, device) for k, v in inputs.per_sample.items()},
+                       shared=shared,
+                       loss_mask=None if inputs.loss_mask is None else take_rows(inputs.loss_mask, idx, device))
+
+
+def _tensors(parts: Any) -> Iterator[Tensor]:
+    for batch, target in parts:
+        yield batch.hidden
+        yield target
+        yield from batch.per_sample.values()
+        if batch.loss_mask is not None:
+            yield batch.loss_mask
 
 
 def check_ranks(recipe: Recipe, world: int) -> None:
@@ -129,18 +156,43 @@ def step_batches(inputs: BlockInputs, targets: Tensor, recipe: Recipe, accel: Ac
                  data_parallel: Optional[DataParallel] = None) -> Iterator[StepParts]:
     """Every step's sub-batches on the compute device, as `rounding.step_batches` draws them, with
     this rank's share under data parallelism: the global step batch is cut into
-    gradient_accumulate_steps × world sub-batches and rank r takes every world-th from r."""
+    gradient_accumulate_steps × world sub-batches and rank r takes every world-th from r.
+
+    From a host cache on CUDA, step t+1's rows are copied on a side stream while step t computes."""
     rank, world = (0, 1) if data_parallel is None else (data_parallel.rank, data_parallel.world)
     check_ranks(recipe, world)
     per_step = recipe.batch_size * recipe.gradient_accumulate_steps
     parts = recipe.gradient_accumulate_steps * world
-    for rows in sample_indices(inputs.num_samples, per_step, recipe.iters, recipe.seed):
-        mine = split_step(rows, parts)[rank::world]
-        yield ([(select(inputs, r, accel.device), targets.index_select(0, r.to(targets.device)).to(accel.device,
-                                                                                                   non_blocking=True))
-                for r in mine], int(rows.numel()))
+    schedule = sample_indices(inputs.num_samples, per_step, recipe.iters, recipe.seed)
+    device = accel.device
+
+    def load(rows: Tensor) -> list[tuple[BlockInputs, Tensor]]:
+        return [(select(inputs, r, device), take_rows(targets, r, device)) for r in split_step(rows, parts)[rank::world]]
+
+    ahead = device.type == "cuda" and inputs.hidden.device.type == "cpu"
+    stream = torch.cuda.Stream(device) if ahead else None
+    pending = None
+    for t, rows in enumerate(schedule):
+        if stream is None:
+            mine = load(rows)
+        else:
+            if pending is None:
+                pending = _load_on(stream, load, rows)
+            mine, ready = pending
+            current = torch.cuda.current_stream(device)
+            current.wait_event(ready)
+            for x in _tensors(mine):  # allocated on the side stream, used on this one
+                x.record_stream(current)
+            pending = _load_on(stream, load, schedule[t + 1]) if t + 1 < len(schedule) else None
+        yield mine, int(rows.numel())
         if accel.after_step is not None:  # the step that used this batch is done
             accel.after_step()
+
+
+def _load_on(stream: Any, load: Any, rows: Tensor) -> tuple[Any, Any]:
+    with torch.cuda.stream(stream):
+        parts = load(rows)
+        return parts, stream.record_event()
 
 
 def tune(fn: Any, weights: Mapping[str, Tensor], specs: Mapping[str, QuantSpec], inputs: BlockInputs,

@@ -240,8 +240,19 @@ class _Store:
         except RuntimeError as err:
             raise ValueError(f"block argument {name!r} has different shapes across calibration batches "
                              f"({[tuple(v.shape) for v in values]}); pad every batch to the same seqlen") from err
-        self.per_sample[key] = stacked.to(self.store_device) if self.store_device else stacked
+        self.per_sample[key] = _stored(stacked, self.store_device)
         return Leaf(key, dim)
+
+
+def _stored(t: Tensor, device: Optional[torch.device], dtype: Optional[torch.dtype] = None) -> Tensor:
+    """`t` where the cache lives: in page-locked memory when that is the host and a GPU is present,
+    so that the engine's row copies to the GPU are asynchronous."""
+    device = device or t.device
+    dtype = dtype or t.dtype
+    if device.type == "cpu" and torch.cuda.is_available():
+        out = torch.empty(t.shape, dtype=dtype, device=device, pin_memory=True)
+        return out.copy_(t)
+    return t.to(device=device, dtype=dtype)
 
 
 @torch.no_grad()
@@ -346,7 +357,7 @@ def _assemble(prefix: str, hidden: list[Tensor], masks: list[Optional[Tensor]], 
     except RuntimeError as err:
         raise ValueError(f"calibration batches have different shapes {[tuple(h.shape) for h in hidden]}; "
                          "pad or truncate every batch to the same seqlen") from err
-    h_all = h_all.to(device=store_device or h_all.device, dtype=dtype or h_all.dtype)
+    h_all = _stored(h_all, store_device, dtype)
     loss_mask = None
     if all(m is not None for m in masks):
         m_all = torch.cat([m.to(h_all.device) for m in masks], dim=0)[:n]
