@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import inspect
 import json
 import logging
 import pickle
@@ -199,6 +200,14 @@ def block_losses(fp_model: Any, q_model: Any, batches: list[torch.Tensor], cfg: 
     return losses
 
 
+def _quantize(model: Any, batches: list[torch.Tensor], spec: QuantSpec, recipe: Any, accel: Accelerator,
+              dp: Any) -> Any:
+    """`quantize_model` without a progress bar, whether it takes `progress=` (until the engine
+    refactor) or reports through `on_block=` (None: silent)."""
+    quiet = {"progress": False} if "progress" in inspect.signature(quantize_model).parameters else {}
+    return quantize_model(model, batches, spec, recipe, device=accel, data_parallel=dp, **quiet)
+
+
 def steady(per_block: list[float]) -> float:
     """Median seconds per block after the first (the first carries compile and warm-up)."""
     rest = sorted(per_block[1:]) or per_block
@@ -227,7 +236,7 @@ def run_ours(model: Any, batches: list[torch.Tensor], cfg: BenchConfig, accel: A
     recipe = preset("default", iters=cfg.iters, nsamples=cfg.nsamples, seqlen=cfg.seqlen, batch_size=cfg.batch_size)
     resident = allocated(accel.device)
     start = time.perf_counter()
-    model, report = quantize_model(model, batches, spec, recipe, device=accel, progress=False, data_parallel=dp)
+    model, report = _quantize(model, batches, spec, recipe, accel, dp)
     total = time.perf_counter() - start
     per_block = [b.seconds for b in report.blocks]
     out = {"seconds": total, "setup_seconds": total - sum(per_block), **_timing(per_block),
@@ -462,7 +471,7 @@ def profile_block(cfg: BenchConfig, accel: Accelerator, batches: list[torch.Tens
     try:
         start = time.perf_counter()
         with profile(activities=activities) as prof:
-            _, report = quantize_model(model, batches, spec, recipe, device=accel, progress=False, data_parallel=None)
+            _, report = _quantize(model, batches, spec, recipe, accel, None)
         info["seconds"] = time.perf_counter() - start
         info["block_seconds"] = report.blocks[0].seconds
         info["peak_memory_bytes"] = report.peak_memory_bytes
