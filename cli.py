@@ -14,6 +14,8 @@ from typing import Any, Callable, List, Optional, TypeVar
 
 import typer
 
+from signround.adapters.checkpoint.formats import DEFAULT_FORMAT, FORMAT_NAMES
+
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Quantize LLMs and VLMs to 2-8-bit weights with sign-gradient rounding (AutoRound).")
 templates_app = typer.Typer(no_args_is_help=True, help="List, show, validate and render chat templates.")
@@ -25,10 +27,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 _state = {"debug": False}
 
 
-class Format(str, Enum):
-    auto_round = "auto_round"
-    auto_gptq = "auto_gptq"
-    fake = "fake"
+#: --format choices: the export formats of the checkpoint format table, nothing else
+Format = Enum("Format", {name: name for name in FORMAT_NAMES}, type=str)  # type: ignore[misc]
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -94,7 +94,7 @@ def quantize(
     device: Optional[str] = typer.Option(None, help="cuda, cuda:1, xpu, hpu, cpu (default: best available)."),
     dtype: str = typer.Option("auto", help="Load dtype: auto, bfloat16, float16, float32."),
     low_gpu_mem_usage: bool = typer.Option(False, help="Keep calibration activations on the CPU."),
-    format: List[Format] = typer.Option([Format.auto_round], "--format", help="Checkpoint format (repeatable)."),
+    format: List[Format] = typer.Option([Format(DEFAULT_FORMAT)], "--format", help="Checkpoint format (repeatable)."),
     skip_bad_samples: bool = typer.Option(False, help="Skip dataset samples with missing images instead of failing."),
     overwrite: bool = typer.Option(False, help="Replace a non-empty output directory."),
     dry_run: bool = typer.Option(False, help="Print the plan (blocks, layers, bits) and exit."),

@@ -14,49 +14,24 @@ import json
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
+from signround.adapters.checkpoint.config import build_quantization_config, in_blocks
 from signround.adapters.checkpoint.files import LayerQuant, atomic_dir, recover_codes, to_checkpoint_namer, write_safetensors
+from signround.adapters.checkpoint.formats import DEFAULT_FORMAT, FORMAT_NAMES, Packing, choose_packing, get_format
 from signround.adapters.checkpoint.qlinear import QuantLinear
 from signround.rounding.recipe import Recipe
 from signround.rounding.spec import QuantSpec
-
-FORMATS = ("auto_round", "auto_gptq")
-#: the auto-round release whose checkpoint layout we reproduce (written as `autoround_version`)
-AUTOROUND_COMPAT_VERSION = "0.16.1"
-QUANTIZED_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx", "bias")
-
-
-def signround_version() -> str:
-    try:
-        return metadata.version("signround")
-    except metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree
-        return "0+unknown"
 
 
 class HasGrid(Protocol):
     spec: QuantSpec
     scale: Tensor
     zero: Tensor
-
-
-def packing_format(fmt: str, spec: QuantSpec, layer_specs: Iterable[QuantSpec] = ()) -> str:
-    """auto_round: ``"auto_round:auto_gptq"`` (zero − 1) for sym; for asym ``"auto_round:auto_awq"``
-    when every quantized layer is 4-bit (what auto-round 0.16 writes, and the asym layout vLLM
-    loads), else native ``"auto_round"``. auto_gptq: ``"auto_gptq"``."""
-    if fmt == "auto_round":
-        if spec.sym:
-            return "auto_round:auto_gptq"
-        awq = spec.bits == 4 and all(s.bits == 4 for s in layer_specs)
-        return "auto_round:auto_awq" if awq else "auto_round"
-    if fmt == "auto_gptq":
-        return "auto_gptq"
-    raise ValueError(f"unknown format {fmt!r}; choose from {FORMATS}")
 
 
 def format_dirname(fmt: str) -> str:
@@ -68,10 +43,10 @@ def _formats(format: str | Sequence[str]) -> list[str]:
     fmts = [format] if isinstance(format, str) else list(format)
     fmts = [f.strip() for item in fmts for f in item.split(",") if f.strip()]
     if not fmts:
-        raise ValueError("format must name at least one of " + ", ".join(FORMATS))
+        raise ValueError("format must name at least one of " + ", ".join(FORMAT_NAMES))
     for f in fmts:
-        if f not in FORMATS:
-            raise ValueError(f"unknown export format {f!r}; supported: {', '.join(FORMATS)}")
+        if f not in FORMAT_NAMES:
+            raise ValueError(f"unknown export format {f!r}; supported: {', '.join(FORMAT_NAMES)}")
     return list(dict.fromkeys(fmts))
 
 
@@ -99,80 +74,7 @@ def _block_prefixes(model: nn.Module, names: Iterable[str],
     return list(found)
 
 
-def _in_blocks(name: str, prefixes: Sequence[str]) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in prefixes)
-
-
-def _spec_dict(spec: QuantSpec) -> dict[str, Any]:
-    return {"bits": spec.bits, "group_size": spec.group_size, "sym": spec.sym, "data_type": spec.data_type}
-
-
-def _recipe_fields(recipe: Recipe | None) -> dict[str, Any]:
-    """iters always; the other tuning knobs only when they differ from the defaults (informational)."""
-    if recipe is None:
-        return {}
-    default = Recipe()
-    out: dict[str, Any] = {"iters": recipe.iters}
-    if recipe.lr is not None and recipe.iters and abs(recipe.lr - 1.0 / recipe.iters) > 1e-12:
-        out["lr"] = recipe.lr
-    if recipe.minmax_lr is not None and abs(recipe.resolved_minmax_lr - recipe.resolved_lr) > 1e-12:
-        out["minmax_lr"] = recipe.minmax_lr
-    for key in ("nsamples", "seqlen", "batch_size", "gradient_accumulate_steps", "enable_minmax_tuning",
-                "enable_quanted_input"):
-        if getattr(recipe, key) != getattr(default, key):
-            out[key] = getattr(recipe, key)
-    if recipe.iters == 0:
-        out["enable_quanted_input"] = False  # nothing is fed forward without tuning (as 0.16.1 writes)
-    return out
-
-
-def quantization_config(
-    fmt: str,
-    spec: QuantSpec,
-    layer_specs: Mapping[str, QuantSpec],
-    fp_in_blocks: Iterable[str],
-    block_prefixes: Sequence[str],
-    checkpoint_block_prefixes: Sequence[str],
-    recipe: Recipe | None = None,
-    extra_info: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The `quantization_config` dict for `fmt` (see spec/format.md)."""
-    blocks = list(dict.fromkeys([*block_prefixes, *checkpoint_block_prefixes]))
-    overrides: dict[str, dict[str, Any]] = {}
-    for name, s in sorted(layer_specs.items()):
-        if not _in_blocks(name, block_prefixes):
-            overrides[name] = _spec_dict(s)  # e.g. lm_head: outside blocks, spelled out in full
-        elif s != spec:
-            overrides[name] = {k: v for k, v in _spec_dict(s).items() if _spec_dict(spec)[k] != v}
-    kept = {name: {"bits": 16} for name in sorted(fp_in_blocks)}
-    qc: dict[str, Any] = {**_spec_dict(spec), **_recipe_fields(recipe)}
-    if fmt == "auto_round":
-        qc.update(quant_method="auto-round", packing_format=packing_format(fmt, spec, layer_specs.values()),
-                  autoround_version=AUTOROUND_COMPAT_VERSION, signround_version=signround_version(),
-                  block_name_to_quantize=",".join(blocks))
-        if overrides or kept:
-            qc["extra_config"] = {**overrides, **kept}
-    else:
-        qc.update(quant_method="gptq", checkpoint_format="gptq", desc_act=False, true_sequential=False,
-                  static_groups=False, damp_percent=0.01, lm_head=any(not _in_blocks(n, block_prefixes)
-                                                                       for n in layer_specs),
-                  provider="signround", signround_version=signround_version(),
-                  block_name_to_quantize=checkpoint_block_prefixes[0] if len(checkpoint_block_prefixes) == 1
-                  else ",".join(checkpoint_block_prefixes))
-        dynamic = {f"+:^{_re_escape(n)}$": _spec_dict(s) for n, s in overrides.items()}
-        dynamic.update({f"-:^{_re_escape(n)}$": {} for n in kept})
-        if dynamic:
-            qc["dynamic"] = dynamic
-    if extra_info:
-        qc.update({k: v for k, v in extra_info.items() if v is not None})
-    return qc
-
-
-def _re_escape(name: str) -> str:
-    return name.replace(".", r"\.")
-
-
-def _pack(model: nn.Module, layer_results: Mapping[str, HasGrid], packing: str) -> dict[str, QuantLinear]:
+def _pack(model: nn.Module, layer_results: Mapping[str, HasGrid], packing: Packing) -> dict[str, QuantLinear]:
     """One QuantLinear per quantized layer (codes recovered and verified)."""
     packed: dict[str, QuantLinear] = {}
     for name, r in layer_results.items():
@@ -248,13 +150,13 @@ def _write_config(model: nn.Module, tmp: Path, qc: dict[str, Any], fmt: str) -> 
     path = tmp / "config.json"
     data = json.loads(path.read_text())
     data["quantization_config"] = qc
-    dtype = "float16" if fmt == "auto_gptq" else (data.get("dtype") or data.get("torch_dtype"))
+    f = get_format(fmt)
+    dtype = f.declared_dtype or data.get("dtype") or data.get("torch_dtype")
     if dtype is None:
         dtype = str(next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)).split(".")[-1]
     data["dtype"] = data["torch_dtype"] = dtype  # new and old spelling, for transformers 4.x and 5.x
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    name = "quantize_config.json" if fmt == "auto_gptq" else "quantization_config.json"
-    (tmp / name).write_text(json.dumps(qc, indent=2) + "\n")
+    (tmp / f.config_file).write_text(json.dumps(qc, indent=2) + "\n")
     gen = getattr(model, "generation_config", None)
     if gen is not None and getattr(model, "can_generate", lambda: False)():
         try:
@@ -268,19 +170,21 @@ def _export_one(model: nn.Module, layer_results: Mapping[str, HasGrid], tmp: Pat
                 extra_info: Mapping[str, Any] | None, max_shard_size: int | str,
                 side_files: tuple[Any, Any, Any]) -> tuple[dict[str, QuantLinear], dict[str, Any]]:
     """Write one format into `tmp`; returns the packed layers and the quantization_config."""
-    packing = packing_format(fmt, spec, [r.spec for r in layer_results.values()])
-    packed = _pack(model, layer_results, packing)
+    packed = _pack(model, layer_results, choose_packing(fmt, spec, [r.spec for r in layer_results.values()]))
     quantized_keys = {f"{n}.{k}" for n, ql in packed.items() for k in ql.state_dict()}
     # fp layers inside the blocks: every Linear under a block prefix that has no result
     fp_in_blocks = [n for n, m in model.named_modules()
-                    if isinstance(m, nn.Linear) and n not in layer_results and _in_blocks(n, block_prefixes)]
+                    if isinstance(m, nn.Linear) and n not in layer_results and in_blocks(n, block_prefixes)]
     namer = to_checkpoint_namer(model)
     ckpt_prefixes = list(dict.fromkeys(namer(f"{p}.0.weight")[0].rsplit(".0.weight", 1)[0] for p in block_prefixes))
-    qc = quantization_config(fmt, spec, {n: r.spec for n, r in layer_results.items()}, fp_in_blocks,
-                             block_prefixes, ckpt_prefixes, recipe, extra_info)
+    qc = build_quantization_config(fmt, spec, {n: r.spec for n, r in layer_results.items()}, fp_in_blocks,
+                                   block_prefixes, ckpt_prefixes, recipe, extra_info)
     state = _packed_state_dict(model, packed)
-    if fmt == "auto_gptq":  # declared fp16: float32 tensors follow (bf16 ones are kept, as the reference does)
-        state = {k: (v.half() if v.dtype == torch.float32 and k not in quantized_keys else v) for k, v in state.items()}
+    declared = get_format(fmt).declared_dtype
+    if declared is not None:  # float32 tensors follow the declared dtype (bf16 ones are kept, as the reference does)
+        target = getattr(torch, declared)
+        state = {k: (v.to(target) if v.dtype == torch.float32 and k not in quantized_keys else v)
+                 for k, v in state.items()}
     state = _checkpoint_state(model, state, quantized_keys)
     write_safetensors(state, tmp, max_shard_size)
     _write_config(model, tmp, qc, fmt)
@@ -293,7 +197,7 @@ def save_quantized(
     layer_results: Mapping[str, HasGrid],
     out_dir: str | Path,
     *,
-    format: str | Sequence[str] = "auto_round",
+    format: str | Sequence[str] = DEFAULT_FORMAT,
     inplace: bool = True,
     tokenizer: Any = None,
     processor: Any = None,

@@ -1,8 +1,11 @@
-"""`signround inspect`: what a checkpoint holds, read from config.json and safetensors headers only."""
+"""`signround inspect`: what a checkpoint holds, read from config.json and safetensors headers only.
+
+Each packed layer's grid comes from `config.parse_quantization_config` (the loader's reading), its
+in/out features from the packing's qweight layout.
+"""
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -10,7 +13,11 @@ from typing import Any
 import orjson
 from safetensors import safe_open
 
-QUANT_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx")
+from signround.adapters.checkpoint.config import CheckpointPlan, parse_quantization_config
+from signround.adapters.checkpoint.formats import PACKED_TENSORS, SYM_PACKING, Packing
+from signround.adapters.checkpoint.rules import is_full_precision
+
+QUANT_SUFFIXES = tuple(f".{t}" for t in PACKED_TENSORS)
 
 
 def _read_json(path: Path) -> Any:
@@ -27,16 +34,12 @@ def _shards(path: Path) -> list[Path]:
     return files
 
 
-def _layer_override(name: str, extra: dict[str, Any]) -> dict[str, Any]:
-    if name in extra:
-        return extra[name]
-    for key, value in extra.items():
-        try:
-            if re.search(key, name):
-                return value
-        except re.error:
-            continue
-    return {}
+def _reading(qc: dict[str, Any]) -> tuple[Packing | None, CheckpointPlan]:
+    """The packing (None when the config names none we know) and the per-layer plan."""
+    try:
+        return parse_quantization_config(qc)
+    except NotImplementedError:
+        return None, CheckpointPlan.of(qc)
 
 
 def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -49,7 +52,8 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{p} has no config.json, so it is not a Hugging Face checkpoint")
     config = _read_json(cfg_path)
     qc = config.get("quantization_config") or {}
-    extra = qc.get("extra_config") or {}
+    packing, plan = _reading(qc)
+    layout = packing or SYM_PACKING  # an unknown packing: assume the GPTQ row layout
     tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
     total_bytes = 0
     for shard in _shards(p):
@@ -63,22 +67,28 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
         if not key.endswith(".qweight"):
             continue
         name = key[: -len(".qweight")]
-        over = _layer_override(name, extra)
-        bits = int(over.get("bits", qc.get("bits", 0)))
-        group = int(over.get("group_size", qc.get("group_size", 0)))
-        sym = bool(over.get("sym", qc.get("sym", True)))
+        spec = plan.spec(name)
         scales = tensors.get(name + ".scales")
-        out_features = shape[1]
-        in_features = shape[0] * 32 // bits if bits else None
-        layers[name] = {"bits": bits, "group_size": group, "sym": sym, "in_features": in_features,
+        if spec is None:  # packed, though the config keeps it in full precision: nothing to read it with
+            in_features = out_features = None
+        else:
+            in_features, out_features = layout.features(shape, spec.bits)
+        layers[name] = {"bits": spec.bits if spec else None, "group_size": spec.group_size if spec else None,
+                        "sym": spec.sym if spec else None, "in_features": in_features,
                         "out_features": out_features, "groups": scales[1][0] if scales else None}
     fp_layers = sorted(k[: -len(".weight")] for k, (_d, s) in tensors.items()
                        if k.endswith(".weight") and len(s) == 2 and k[: -len(".weight")] not in layers)
+    # kept in full precision by a rule: layers of the checkpoint (extra_config, or GPTQ `dynamic` "-:"),
+    # and extra_config entries as written (module names, which may differ from the checkpoint's)
+    kept = {n for n in fp_layers if plan.kept_by_rule(n)}
+    kept.update(k for k, v in plan.extra_config.items()
+                if isinstance(v, dict) and is_full_precision(v.get("bits", 0)))
     dtypes = Counter(d for k, (d, _s) in tensors.items() if not k.endswith(QUANT_SUFFIXES))
     return {
         "path": str(p),
         "quant_method": qc.get("quant_method"),
         "packing_format": qc.get("packing_format"),
+        "packing": packing.name if packing else None,
         "bits": qc.get("bits"),
         "group_size": qc.get("group_size"),
         "sym": qc.get("sym"),
@@ -87,7 +97,7 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
         "bits_histogram": {str(k): n for k, n in Counter(v["bits"] for v in layers.values()).items()},
         "layers": layers,
         "full_precision_2d_weights": fp_layers,
-        "kept_fp_by_config": sorted(k for k, v in extra.items() if int(v.get("bits", 0)) >= 16),
+        "kept_fp_by_config": sorted(kept),
         "other_tensor_dtypes": dict(dtypes),
         "tensors": len(tensors),
         "size_bytes": total_bytes,
@@ -102,12 +112,12 @@ def print_inspection(info: dict[str, Any]) -> None:
 
     console = Console()
     head = Table(show_header=False, title=f"checkpoint {info['path']}")
-    for key in ("quant_method", "packing_format", "bits", "group_size", "sym", "block_name_to_quantize",
+    for key in ("quant_method", "packing_format", "packing", "bits", "group_size", "sym", "block_name_to_quantize",
                 "quantized_layers", "bits_histogram", "tensors"):
         head.add_row(key, str(info[key]))
     head.add_row("size", f"{info['size_bytes'] / 2**20:.1f} MiB")
     head.add_row("full-precision 2-D weights", str(len(info["full_precision_2d_weights"])))
-    head.add_row("kept fp by extra_config", ", ".join(info["kept_fp_by_config"]) or "-")
+    head.add_row("kept fp by the config", ", ".join(info["kept_fp_by_config"]) or "-")
     console.print(head)
     table = Table(title="quantized layers")
     for col in ("layer", "bits", "group", "sym", "in", "out"):

@@ -1,15 +1,14 @@
 """`load_quantized(path)`: a Hugging Face model with our `QuantLinear`s, from a local checkpoint.
 
-Reads `auto_round` (both packings) and `auto_gptq` checkpoints, ours or the auto-round
-package's. Local files only: nothing is fetched from the Hub. The model is built with empty
-(meta) parameters, quantized Linears are swapped for `QuantLinear`, and the safetensors are
-assigned in place, so peak memory is about the checkpoint's size.
+Reads `auto_round` (every packing) and `auto_gptq` checkpoints, ours or the auto-round
+package's; `config.parse_quantization_config` tells the packing and each layer's grid. Local
+files only: nothing is fetched from the Hub. The model is built with empty (meta) parameters,
+quantized Linears are swapped for `QuantLinear`, and the safetensors are assigned in place, so
+peak memory is about the checkpoint's size.
 """
 
 from __future__ import annotations
 
-import json
-import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -17,64 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from signround.adapters.checkpoint.config import parse_quantization_config, read_quantization_config
 from signround.adapters.checkpoint.files import checkpoint_keys, from_checkpoint_namer, iter_tensors
 from signround.adapters.checkpoint.qlinear import QuantLinear
-from signround.rounding.spec import QuantSpec
-
-
-def read_quantization_config(path: Path) -> dict[str, Any]:
-    """`quantization_config` from config.json, else quantization_config.json / quantize_config.json."""
-    cfg = json.loads((path / "config.json").read_text())
-    qc = cfg.get("quantization_config")
-    for name in ("quantization_config.json", "quantize_config.json"):
-        if qc is None and (path / name).is_file():
-            qc = json.loads((path / name).read_text())
-    if qc is None:
-        raise ValueError(f"{path} has no quantization_config (config.json, quantization_config.json or "
-                         "quantize_config.json): not a quantized checkpoint")
-    return qc
-
-
-def packing_of(qc: dict[str, Any]) -> str:
-    """The `QuantLinear` packing a quantization_config describes."""
-    method = str(qc.get("quant_method", "")).lower()
-    if method == "gptq":
-        return "auto_round:gptqmodel" if qc.get("checkpoint_format") == "gptq_v2" else "auto_gptq"
-    if "auto-round" in method or "auto_round" in method or method == "intel/auto-round":
-        fmt = str(qc.get("packing_format", "auto_round:auto_gptq"))
-        if fmt == "auto_round:auto_awq":
-            return fmt
-        if fmt in ("auto_round", "auto_round:gptqmodel"):
-            return "auto_round" if fmt == "auto_round" else "auto_round:gptqmodel"
-        if "gptq" in fmt:
-            return "auto_round:auto_gptq"
-        raise NotImplementedError(f"packing_format {fmt!r} is not supported by signround's loader")
-    raise NotImplementedError(f"quant_method {qc.get('quant_method')!r} is not supported by signround's loader")
-
-
-def _match(overrides: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any] | None:
-    for n in names:
-        if n in overrides:
-            return overrides[n]
-    for key, value in overrides.items():
-        pattern = key.split(":", 1)[1] if key[:2] in ("+:", "-:") else key
-        try:
-            if any(re.fullmatch(pattern, n) or re.search(pattern, n) and pattern.startswith("^") for n in names):
-                return {"bits": 16} if key.startswith("-:") else value
-        except re.error:
-            continue
-    return None
-
-
-def layer_spec(qc: dict[str, Any], *names: str) -> QuantSpec | None:
-    """The grid of a layer (any of its `names`: module / checkpoint) or None when it stays in fp."""
-    cfg = {k: qc[k] for k in ("bits", "group_size", "sym") if k in qc}
-    extra = _match(qc.get("extra_config") or {}, names) or _match(qc.get("dynamic") or {}, names)
-    if extra:
-        cfg.update({k: extra[k] for k in ("bits", "group_size", "sym") if k in extra})
-    if int(cfg.get("bits", 16)) > 8:
-        return None
-    return QuantSpec(bits=int(cfg["bits"]), group_size=int(cfg.get("group_size", 128)), sym=bool(cfg.get("sym", True)))
 
 
 def _dtype(value: Any) -> torch.dtype | None:
@@ -145,7 +89,7 @@ def load_quantized(
         raise FileNotFoundError(f"{path} is not a local checkpoint directory (no config.json); "
                                 "load_quantized never downloads")
     qc = read_quantization_config(path)
-    packing = packing_of(qc)
+    packing, plan = parse_quantization_config(qc)
     config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     dtype = dtype or _dtype(getattr(config, "dtype", None)) or _stored_dtype(path)
     cls = model_class or _model_class(config)
@@ -170,7 +114,7 @@ def load_quantized(
             continue
         name, ckpt_name = module_key[: -len(".qweight")], ckpt_key[: -len(".qweight")]
         linear = model.get_submodule(name)
-        spec = layer_spec(qc, name, ckpt_name)
+        spec = plan.spec(name, ckpt_name)
         if spec is None:
             raise ValueError(f"{ckpt_name} has packed weights but the quantization_config keeps it at 16 bits")
         if not isinstance(linear, nn.Linear):

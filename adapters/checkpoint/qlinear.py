@@ -1,12 +1,8 @@
 """`QuantLinear`: a Linear layer stored as packed integer codes, dequantized in pure torch.
 
-Three tensor layouts (see spec/format.md), told apart by `packing`:
-
-- ``"auto_round:auto_gptq"``: GPTQ v1 words, qzeros hold zero − 1, no g_idx (auto_round, sym).
-- ``"auto_round"``: the same words, qzeros hold the zero point as is (auto_round, asym).
-- ``"auto_gptq"``: like ``"auto_round:auto_gptq"`` plus ``g_idx`` int32 [in_features].
-- ``"auto_round:auto_awq"`` (4-bit, read for auto-round 0.16's asym checkpoints): qweight
-  int32 [in, out/8] packed along out with AWQ's column interleave, zero points as is.
+The tensor layout is one of the packings of `formats.PACKINGS` (spec/format.md): GPTQ words packed
+along the input dimension with the zero point stored as z − 1 (GPTQ v1) or as is, with or without
+a ``g_idx``; or AWQ's 4-bit layout, packed along the output dimension with interleaved columns.
 
 Dequantization goes through `rounding` (unpack_rows/unpack_cols, `QuantizedWeight.dequantize`):
 the same grid the tuner and the exporter use.
@@ -17,28 +13,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from signround.adapters.checkpoint.formats import AWQ_ORDER, AWQ_SLOT, SYM_PACKING, Packing, get_packing
 from signround.rounding.grid import QuantizedWeight
 from signround.rounding.pack import pack_cols, pack_rows, unpack_cols, unpack_rows
 from signround.rounding.spec import QuantSpec
-
-#: packing name → (value subtracted from the zero point before packing, has g_idx, AWQ layout)
-PACKINGS: dict[str, tuple[int, bool, bool]] = {
-    "auto_round:auto_gptq": (1, False, False),
-    "auto_round": (0, False, False),
-    "auto_round:gptqmodel": (0, True, False),
-    "auto_gptq": (1, True, False),
-    "auto_round:auto_awq": (0, False, True),
-}
-#: AWQ word slot s (bits 4s..4s+3) holds column AWQ_ORDER[s] of each run of 8 output columns
-AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
-AWQ_SLOT = (0, 4, 1, 5, 2, 6, 3, 7)  # column p sits in slot AWQ_SLOT[p]
-
-
-def _check_packing(packing: str) -> tuple[int, bool, bool]:
-    try:
-        return PACKINGS[packing]
-    except KeyError:
-        raise ValueError(f"unknown packing {packing!r}; known: {sorted(PACKINGS)}") from None
 
 
 def _awq_reorder(x: Tensor, order: tuple[int, ...]) -> Tensor:
@@ -50,7 +28,7 @@ def _awq_reorder(x: Tensor, order: tuple[int, ...]) -> Tensor:
 class QuantLinear(nn.Module):
     """y = x · dequant(qweight, qzeros, scales)ᵀ + bias.
 
-    Buffers (all persistent, named as in checkpoints): ``qweight`` int32 [K·bits/32, N],
+    Buffers (all persistent, named as in checkpoints): ``qweight`` int32 [K·bits/32, N] (AWQ: [K, N·bits/32]),
     ``qzeros`` int32 [G, N·bits/32], ``scales`` fp16 [G, N], ``bias`` fp16 [N] (if any),
     ``g_idx`` int32 [K] (auto_gptq only). `compute_dtype` is the dtype `weight` is dequantized to
     when no input dtype is at hand. With `cache_weight` the dequantized weight is kept after the
@@ -64,31 +42,29 @@ class QuantLinear(nn.Module):
         spec: QuantSpec,
         *,
         bias: bool,
-        packing: str = "auto_round:auto_gptq",
+        packing: str | Packing = SYM_PACKING.name,
         compute_dtype: torch.dtype = torch.float16,
         cache_weight: bool = False,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        zero_offset, has_g_idx, awq = _check_packing(packing)
-        if awq and spec.bits != 4:
-            raise ValueError(f"the AWQ layout is 4-bit only, got {spec.bits} bits")
+        layout = get_packing(packing)
+        layout.check_bits(spec.bits)
         self.in_features = in_features
         self.out_features = out_features
         self.spec = spec
-        self.packing = packing
-        self.zero_offset = zero_offset
-        self.awq = awq
+        self.layout = layout
+        self.packing = layout.name
         self.compute_dtype = compute_dtype
         self.cache_weight = cache_weight
         bits = spec.bits
         groups = spec.num_groups(in_features)
         kw = {"device": device}
-        qshape = (in_features, -(-out_features * bits // 32)) if awq else (-(-in_features * bits // 32), out_features)
+        qshape = layout.qweight_shape(in_features, out_features, bits)
         self.register_buffer("qweight", torch.zeros(*qshape, dtype=torch.int32, **kw))
         self.register_buffer("qzeros", torch.zeros(groups, -(-out_features * bits // 32), dtype=torch.int32, **kw))
         self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16, **kw))
-        if has_g_idx:
+        if layout.has_g_idx:
             gs = spec.effective_group_size(in_features)
             self.register_buffer("g_idx", (torch.arange(in_features, device=device) // gs).to(torch.int32))
         else:
@@ -105,7 +81,7 @@ class QuantLinear(nn.Module):
         qw: QuantizedWeight,
         bias: Tensor | None = None,
         *,
-        packing: str = "auto_round:auto_gptq",
+        packing: str | Packing = SYM_PACKING.name,
         compute_dtype: torch.dtype = torch.float16,
         name: str = "",
     ) -> "QuantLinear":
@@ -113,10 +89,10 @@ class QuantLinear(nn.Module):
         out_features, in_features = qw.codes.shape
         layer = cls(in_features, out_features, qw.spec, bias=bias is not None, packing=packing,
                     compute_dtype=compute_dtype, device=qw.codes.device)
-        zeros = qw.zero.to(torch.int64) - layer.zero_offset
-        if layer.zero_offset and int(zeros.min()) < 0:
+        zeros = qw.zero.to(torch.int64) - layer.layout.zero_offset
+        if layer.layout.zero_offset and int(zeros.min()) < 0:
             raise ValueError(
-                f"layer {name or '<unnamed>'}: a zero point of 0 cannot be stored in the {packing!r} layout "
+                f"layer {name or '<unnamed>'}: a zero point of 0 cannot be stored in the {layer.packing!r} layout "
                 "(it stores zero - 1, GPTQ v1); use format 'auto_round' (native packing) for asymmetric weights"
             )
         bits = qw.spec.bits
@@ -124,7 +100,7 @@ class QuantLinear(nn.Module):
             if size % unit:
                 raise ValueError(f"layer {name or '<unnamed>'}: {what}={size} is not a multiple of {unit}; "
                                  f"{bits}-bit packing needs both dimensions divisible by 32 — keep it in full precision")
-        if layer.awq:
+        if layer.layout.awq:
             layer.qweight = pack_cols(_awq_reorder(qw.codes.t().contiguous(), AWQ_ORDER), bits)
             layer.qzeros = pack_cols(_awq_reorder(zeros.t().contiguous(), AWQ_ORDER), bits)
         else:
@@ -138,12 +114,12 @@ class QuantLinear(nn.Module):
     def quantized_weight(self) -> QuantizedWeight:
         """Unpack to codes [out, in], scale [out, groups] (fp16), zero [out, groups] (int32)."""
         bits = self.spec.bits
-        if self.awq:
+        if self.layout.awq:
             codes = _awq_reorder(unpack_cols(self.qweight, bits), AWQ_SLOT).t()
             zeros = _awq_reorder(unpack_cols(self.qzeros, bits), AWQ_SLOT)
         else:
             codes = unpack_rows(self.qweight, bits, self.in_features).t()
-            zeros = unpack_cols(self.qzeros, bits)[:, : self.out_features] + self.zero_offset
+            zeros = unpack_cols(self.qzeros, bits)[:, : self.out_features] + self.layout.zero_offset
         return QuantizedWeight(codes=codes.contiguous(), scale=self.scales.t().contiguous(),
                                zero=zeros.t().contiguous(), spec=self.spec)
 

@@ -8,12 +8,12 @@ the text-decoder (and vision) lists of known families; anything else goes throug
 
 from __future__ import annotations
 
-import re
 from typing import Any, Iterable, Mapping, Optional, Union
 
 import attrs
 from torch import nn
 
+from signround.adapters.checkpoint import rules
 from signround.rounding import QuantSpec
 
 VISION_MARKERS = ("vision", "visual", "image", "img")
@@ -124,22 +124,14 @@ LayerOverride = Union[QuantSpec, Mapping[str, Any]]
 
 
 def _override_for(name: str, layer_config: Mapping[str, LayerOverride]) -> Optional[LayerOverride]:
-    if name in layer_config:
-        return layer_config[name]
-    for key, value in layer_config.items():
-        if re.search(key, name):
-            return value
-    return None
+    """layer_config's rule for `name` (`checkpoint.rules.match_rule`: exact name, else the first re.search)."""
+    rule = rules.match_rule(layer_config, name)
+    return None if rule is None else rule.override
 
 
 def _apply_override(spec: QuantSpec, override: LayerOverride) -> Optional[QuantSpec]:
-    """The layer's spec after an override; None means keep full precision (bits >= 16)."""
-    if isinstance(override, QuantSpec):
-        return override
-    fields = {k: override[k] for k in ("bits", "group_size", "sym", "data_type") if k in override}
-    if int(fields.get("bits", spec.bits)) >= 16:
-        return None
-    return attrs.evolve(spec, **fields)
+    """The layer's spec after an override; None means keep full precision (`checkpoint.rules`: bits > 8)."""
+    return rules.apply_override(spec, override)
 
 
 def _shape_problem(out_features: int, in_features: int, spec: QuantSpec) -> Optional[str]:

@@ -11,7 +11,7 @@ from checkpoint_helpers import logits, rtn_state, tiny_tokenizer
 from tiny_models import VLM_FAMILIES, tiny_text_model, tiny_vlm
 
 from signround.adapters.checkpoint.export import save_quantized
-from signround.adapters.checkpoint.loader import layer_spec, load_quantized
+from signround.adapters.checkpoint.loader import load_quantized
 from signround.adapters.checkpoint.qlinear import QuantLinear
 from signround.rounding import QuantSpec
 
@@ -126,17 +126,3 @@ def test_inplace_packed_model_equals_loaded(tmp_path: Path) -> None:
     for a, b, c in ((logits(model), logits(loaded), logits(fake)),):
         torch.testing.assert_close(a, c, rtol=0, atol=1e-4)
         torch.testing.assert_close(b, c, rtol=0, atol=1e-4)
-
-
-def test_layer_spec_lookup() -> None:
-    qc = {"bits": 4, "group_size": 128, "sym": True,
-          "extra_config": {"model.layers.0.mlp.down_proj": {"bits": 16}, r".*\.o_proj": {"bits": 8, "sym": False},
-                           "lm_head": {"bits": 4, "group_size": 32, "sym": True, "data_type": "int"}}}
-    assert layer_spec(qc, "model.layers.0.mlp.down_proj") is None
-    assert layer_spec(qc, "model.layers.3.self_attn.o_proj") == QuantSpec(8, 128, False)
-    assert layer_spec(qc, "lm_head") == QuantSpec(4, 32, True)
-    assert layer_spec(qc, "model.layers.3.mlp.up_proj") == QuantSpec(4, 128, True)
-    gptq = {"bits": 4, "group_size": 128, "sym": True, "dynamic": {r"-:^model\.layers\.0\.mlp\.down_proj$": {},
-                                                                    r"+:.*\.o_proj$": {"bits": 8}}}
-    assert layer_spec(gptq, "model.layers.0.mlp.down_proj") is None
-    assert layer_spec(gptq, "model.layers.2.self_attn.o_proj") == QuantSpec(8, 128, True)

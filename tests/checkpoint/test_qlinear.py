@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from signround.adapters.checkpoint.qlinear import AWQ_ORDER, PACKINGS, QuantLinear
+from signround.adapters.checkpoint.formats import AWQ_ORDER, PACKINGS
+from signround.adapters.checkpoint.qlinear import QuantLinear
 from signround.rounding import QuantSpec, QuantizedWeight, quantize_weight
 
 SPECS = [QuantSpec(b, 32, s) for b in (2, 3, 4, 8) for s in (True, False)]
@@ -20,7 +21,7 @@ def _weight(out_f: int = 64, in_f: int = 128, seed: int = 0) -> torch.Tensor:
 def test_roundtrip_is_exact(spec: QuantSpec, packing: str) -> None:
     w = _weight()
     qw = quantize_weight(w, spec)
-    if PACKINGS[packing][0] and int(qw.zero.min()) == 0:
+    if PACKINGS[packing].zero_offset and int(qw.zero.min()) == 0:
         pytest.skip("zero point 0 is not representable with zero - 1")
     ql = QuantLinear.from_quantized(qw, torch.randn(64) * 0.01, packing=packing, compute_dtype=torch.float32)
     back = ql.quantized_weight()

@@ -1,0 +1,168 @@
+"""The one table of checkpoint layouts: packings (how a Linear's codes lie in int32 words) and the
+export formats that use them (see spec/format.md).
+
+A *packing* is what `QuantLinear` needs to read or write a layer's tensors: the zero-point offset,
+whether a ``g_idx`` is stored, and the word layout (GPTQ rows or AWQ columns). An *export format*
+is what `save_quantized(format=...)` writes: a `quant_method`, a side config file, and the rule
+choosing the packing for a plan (`choose_packing`). `packing_of_config` reads a packing back from
+a `quantization_config`. Nothing else in the code spells a packing name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+if TYPE_CHECKING:  # pragma: no cover
+    from signround.rounding.spec import QuantSpec
+
+#: AWQ word slot s (bits 4s..4s+3) holds column AWQ_ORDER[s] of each run of 8 output columns
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+AWQ_SLOT = (0, 4, 1, 5, 2, 6, 3, 7)  # column p sits in slot AWQ_SLOT[p]
+#: the tensors a packed Linear `name` stores as `name.<suffix>` (plus `name.bias` when it has one)
+PACKED_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
+AUTO_ROUND_METHOD = "auto-round"
+GPTQ_METHOD = "gptq"
+_GPTQ_BITS = (2, 3, 4, 5, 6, 7, 8)  # the bit stream of rounding/pack.py holds any width
+
+
+@attrs.frozen
+class Packing:
+    """One tensor layout of a packed Linear (K = in_features, N = out_features).
+
+    zero_offset: subtracted from the zero point before it is packed (GPTQ v1 stores z − 1).
+    has_g_idx: a ``g_idx`` int32 [K] is stored. awq: qweight is [K, N·bits/32] packed along N with
+    AWQ's column interleave (`AWQ_ORDER`), else [K·bits/32, N] packed along K. bits: the widths
+    the layout holds. packing_format / checkpoint_format: how a `quantization_config` names it
+    under quant_method ``auto-round`` / ``gptq`` (None: not spelled there).
+    """
+
+    name: str
+    zero_offset: int
+    has_g_idx: bool
+    awq: bool
+    bits: tuple[int, ...]
+    packing_format: str | None = None
+    checkpoint_format: str | None = None
+
+    @property
+    def layout(self) -> str:
+        return "AWQ" if self.awq else "GPTQ"
+
+    def check_bits(self, bits: int) -> None:
+        if bits not in self.bits:
+            widths = "/".join(str(b) for b in self.bits)
+            raise ValueError(f"the {self.layout} layout is {widths}-bit only, got {bits} bits")
+
+    def qweight_shape(self, in_features: int, out_features: int, bits: int) -> tuple[int, int]:
+        if self.awq:
+            return in_features, -(-out_features * bits // 32)
+        return -(-in_features * bits // 32), out_features
+
+    def features(self, qweight_shape: tuple[int, ...], bits: int) -> tuple[int, int]:
+        """(in_features, out_features) of a layer from its qweight shape (the inverse of `qweight_shape`
+        for the multiple-of-32 shapes that are packed)."""
+        rows, cols = qweight_shape[0], qweight_shape[1]
+        if self.awq:
+            return rows, cols * 32 // bits
+        return rows * 32 // bits, cols
+
+
+PACKINGS: Mapping[str, Packing] = {p.name: p for p in (
+    Packing("auto_round:auto_gptq", 1, False, False, _GPTQ_BITS, packing_format="auto_round:auto_gptq"),
+    Packing("auto_round", 0, False, False, _GPTQ_BITS, packing_format="auto_round"),
+    # read only: auto-round's GPTQModel packing, and GPTQModel's own `checkpoint_format: gptq_v2`
+    Packing("auto_round:gptqmodel", 0, True, False, _GPTQ_BITS, packing_format="auto_round:gptqmodel",
+            checkpoint_format="gptq_v2"),
+    Packing("auto_gptq", 1, True, False, _GPTQ_BITS, checkpoint_format="gptq"),
+    Packing("auto_round:auto_awq", 0, False, True, (4,), packing_format="auto_round:auto_awq"),
+)}
+SYM_PACKING = PACKINGS["auto_round:auto_gptq"]  # auto_round, sym; also QuantLinear's default
+NATIVE_PACKING = PACKINGS["auto_round"]  # auto_round, asym (GPTQ v1 cannot hold z = 0)
+AWQ_PACKING = PACKINGS["auto_round:auto_awq"]  # auto_round, asym with every layer 4-bit
+GPTQ_PACKING = PACKINGS["auto_gptq"]
+
+
+def get_packing(name: str | Packing) -> Packing:
+    """The table entry for a packing name (a `Packing` is returned as is)."""
+    if isinstance(name, Packing):
+        return name
+    try:
+        return PACKINGS[name]
+    except KeyError:
+        raise ValueError(f"unknown packing {name!r}; known: {sorted(PACKINGS)}") from None
+
+
+@attrs.frozen
+class ExportFormat:
+    """A checkpoint format `save_quantized` writes.
+
+    quant_method: its `quantization_config.quant_method`. config_file: the side file holding the
+    `quantization_config` alone. declared_dtype: the dtype config.json declares and float32
+    tensors are cast to (None: the model's own).
+    """
+
+    name: str
+    quant_method: str
+    config_file: str
+    declared_dtype: str | None = None
+
+    def choose_packing(self, spec: QuantSpec, layer_specs: Iterable[QuantSpec] = ()) -> Packing:
+        """auto_round: ``auto_round:auto_gptq`` (zero − 1) for a sym global grid; asym goes into the
+        AWQ layout when every quantized layer has a width it holds (4-bit: what auto-round 0.16
+        writes, and the asym layout vLLM loads), else native ``auto_round``. auto_gptq: ``auto_gptq``."""
+        if self.quant_method == GPTQ_METHOD:
+            return GPTQ_PACKING
+        if spec.sym:
+            return SYM_PACKING
+        awq = spec.bits in AWQ_PACKING.bits and all(s.bits in AWQ_PACKING.bits for s in layer_specs)
+        return AWQ_PACKING if awq else NATIVE_PACKING
+
+
+EXPORT_FORMATS: Mapping[str, ExportFormat] = {f.name: f for f in (
+    ExportFormat("auto_round", AUTO_ROUND_METHOD, "quantization_config.json"),
+    ExportFormat("auto_gptq", GPTQ_METHOD, "quantize_config.json", declared_dtype="float16"),
+)}
+FORMAT_NAMES = tuple(EXPORT_FORMATS)
+DEFAULT_FORMAT = FORMAT_NAMES[0]
+
+
+def get_format(name: str) -> ExportFormat:
+    try:
+        return EXPORT_FORMATS[name]
+    except KeyError:
+        raise ValueError(f"unknown format {name!r}; choose from {FORMAT_NAMES}") from None
+
+
+def choose_packing(fmt: str, spec: QuantSpec, layer_specs: Iterable[QuantSpec] = ()) -> Packing:
+    """The packing `save_quantized(format=fmt)` uses for a plan (see `ExportFormat.choose_packing`)."""
+    return get_format(fmt).choose_packing(spec, layer_specs)
+
+
+def is_auto_round_method(method: str) -> bool:
+    """auto-round's spellings of its quant_method ("auto-round", "intel/auto-round", "auto_round")."""
+    return any(s in method.lower() for s in (AUTO_ROUND_METHOD, "auto_round"))
+
+
+def packing_of_config(qc: Mapping[str, Any]) -> Packing:
+    """The packing a `quantization_config` describes.
+
+    gptq: ``checkpoint_format`` (``gptq_v2`` → zero points as is), else ``auto_gptq``. auto-round:
+    ``packing_format`` (default ``auto_round:auto_gptq``); an unknown spelling that mentions gptq is
+    read as ``auto_round:auto_gptq``. Raises NotImplementedError for anything else.
+    """
+    method = str(qc.get("quant_method", "")).lower()
+    if method == GPTQ_METHOD:
+        fmt = qc.get("checkpoint_format")
+        return next((p for p in PACKINGS.values() if fmt and p.checkpoint_format == fmt), GPTQ_PACKING)
+    if is_auto_round_method(method):
+        fmt = str(qc.get("packing_format", SYM_PACKING.packing_format))
+        found = next((p for p in PACKINGS.values() if p.packing_format == fmt), None)
+        if found is not None:
+            return found
+        if "gptq" in fmt:
+            return SYM_PACKING
+        raise NotImplementedError(f"packing_format {fmt!r} is not supported by signround's loader")
+    raise NotImplementedError(f"quant_method {qc.get('quant_method')!r} is not supported by signround's loader")
