@@ -216,6 +216,8 @@ def bench(
     dtype: Optional[str] = typer.Option(None, help="Model dtype on accelerators: bfloat16 (default), float16, "
                                         "float32; always float32 on the CPU."),
     low_gpu_mem_usage: bool = typer.Option(False, help="Ours: keep the activation cache on the CPU."),
+    cache: Optional[str] = typer.Option(None, help="Ours: where the activation cache lives: auto, device, host "
+                                        "(default: the engine's)."),
     reference: bool = typer.Option(True, help="Also run the auto-round package, when installed, and print ratios."),
     reference_low_mem: bool = typer.Option(False, help="Also run auto-round with its low_gpu_mem_usage."),
     profile: Optional[Path] = typer.Option(None, help="CUDA: profile one block's tuning steps into this "
@@ -229,7 +231,7 @@ def bench(
     cfg = BenchConfig.preset(dims, layers=layers, hidden=hidden, intermediate=intermediate, heads=heads,
                              kv_heads=kv_heads, vocab=vocab, model_type=model_type, iters=iters, nsamples=nsamples,
                              seqlen=seqlen, batch_size=batch_size, bits=bits, group_size=group_size, seed=seed,
-                             device=device, dtype=dtype, low_gpu_mem_usage=low_gpu_mem_usage, reference=reference,
+                             device=device, dtype=dtype, low_gpu_mem_usage=low_gpu_mem_usage, cache=cache, reference=reference,
                              reference_low_mem=reference_low_mem, profile=profile, profile_iters=profile_iters)
     run_bench(cfg, json_out=json_out)
 

@@ -104,6 +104,7 @@ class BenchConfig:
     device: Optional[str] = None  # cuda, cpu, … (None: best available)
     dtype: str = attrs.field(default="bfloat16", validator=attrs.validators.in_(("bfloat16", "float16", "float32")))
     low_gpu_mem_usage: bool = False  # ours: keep the activation cache on the CPU
+    cache: Optional[str] = None  # ours: activation cache on auto, device or host; None: the engine's default
     reference: bool = True  # also run auto-round, when it imports
     reference_low_mem: bool = False  # also run auto-round with low_gpu_mem_usage=True
     profile: Optional[Path] = None  # write the profile and memory snapshot here (CUDA only)
@@ -206,6 +207,16 @@ def _quantize(model: Any, batches: list[torch.Tensor], spec: QuantSpec, recipe: 
     refactor) or reports through `on_block=` (None: silent)."""
     quiet = {"progress": False} if "progress" in inspect.signature(quantize_model).parameters else {}
     return quantize_model(model, batches, spec, recipe, device=accel, data_parallel=dp, **quiet)
+
+
+def _resolve(cfg: BenchConfig) -> Accelerator:
+    """The Accelerator for `cfg`; `cfg.cache` is passed on only when set (engines before the cache
+    placement option take no `cache=`)."""
+    if cfg.cache is None:
+        return resolve(cfg.device, low_gpu_mem_usage=cfg.low_gpu_mem_usage)
+    if "cache" not in inspect.signature(resolve).parameters:
+        raise ValueError("--cache needs an engine with cache placement (adapters/engine/device.py resolve(cache=))")
+    return resolve(cfg.device, low_gpu_mem_usage=cfg.low_gpu_mem_usage, cache=cfg.cache)
 
 
 def steady(per_block: list[float]) -> float:
@@ -559,14 +570,14 @@ def run_bench(cfg: BenchConfig, json_out: Optional[Path] = None) -> dict[str, An
         cfg = attrs.evolve(cfg, reference=False, reference_low_mem=False, profile=None,
                            device=cfg.device or dp.device())
     main = dp is None or dp.is_main
-    accel = resolve(cfg.device, low_gpu_mem_usage=cfg.low_gpu_mem_usage)
+    accel = _resolve(cfg)
     dtype = getattr(torch, cfg.dtype) if accel.is_accelerator else torch.float32
     t0 = time.perf_counter()
     fp_model = build_model(cfg, accel.device, dtype)
     build_seconds = time.perf_counter() - t0
     batches = make_batches(cfg)
     result: dict[str, Any] = {
-        "dims": cfg.dims, "device": str(accel.device),
+        "dims": cfg.dims, "device": str(accel.device), "cache_device": str(accel.store_device),
         "gpu": torch.cuda.get_device_name(accel.device) if accel.device.type == "cuda" else None,
         "gpu_memory_bytes": (torch.cuda.get_device_properties(accel.device).total_memory
                              if accel.device.type == "cuda" else None),
@@ -636,6 +647,7 @@ def print_table(r: Mapping[str, Any]) -> None:
     print(f"dims {r['dims']} ({c['layers']}×{c['hidden']}/{c['intermediate']}, {c['heads']}/{c['kv_heads']} heads, "
           f"vocab {c['vocab']}; {c['iters']} iters, {c['nsamples']}×{c['seqlen']}, bs {c['batch_size']}, "
           f"W{c['bits']} G{c['group_size']})  device {r['device']} {r['gpu'] or ''}  torch {r['torch']}{ranks}")
+    print(f"ours: activation cache on {r.get('cache_device')}")
     print(f"one model copy {gib(r['model_bytes'])} GiB (embeddings {gib(r['embedding_bytes'])} GiB); "
           f"resident at start = the fp model + the tool's copy")
     print(f"{'':22}{'s/block':>8}{'steady':>8}{'first':>8}{'+first':>8}{'peak GiB':>10}{'net GiB':>9}"

@@ -19,10 +19,10 @@ SUMMARY_KEYS = {"ours_steady_s", "ref_steady_s", "ours_peak_gib", "ref_peak_gib"
 def test_bench_runs_tiny_and_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     res = CliRunner().invoke(app, ["bench", "--dims", "tiny", "--iters", "3", "--device", "cpu", "--no-reference",
-                                   "--profile", str(tmp_path / "prof"), "--json", str(out)])
+                                   "--cache", "device", "--profile", str(tmp_path / "prof"), "--json", str(out)])
     assert res.exit_code == 0, res.output
     result = json.loads(out.read_text())
-    assert result["world_size"] == 1 and "auto_round" not in result
+    assert result["world_size"] == 1 and "auto_round" not in result and result["cache_device"] == "cpu"
     assert result["config"]["iters"] == 3 and result["config"]["hidden"] == 64  # override on top of the preset
     ours = result["signround"]
     assert len(ours["seconds_per_block"]) == 2 and len(ours["block_loss"]) == 2
