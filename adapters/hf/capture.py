@@ -91,18 +91,22 @@ class CallLayout:
 
     def build(self, inputs: BlockInputs) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """(args, kwargs) for the block, from a (mini-batch of) BlockInputs."""
-        def value(spec: Any) -> Any:
-            if isinstance(spec, tuple):
-                return tuple(value(s) for s in spec)
-            if spec.batch_dim is None:
-                return inputs.shared[spec.key]
-            return inputs.per_sample[spec.key].movedim(0, spec.batch_dim)
-
-        kwargs = {k: value(s) for k, s in self.kwargs.items()}
+        kwargs = {k: _value(s, inputs) for k, s in self.kwargs.items()}
         if self.hidden_kwarg is not None:
             kwargs[self.hidden_kwarg] = inputs.hidden
-            return tuple(value(s) for s in self.positional), kwargs
-        return (inputs.hidden, *(value(s) for s in self.positional)), kwargs
+            return tuple(_value(s, inputs) for s in self.positional), kwargs
+        return (inputs.hidden, *(_value(s, inputs) for s in self.positional)), kwargs
+
+
+def _value(spec: Any, inputs: BlockInputs) -> Any:
+    """One argument rebuilt from its Leaf (or tuple of Leafs). A module-level function on purpose:
+    a recursive closure is a reference cycle that would keep every mini-batch's tensors (on the
+    GPU) alive until Python's cyclic collector runs."""
+    if isinstance(spec, tuple):
+        return tuple(_value(s, inputs) for s in spec)
+    if spec.batch_dim is None:
+        return inputs.shared[spec.key]
+    return inputs.per_sample[spec.key].movedim(0, spec.batch_dim)
 
 
 @attrs.frozen
