@@ -61,8 +61,10 @@ class SignSGD:
     def update_layer(self, grad: RoundingParams, state: SignSGDState, param: RoundingParams, *,
                      donate: bool = False) -> RoundingParams:
         """One layer's signed step at `state.step` (the step count is not advanced: see `advance`)."""
-        lrs = state.lrs[state.step]
-        lr, mlr = lrs[0], lrs[1]
+        # index_select, not lrs[step]: indexing with a 0-d tensor reads it on the host (a device sync
+        # in every layer's update).
+        lrs = state.lrs.index_select(0, state.step.reshape(1))
+        lr, mlr = lrs[0, 0], lrs[0, 1]
         if donate:  # v + sign·(−lr) is v − sign·lr exactly (negation and ±lr products are exact)
             param.v.addcmul_(torch.sign(grad.v), lr.neg())
             if self.tune_minmax:

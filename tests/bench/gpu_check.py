@@ -100,6 +100,16 @@ def main() -> None:
                         batches=runtime.step_batches(BlockInputs(hidden=host_x), host_t, recipe, accel))
     fast = tune_block(block, weights, specs, BlockInputs(hidden=x), targets, recipe, ops=ops,
                       batches=runtime.step_batches(BlockInputs(hidden=x), targets, recipe, accel))
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        tune_block(block, weights, specs, BlockInputs(hidden=x), targets, recipe, ops=ops,
+                   batches=runtime.step_batches(BlockInputs(hidden=x), targets, recipe, accel))
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message)[:120] for w in caught if "synchroniz" in str(w.message)]
+    out["host_syncs_in_50_iters"] = {"count": len(syncs), "first": syncs[:3]}
     out["tune"] = {"host_cache_equals_device_cache": bool(torch.equal(eager.losses, hosted.losses)) and all(
                        torch.equal(eager.quantized[k].codes, hosted.quantized[k].codes) for k in specs),
                    "compiled_loss_rel_max": float(((fast.losses - eager.losses).abs() / eager.losses).max()),
