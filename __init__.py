@@ -26,16 +26,18 @@ _LAZY = {
     "save_quantized": "signround.adapters.checkpoint.export",
     "load_quantized": "signround.adapters.checkpoint.loader",
     "QuantReport": "signround.adapters.engine.report",
+    "BlockResult": "signround.adapters.engine.report",
+    "QuantizeConfig": "signround.adapters.frontends.facade",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from signround.adapters.hf.capture import capture_inputs
     from signround.adapters.engine.loop import quantize_model
     from signround.adapters.checkpoint.export import save_quantized
-    from signround.adapters.frontends.facade import AutoRound, AutoRoundMLLM
+    from signround.adapters.frontends.facade import AutoRound, AutoRoundMLLM, QuantizeConfig
     from signround.adapters.checkpoint.loader import load_quantized
     from signround.adapters.hf.pure import as_pure, write_back
-    from signround.adapters.engine.report import QuantReport
+    from signround.adapters.engine.report import BlockResult, QuantReport
 
 
 def __getattr__(name: str) -> Any:
@@ -46,5 +48,6 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'signround' has no attribute {name!r}")
 
 
-__all__ = ["AutoRound", "AutoRoundMLLM", "QuantReport", "QuantSpec", "Recipe", "RoundingParams", "__version__",
-           "as_pure", "capture_inputs", "load_quantized", "preset", "quantize_model", "save_quantized", "write_back"]
+__all__ = ["AutoRound", "AutoRoundMLLM", "BlockResult", "QuantReport", "QuantSpec", "QuantizeConfig", "Recipe",
+           "RoundingParams", "__version__", "as_pure", "capture_inputs", "load_quantized", "preset", "quantize_model",
+           "save_quantized", "write_back"]

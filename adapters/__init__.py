@@ -5,15 +5,15 @@ from signround.adapters.hf.blocks import (BLOCK_REGISTRY, LayerPlan, find_block_
                                        select_layers)
 from signround.adapters.hf.capture import BlockCall, CallLayout, CapturedInputs, capture_inputs
 from signround.adapters.engine.device import Accelerator, resolve as resolve_device
-from signround.adapters.engine.loop import layer_results, quantize_model, run_block
+from signround.adapters.engine.loop import quantize_model, run_block
 from signround.adapters.hf.pure import as_pure, write_back
-from signround.adapters.engine.report import BlockReport, LayerResult, QuantReport
+from signround.adapters.engine.report import BlockReport, BlockResult, LayerResult, QuantReport
 
 __all__ = [
     # block tuning engine
-    "Accelerator", "BLOCK_REGISTRY", "BlockCall", "BlockReport", "CallLayout", "CapturedInputs", "LayerPlan",
-    "LayerResult", "QuantReport", "as_pure", "capture_inputs", "find_block_lists", "layer_results",
-    "quantize_model", "register_blocks", "resolve_device", "run_block", "select_layers", "write_back",
+    "Accelerator", "BLOCK_REGISTRY", "BlockCall", "BlockReport", "BlockResult", "CallLayout", "CapturedInputs",
+    "LayerPlan", "LayerResult", "QuantReport", "as_pure", "capture_inputs", "find_block_lists", "quantize_model",
+    "register_blocks", "resolve_device", "run_block", "select_layers", "write_back",
 ]
 
 # --- checkpoints: export, QuantLinear, loader ---

@@ -1,4 +1,5 @@
-"""Collate per-sample tensor dicts into one batch: padding, attention masks, variable images."""
+"""Collate per-sample tensor dicts into one batch: padding, attention masks, variable images; pad
+samples to one length across batches."""
 
 from __future__ import annotations
 
@@ -82,4 +83,26 @@ def collate(
             for row in rows
         ]
         out[key] = torch.cat(filled, 0)
+    return out
+
+
+def pad_samples(samples: Sequence[Mapping[str, torch.Tensor]], pad_token_id: int) -> list[dict[str, torch.Tensor]]:
+    """Right-pad every sample's sequence tensors to the longest sample, so all batches share one
+    length (block inputs are stacked across batches); `input_ids` with `pad_token_id`, `labels`
+    with -100, masks with 0, so padding is masked out of the loss.
+
+    Sequence tensors are [L] or [1, L] (padded on the last dim) or [1, L, ...] (padded on dim 1).
+    """
+    longest = max(s["input_ids"].shape[-1] for s in samples)
+    out = []
+    for s in samples:
+        extra = longest - s["input_ids"].shape[-1]
+        row = {}
+        for k, v in s.items():
+            if k in SEQUENCE_KEYS and extra:
+                value = pad_token_id if k == "input_ids" else (-100 if k == "labels" else 0)
+                pads = [0, extra] if v.dim() <= 2 else [0, 0] * (v.dim() - 2) + [0, extra]
+                v = F.pad(v, pads, value=value)
+            row[k] = v
+        out.append(row)
     return out

@@ -1,4 +1,6 @@
-"""A progress bar over blocks (per-block loss before/after) and a final summary, with rich."""
+"""What front ends show while and after quantizing, with rich: a progress bar over blocks
+(per-block loss before/after, fed by quantize_model's `on_block`) and a final summary. The engine
+itself prints nothing; the facade and the CLI use these."""
 
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ def _fmt(x: Optional[float]) -> str:
 
 
 class BlockProgress:
-    """`with BlockProgress(total, enabled) as bar: bar.done(block_report)`; silent when disabled."""
+    """`with BlockProgress(total, enabled) as bar: quantize_model(..., on_block=bar.done)`; silent
+    when disabled."""
 
     def __init__(self, total: int, enabled: bool = True, console: Optional[Console] = None):
         self.enabled = enabled
@@ -34,7 +37,9 @@ class BlockProgress:
         self._progress.__exit__(*exc)
 
     def done(self, block: BlockReport) -> None:
-        text = f"{block.name}: loss {_fmt(block.loss_rtn)} → {_fmt(block.loss_tuned)} ({block.seconds:.1f}s)"
+        note = {"tuned": " (kept RTN)" if block.kept_rtn else "", "rounded": " (RTN, no data)",
+                "replayed": " (replayed from the resume store)", "not_called": " (not called: kept fp)"}[block.source]
+        text = f"{block.name}: loss {_fmt(block.loss_rtn)} → {_fmt(block.loss_tuned)}{note} ({block.seconds:.1f}s)"
         self._progress.update(self._task, advance=1, description=text)
         if self.enabled:
             self._progress.console.log(text)
@@ -48,6 +53,9 @@ def print_summary(report: QuantReport, console: Optional[Console] = None) -> Non
     table.add_row("blocks", f"{len(report.blocks)} in {', '.join(report.block_name_to_quantize)}")
     table.add_row("layers", f"{len(report.layers)} quantized, {len(report.skipped)} kept in full precision")
     table.add_row("mean block loss", f"{_fmt(s['mean_loss_rtn'])} (RTN) → {_fmt(s['mean_loss_tuned'])} (tuned)")
+    kept = sum(b.kept_rtn for b in report.blocks)
+    if kept:
+        table.add_row("kept RTN", f"{kept} block(s): the tuned weights scored worse than RTN on all samples")
     table.add_row("time", f"{report.seconds:.1f} s on {report.device}")
     if report.peak_memory_bytes is not None:
         table.add_row("peak memory", f"{report.peak_memory_bytes / 2**30:.2f} GiB ({report.peak_memory_kind})")

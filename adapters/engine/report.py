@@ -1,9 +1,10 @@
-"""What a quantization run produced: per-layer grids for exporters, per-block losses, timings."""
+"""What a quantization run produced: per-block results (data, before they touch the model),
+per-layer grids for exporters, per-block losses, timings."""
 
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional
+from typing import Any, Literal, Mapping, Optional
 
 import attrs
 import orjson
@@ -28,10 +29,20 @@ class LayerResult:
     zero: Tensor
 
 
+# How a block's result came about: tuned on calibration data (iters 0 included), rounded to
+# nearest without data, loaded from a resume store, or left alone (the model never called it).
+BlockSource = Literal["tuned", "rounded", "replayed", "not_called"]
+
+
 @attrs.frozen
 class BlockReport:
-    """One tuned block: MSE to the fp targets over all samples with RTN weights and with the tuned
-    weights (None without calibration data), the tuning-loss history length, wall time."""
+    """One block: MSE to the fp targets over all samples with RTN weights and with the kept
+    weights (None without calibration data), the tuning iterations, wall time.
+
+    kept_rtn: tuning ended above RTN's loss on all samples (the best iterate is chosen on
+    mini-batch losses), so the block kept its RTN weights (`Recipe.use_best`); loss_tuned is then
+    RTN's loss. source: see BlockSource (a replayed block's losses are those of the run that tuned it).
+    """
 
     name: str
     layers: tuple[str, ...]
@@ -39,6 +50,30 @@ class BlockReport:
     loss_tuned: Optional[float]
     seconds: float
     iters: int = 0
+    kept_rtn: bool = False
+    source: BlockSource = "tuned"
+
+    @property
+    def loss_kept(self) -> Optional[float]:
+        """The loss of the weights the block ends with."""
+        return self.loss_rtn if self.kept_rtn else self.loss_tuned
+
+
+@attrs.frozen
+class BlockResult:
+    """What the work on one block produced, before anything is written to the model.
+
+    name: the block ("model.layers.3"). weights: weight name inside the block ("mlp.up_proj.weight")
+    → its quantized values (dequantized, in the weight's dtype, [out, in]); only quantized layers.
+    layers: full layer name → LayerResult. skipped: full layer name → why it stays in full precision
+    (decided by this block's work, e.g. the model never called the block).
+    """
+
+    name: str
+    weights: Mapping[str, Tensor]
+    layers: Mapping[str, LayerResult]
+    report: BlockReport
+    skipped: Mapping[str, str] = attrs.field(factory=dict)
 
 
 def _num(x: Optional[float]) -> Optional[float]:
@@ -93,7 +128,8 @@ class QuantReport:
             "mean_loss_rtn": (sum(b.loss_rtn for b in tuned) / len(tuned)) if tuned else None,
             "mean_loss_tuned": (sum(b.loss_tuned for b in tuned) / len(tuned)) if tuned else None,
             "blocks": [{"name": b.name, "layers": len(b.layers), "loss_rtn": _num(b.loss_rtn),
-                        "loss_tuned": _num(b.loss_tuned), "seconds": b.seconds, "iters": b.iters}
+                        "loss_tuned": _num(b.loss_tuned), "seconds": b.seconds, "iters": b.iters,
+                        "kept_rtn": b.kept_rtn, "source": b.source}
                        for b in self.blocks],
             "extra_config": self.extra_config(),
         }

@@ -1,11 +1,11 @@
 """Resuming a long run: every finished block's result is kept on disk as it completes.
 
     store = ResumeStore.open(resume_dir, fingerprint)     # same arguments → same fingerprint
-    if store.has(block_name): qweights, results, report = store.load(block_name)
-    ... after tuning a block: store.save(block_name, qweights, results, report)
+    if store.has(block_name): result = store.load(block_name)   # a BlockResult
+    ... after tuning a block: store.save(result)
 
-A block's entry is its quantized weights (only the tuned layers; everything else in the block is
-unchanged), each layer's grid (scale, zero, spec) and its BlockReport. Each entry is written to a
+A block's entry is its BlockResult: the quantized weights (only the tuned layers; everything else
+in the block is unchanged), each layer's grid (scale, zero, spec) and its BlockReport. Each entry is written to a
 temporary file and renamed, so a process killed at any point leaves either a whole entry or none.
 The fingerprint (model config, quantization spec, recipe, layer config, block names, calibration
 data) is checked when the store is opened: a store from different arguments is refused rather than
@@ -22,11 +22,10 @@ from typing import Any, Mapping
 
 import attrs
 import orjson
-import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from signround.adapters.engine.report import BlockReport, LayerResult
+from signround.adapters.engine.report import BlockReport, BlockResult, LayerResult
 from signround.rounding import QuantSpec
 
 MANIFEST = "resume.json"
@@ -46,6 +45,14 @@ def fingerprint(parts: Mapping[str, Any], tensors: Any = ()) -> str:
     return h.hexdigest()
 
 
+def check_dir(path: str | os.PathLike) -> Path:
+    """`path` as a resume directory: it may not exist yet, but it may not be a file."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise FileExistsError(f"resume_dir {str(p)!r} is a file; give a directory")
+    return p
+
+
 def _file_name(block: str) -> str:
     return block.replace("/", "_") + ".safetensors"
 
@@ -59,9 +66,7 @@ class ResumeStore:
 
     @classmethod
     def open(cls, path: str | os.PathLike, key: str) -> "ResumeStore":
-        p = Path(path)
-        if p.exists() and not p.is_dir():
-            raise FileExistsError(f"resume_dir {str(p)!r} is a file; give a directory")
+        p = check_dir(path)
         p.mkdir(parents=True, exist_ok=True)
         manifest = p / MANIFEST
         if manifest.is_file():
@@ -85,40 +90,38 @@ class ResumeStore:
     def finished(self) -> int:
         return sum(1 for f in self.path.glob("*.safetensors"))
 
-    def save(self, block: str, qweights: Mapping[str, Tensor], results: Mapping[str, LayerResult],
-             report: BlockReport) -> None:
+    def save(self, result: BlockResult) -> None:
         """Write one finished block (atomic: temp file, then rename)."""
         tensors: dict[str, Tensor] = {}
         layers = {}
-        for key, w in qweights.items():
+        for key, w in result.weights.items():
             tensors[f"w/{key}"] = w.detach().cpu().contiguous()
-        for key, r in results.items():
-            tensors[f"scale/{key}"] = r.scale.detach().cpu().contiguous()
-            tensors[f"zero/{key}"] = r.zero.detach().cpu().contiguous()
-            layers[key] = {"name": r.name, "spec": r.spec.to_dict()}
-        meta = {"layers": orjson.dumps(layers).decode(), "report": orjson.dumps(attrs.asdict(report)).decode()}
-        target = self.path / _file_name(block)
+        for name, r in result.layers.items():
+            tensors[f"scale/{name}"] = r.scale.detach().cpu().contiguous()
+            tensors[f"zero/{name}"] = r.zero.detach().cpu().contiguous()
+            layers[name] = {"name": r.name, "spec": r.spec.to_dict()}
+        meta = {"layers": orjson.dumps(layers).decode(), "report": orjson.dumps(attrs.asdict(result.report)).decode()}
+        target = self.path / _file_name(result.name)
         tmp = target.with_name(target.name + f".tmp{os.getpid()}")
         save_file(tensors, str(tmp), metadata=meta)
         os.replace(tmp, target)
 
-    def load(self, block: str, device: torch.device | str = "cpu"
-             ) -> tuple[dict[str, Tensor], dict[str, LayerResult], BlockReport]:
-        """(quantized weights by weight name, LayerResults by layer key, BlockReport) of a finished block."""
+    def load(self, block: str) -> BlockResult:
+        """The BlockResult of a finished block, as `save` wrote it (tensors on the CPU)."""
         from safetensors import safe_open
 
         path = self.path / _file_name(block)
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata()
-        tensors = load_file(str(path), device=str(device))
-        qweights = {k[2:]: v for k, v in tensors.items() if k.startswith("w/")}
-        results = {}
+        tensors = load_file(str(path), device="cpu")
+        weights = {k[2:]: v for k, v in tensors.items() if k.startswith("w/")}
+        layers = {}
         for key, info in orjson.loads(meta["layers"]).items():
-            results[key] = LayerResult(name=info["name"], spec=QuantSpec(**info["spec"]),
-                                       scale=tensors[f"scale/{key}"].cpu(), zero=tensors[f"zero/{key}"].cpu())
+            layers[info["name"]] = LayerResult(name=info["name"], spec=QuantSpec(**info["spec"]),
+                                               scale=tensors[f"scale/{key}"], zero=tensors[f"zero/{key}"])
         rep = orjson.loads(meta["report"])
         rep["layers"] = tuple(rep["layers"])
-        return qweights, results, BlockReport(**rep)
+        return BlockResult(name=block, weights=weights, layers=layers, report=BlockReport(**rep))
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

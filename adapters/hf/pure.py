@@ -1,4 +1,4 @@
-"""A block as a pure function of its weights, and writing tuned weights back into the block.
+"""A block as a pure function of its weights, and writing quantized weights back into the block.
 
 `as_pure(block)` gives `fn(weights, inputs) -> Tensor` (torch.func.functional_call) and the weights
 as a name → tensor mapping, which is what `signround.rounding.tune_block` drives. Conv1D weights
@@ -15,15 +15,11 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from signround.adapters.hf.blocks import Conv1D, is_quantizable
+from signround.adapters.hf.blocks import Conv1D
 from signround.adapters.hf.capture import CallLayout
-from signround.adapters.engine.report import LayerResult
 from signround.rounding import BlockInputs
 
 PureBlock = Callable[[Mapping[str, Tensor], BlockInputs], Tensor]
-
-
-RESULT_ATTR = "signround_result"  # write_back stores each layer's LayerResult on the module under this name
 
 
 def _transposed_names(block: nn.Module) -> frozenset[str]:
@@ -104,13 +100,12 @@ def weight_name(layer: str) -> str:
 
 
 @torch.no_grad()
-def write_back(block: nn.Module, qweights: Mapping[str, Tensor],
-               results: Mapping[str, LayerResult] | None = None) -> None:
-    """Fix block weights to their quantized values (in place) and record each layer's LayerResult.
+def write_back(block: nn.Module, qweights: Mapping[str, Tensor]) -> None:
+    """Fix block weights to their quantized values, in place.
 
-    qweights: weight name inside the block ("mlp.up_proj.weight") → quantized weight [out, in];
-    results: layer name inside the block ("mlp.up_proj") → LayerResult, stored on that module as
-    `signround_result` (exporters read it back with `signround.adapters.layer_results`).
+    qweights: weight name inside the block ("mlp.up_proj.weight") → quantized weight [out, in]
+    (Conv1D weights are transposed back to their stored [in, out]). Nothing else is written onto
+    the modules: each layer's grid travels in the engine's BlockResult / QuantReport.
     """
     transposed = _transposed_names(block)
     params = dict(block.named_parameters())
@@ -119,8 +114,3 @@ def write_back(block: nn.Module, qweights: Mapping[str, Tensor],
             raise KeyError(f"block has no parameter {name!r}")
         target = params[name]
         target.copy_((w.t() if name in transposed else w).to(target.dtype))
-    for name, result in (results or {}).items():
-        module = block.get_submodule(name)
-        if not is_quantizable(module):
-            raise TypeError(f"{name!r} does not belong to a Linear/Conv1D layer")
-        setattr(module, RESULT_ATTR, result)

@@ -161,7 +161,7 @@ def load_model(spec: Optional[str], dtype: torch.dtype) -> tuple[Any, Any, str, 
 def run_signround(model: Any, batches: list[torch.Tensor], spec: QuantSpec, recipe: Any, device: str
                   ) -> tuple[Any, dict[str, Any]]:
     start = time.perf_counter()
-    model, report = quantize_model(model, batches, spec, recipe, device=device, progress=False)
+    model, report = quantize_model(model, batches, spec, recipe, device=device)
     seconds = time.perf_counter() - start
     blocks = [{"name": b.name, "loss_rtn": b.loss_rtn, "loss_tuned": b.loss_tuned, "seconds": b.seconds}
               for b in report.blocks]
@@ -210,7 +210,7 @@ def run_auto_round(model: Any, tok: Any, batches: list[torch.Tensor], spec: Quan
 
 def run_rtn(model: Any, spec: QuantSpec, device: str) -> tuple[Any, dict[str, Any]]:
     start = time.perf_counter()
-    model, _ = quantize_model(model, None, spec, resolve_recipe("rtn"), device=device, progress=False)
+    model, _ = quantize_model(model, None, spec, resolve_recipe("rtn"), device=device)
     return model, {"seconds": time.perf_counter() - start}
 
 

@@ -83,7 +83,7 @@ def test_hpu_contract_with_a_stand_in(fake_habana: types.SimpleNamespace, monkey
     iters, nsamples, bs, blocks = 7, 8, 4, 2
     recipe = preset("default", iters=iters, nsamples=nsamples, batch_size=bs)
     _, report = quantize_model(tiny_text_model("llama", num_hidden_layers=blocks), random_batches(2, 4, 16),
-                               QuantSpec(group_size=32), recipe, device=cpu_hpu, progress=False)
+                               QuantSpec(group_size=32), recipe, device=cpu_hpu)
     eval_batches = 4 * (nsamples // bs)  # fp targets, RTN loss, tuned loss, final outputs
     assert fake_habana.mark_step == blocks * (iters + eval_batches)
     assert len(report.blocks) == blocks

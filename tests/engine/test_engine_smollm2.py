@@ -41,11 +41,11 @@ def test_signround_beats_rtn_on_held_out_perplexity(smollm2) -> None:
     keep_fp = {rf"model\.layers\.({'|'.join(str(i) for i in range(TUNED_BLOCKS, 30))})\.": {"bits": 16}}
     original = {k: v.clone() for k, v in model.state_dict().items()}
 
-    quantize_model(model, None, SPEC, preset("rtn"), layer_config=keep_fp, progress=False)
+    quantize_model(model, None, SPEC, preset("rtn"), layer_config=keep_fp)
     ppl_rtn = perplexity(model, held_out, seqlen=SEQLEN)
     model.load_state_dict(original)
     recipe = preset("default", iters=ITERS, nsamples=NSAMPLES, seqlen=SEQLEN, batch_size=4)
-    _, report = quantize_model(model, batches, SPEC, recipe, layer_config=keep_fp, progress=False)
+    _, report = quantize_model(model, batches, SPEC, recipe, layer_config=keep_fp)
     ppl_tuned = perplexity(model, held_out, seqlen=SEQLEN)
     print(f"\nSmolLM2-135M W4G64, blocks 0-{TUNED_BLOCKS - 1}: ppl RTN {ppl_rtn:.3f}, SignRound {ppl_tuned:.3f}; "
           f"block losses {[(round(b.loss_rtn, 4), round(b.loss_tuned, 4)) for b in report.blocks[:TUNED_BLOCKS]]}")

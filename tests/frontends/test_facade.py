@@ -12,7 +12,7 @@ from _templating_helpers import byte_tokenizer
 from signround.adapters.frontends.facade import AutoRound, AutoRoundMLLM, check_output_dir, read_layer_config
 from signround.adapters.checkpoint.loader import load_quantized
 from signround.rounding import QuantSpec
-from tiny_models import IMAGE_TOKEN, tiny_text_model, tiny_vlm
+from tiny_models import tiny_text_model, tiny_vlm
 from vlm_helpers import qwen2_vl_with_processor
 
 SMALL = dict(iters=8, nsamples=8, seqlen=32, batch_size=4, progress=False)
@@ -213,3 +213,51 @@ def test_nan_activations_stop_with_the_block_named(tok):
     with pytest.raises(FloatingPointError, match=r"block model\.layers\.1 .*NaN/Inf activations"):
         ar.quantize()
     assert ar.report is None
+
+
+def test_progress_bar_and_summary_are_printed_by_the_facade(tok, capsys):
+    ar = AutoRound(_model(tok), tok, group_size=32, **{**SMALL, "iters": 2, "progress": True})
+    ar.quantize()
+    err = capsys.readouterr().err
+    assert "model.layers.0" in err and "model.layers.1" in err and "RTN" in err and "mean block loss" in err
+
+
+def test_named_blocks_skip_discovery(tok, monkeypatch):
+    import signround.adapters.hf.families as families
+
+    def no_discovery(*args, **kwargs):
+        raise AssertionError("block discovery ran although the blocks were named")
+
+    monkeypatch.setattr(families, "find_block_lists", no_discovery)
+    ar = AutoRound(_model(tok), tok, to_quant_block_names="model.layers", group_size=32, **SMALL)
+    assert ar.block_names == ["model.layers"] and ar.config.block_names == ("model.layers",)
+    assert len(ar.plan().quantize) == 14
+
+
+def test_process_group_starts_in_quantize_and_ranks_are_checked_before_calibration(tok, monkeypatch):
+    import signround.adapters.frontends.facade as facade
+    from signround.adapters.engine.distributed import DataParallel
+
+    started = []
+    monkeypatch.setattr(facade.distributed, "from_env", lambda: started.append(1) or DataParallel(rank=0, world=8))
+    ar = AutoRound(_model(tok), tok, group_size=32, **SMALL)  # batch_size 4: too small for 8 ranks
+    assert not started
+
+    def no_calibration():
+        raise AssertionError("calibration data was read before the rank check")
+
+    monkeypatch.setattr(ar, "calibration", no_calibration)
+    with pytest.raises(ValueError, match="at least one sample per rank"):
+        ar.quantize()
+    assert started == [1] and ar.report is None
+
+
+def test_config_is_one_frozen_value(tok):
+    import attrs
+
+    ar = AutoRound(_model(tok), tok, bits=3, group_size=32, layer_config={"q_proj": {"bits": 8}}, **SMALL)
+    cfg = ar.config
+    assert cfg.spec == QuantSpec(bits=3, group_size=32) and cfg.recipe.iters == 8 and cfg.recipe.seqlen == 32
+    assert cfg.layer_config == {"q_proj": {"bits": 8}} and cfg.data.dataset is not None and not cfg.data.images
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        cfg.spec = QuantSpec()

@@ -28,8 +28,8 @@ def test_hooked_model_gives_the_plain_models_weights() -> None:
     batches = random_batches(2, 4, 16)
     spec = QuantSpec(bits=4, group_size=32)
     recipe = preset("default", iters=4, nsamples=8, seqlen=16, batch_size=4)
-    plain, _ = quantize_model(copy.deepcopy(model), batches, spec, recipe, device="cpu", progress=False)
-    hooked, _ = quantize_model(_dispatch(copy.deepcopy(model)), batches, spec, recipe, device="cpu", progress=False)
+    plain, _ = quantize_model(copy.deepcopy(model), batches, spec, recipe, device="cpu")
+    hooked, _ = quantize_model(_dispatch(copy.deepcopy(model)), batches, spec, recipe, device="cpu")
     for (name, a), (_, b) in zip(plain.state_dict().items(), hooked.state_dict().items()):
         assert torch.equal(a, b), name
     # the hooked forward is still what runs (capture swaps forwards while it records)
@@ -49,7 +49,7 @@ def test_blocks_dispatched_elsewhere_are_tuned_on_the_tuning_device_and_keep_the
                                                                io_same_device=True))
     recipe = preset("default", iters=2, nsamples=8, seqlen=16, batch_size=4)
     _, report = quantize_model(model, random_batches(2, 4, 16), QuantSpec(bits=4, group_size=32), recipe,
-                               device="cpu", progress=False)
+                               device="cpu")
     assert report.blocks[1].loss_tuned is not None and not report.skipped
     assert model.model.layers[1]._hf_hook.execution_device == torch.device("meta")
     assert all(p.device.type == "cpu" for p in model.parameters())
@@ -61,4 +61,4 @@ def test_offloaded_weights_are_refused_before_any_work() -> None:
         torch.empty_like(model.model.layers[1].mlp.down_proj.weight, device="meta"))
     with pytest.raises(ValueError, match=r"model.layers.1.mlp.down_proj.weight.*meta device.*offload"):
         quantize_model(model, random_batches(2, 4, 16), QuantSpec(bits=4, group_size=32),
-                       preset("default", iters=2, nsamples=8, seqlen=16, batch_size=4), device="cpu", progress=False)
+                       preset("default", iters=2, nsamples=8, seqlen=16, batch_size=4), device="cpu")
