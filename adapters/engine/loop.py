@@ -32,7 +32,7 @@ from signround.adapters.engine.resume import ResumeStore
 from signround.adapters.hf.blocks import LayerOverride, LayerPlan, blocks_of, find_block_lists, select_layers
 from signround.adapters.hf.capture import Batch, CapturedInputs, capture_inputs
 from signround.adapters.hf.placement import check_materialized, move_outside, on_device, restore
-from signround.adapters.hf.pure import PureBlock, as_pure, weight_name, write_back
+from signround.adapters.hf.pure import PureBlock, as_pure, call_block, weight_name, write_back
 from signround.rounding import BlockInputs, QuantizedWeight, QuantSpec, Recipe, masked_mse, quantize_weight
 
 OnBlock = Callable[[BlockReport], None]
@@ -209,7 +209,7 @@ def quantize_model(model: nn.Module, batches: Optional[Iterable[Batch]], spec: Q
         raise ValueError("SignRound tuning needs calibration batches; pass batches, or use the 'rtn' recipe")
     batches = None if batches is None else list(batches)
     store = resume if data_parallel is None or data_parallel.is_main else None  # every rank holds the same result
-    compile_block = runtime.policy(accel).compile_block and recipe.iters > 0
+    tuned_call = runtime.block_call(runtime.policy(accel))  # the eager call_block unless compiled
     results: list[BlockResult] = []
     was_training = model.training
     model.eval()
@@ -242,7 +242,7 @@ def quantize_model(model: nn.Module, batches: Optional[Iterable[Batch]], spec: Q
                         result = not_called_block(name, names)
                     else:
                         fn, weights = as_pure(block, call.layout, autocast_dtype=accel.autocast_dtype,
-                                              compile=compile_block and bool(specs))
+                                              call=tuned_call if specs and recipe.iters > 0 else call_block)
                         inputs_fp = captured.block_inputs(i, x_fp)
                         inputs_q = captured.block_inputs(i, x_q) if recipe.enable_quanted_input else inputs_fp
                         inplace = recipe.enable_quanted_input and x_fp is not x_q

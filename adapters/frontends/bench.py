@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import inspect
 import json
 import logging
 import pickle
@@ -203,20 +202,13 @@ def block_losses(fp_model: Any, q_model: Any, batches: list[torch.Tensor], cfg: 
 
 def _quantize(model: Any, batches: list[torch.Tensor], spec: QuantSpec, recipe: Any, accel: Accelerator,
               dp: Any) -> Any:
-    """`quantize_model` without a progress bar, whether it takes `progress=` (until the engine
-    refactor) or reports through `on_block=` (None: silent)."""
-    quiet = {"progress": False} if "progress" in inspect.signature(quantize_model).parameters else {}
-    return quantize_model(model, batches, spec, recipe, device=accel, data_parallel=dp, **quiet)
+    """`quantize_model` without progress output (no `on_block`)."""
+    return quantize_model(model, batches, spec, recipe, device=accel, data_parallel=dp)
 
 
 def _resolve(cfg: BenchConfig) -> Accelerator:
-    """The Accelerator for `cfg`; `cfg.cache` is passed on only when set (engines before the cache
-    placement option take no `cache=`)."""
-    if cfg.cache is None:
-        return resolve(cfg.device, low_gpu_mem_usage=cfg.low_gpu_mem_usage)
-    if "cache" not in inspect.signature(resolve).parameters:
-        raise ValueError("--cache needs an engine with cache placement (adapters/engine/device.py resolve(cache=))")
-    return resolve(cfg.device, low_gpu_mem_usage=cfg.low_gpu_mem_usage, cache=cfg.cache)
+    """The Accelerator for `cfg` (cache placement: the engine's default unless `cfg.cache` is set)."""
+    return resolve(cfg.device, low_gpu_mem_usage=cfg.low_gpu_mem_usage, cache=cfg.cache or "auto")
 
 
 def steady(per_block: list[float]) -> float:

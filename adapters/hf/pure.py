@@ -8,7 +8,6 @@ as a name → tensor mapping, which is what `signround.rounding.tune_block` driv
 from __future__ import annotations
 
 import contextlib
-import warnings
 from typing import Any, Callable, Mapping, Optional
 
 import torch
@@ -36,24 +35,17 @@ def _first(output: Any) -> Tensor:
     return output
 
 
-def _call(block: nn.Module, params: Mapping[str, Tensor], args: tuple, kwargs: dict) -> Tensor:
+def call_block(block: nn.Module, params: Mapping[str, Tensor], args: tuple, kwargs: dict) -> Tensor:
+    """`block(*args, **kwargs)` with `params` in place of its own tensors; the first output."""
     return _first(functional_call(block, params, args, kwargs, strict=False))
 
 
-_COMPILED_CALL: list[Any] = []
-
-
-def _compiled_call() -> Any:
-    """One torch.compile wrapper shared by every block (blocks of one list have the same code, so
-    the compiled graph is reused across them)."""
-    if not _COMPILED_CALL:
-        _COMPILED_CALL.append(torch.compile(_call))
-    return _COMPILED_CALL[0]
+BlockCall = Callable[[nn.Module, Mapping[str, Tensor], tuple, dict], Tensor]
 
 
 def as_pure(block: nn.Module, layout: Optional[CallLayout] = None, *,
             autocast_dtype: Optional[torch.dtype] = None,
-            compile: bool = False) -> tuple[PureBlock, dict[str, Tensor]]:
+            call: BlockCall = call_block) -> tuple[PureBlock, dict[str, Tensor]]:
     """(fn, weights): `fn(weights, inputs)` runs `block` with `weights` on `inputs` and returns its
     output (the first element when the block returns a tuple).
 
@@ -61,10 +53,8 @@ def as_pure(block: nn.Module, layout: Optional[CallLayout] = None, *,
     layout: how BlockInputs map onto the block's arguments (from capture); default: hidden states
     positionally plus `inputs.shared` and `inputs.per_sample` as keywords.
     autocast_dtype: run under torch.autocast with this dtype on the block's device (None = off).
-    compile: run the block through torch.compile; `fn.disable_compile()` switches back to eager
-    (a failure on the first compiled call does so by itself).
+    call: how the block is called (`call_block`, or a compiled version the engine's runtime gives).
     """
-    state = {"compiled": bool(compile)}
     transposed = _transposed_names(block)
     weights = {k: (v.detach().t() if k in transposed else v.detach())
                for k, v in {**dict(block.named_parameters()), **dict(block.named_buffers())}.items()}
@@ -78,19 +68,8 @@ def as_pure(block: nn.Module, layout: Optional[CallLayout] = None, *,
         ctx = (torch.autocast(inputs.hidden.device.type, dtype=autocast_dtype) if autocast_dtype is not None
                else contextlib.nullcontext())
         with ctx:
-            if state["compiled"]:
-                try:
-                    return _compiled_call()(block, params, args, kwargs)
-                except Exception as exc:  # noqa: BLE001 - any compiler failure: eager from now on
-                    warnings.warn(f"torch.compile of the block failed ({type(exc).__name__}: {exc}); running eager",
-                                  RuntimeWarning, stacklevel=2)
-                    state["compiled"] = False
-            return _call(block, params, args, kwargs)
+            return call(block, params, args, kwargs)
 
-    def disable_compile() -> None:
-        state["compiled"] = False
-
-    fn.disable_compile = disable_compile  # type: ignore[attr-defined]
     return fn, weights
 
 

@@ -58,11 +58,15 @@ def test_hpu_requires_habana() -> None:
         resolve("hpu")
 
 
-def test_cuda_settings_are_bf16_and_low_mem_keeps_cache_on_cpu() -> None:
+def test_cuda_settings_are_bf16_and_the_cache_lives_on_the_host_by_default() -> None:
     acc = resolve("cuda", low_gpu_mem_usage=True)  # resolving needs no GPU
-    assert acc.autocast_dtype == torch.bfloat16 and acc.store_device == torch.device("cpu")
+    assert acc.autocast_dtype == torch.bfloat16 and acc.store_device == torch.device("cpu") and acc.pinned_cache
     assert resolve("cuda", amp=False).autocast_dtype is None
-    assert resolve("cuda").store_device == torch.device("cuda")
+    assert resolve("cuda").store_device == torch.device("cpu")  # auto: pinned host memory, rows streamed ahead
+    assert resolve("cuda", cache="device").store_device == torch.device("cuda")
+    assert resolve("cpu").store_device == torch.device("cpu") and not resolve("cpu").pinned_cache
+    with pytest.raises(ValueError, match="cache placement must be one of"):
+        resolve("cuda", cache="disk")
 
 
 def test_hpu_contract_with_a_stand_in(fake_habana: types.SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -85,8 +85,10 @@ def test_reduced_loss_does_not_keep_the_gradient_buffer(tmp_path):
 
 
 def test_too_few_samples_per_rank_is_refused_before_tuning():
-    from signround.rounding import preset, tune_block
+    from signround.adapters.engine.runtime import check_ranks
+    from signround.rounding import preset
 
-    recipe = preset("default", iters=2, batch_size=1, nsamples=4)
     with pytest.raises(ValueError, match="at least one sample per rank"):
-        tune_block(lambda w, b: b.hidden, {}, {}, None, None, recipe, shard=(0, 2))
+        check_ranks(preset("default", iters=2, batch_size=1, nsamples=4), 2)
+    check_ranks(preset("default", iters=2, batch_size=2, nsamples=4), 2)  # one sample each: fine
+    check_ranks(preset("rtn", batch_size=1), 2)  # nothing to split without tuning
