@@ -129,8 +129,9 @@ def tuned_block(name: str, fn: PureBlock, weights: Mapping[str, Tensor], specs: 
         _, loss = run_block(fn, weights, inputs, accel, bs, targets, keep_outputs=False)
         report = BlockReport(name=name, layers=(), loss_rtn=loss, loss_tuned=loss, seconds=0.0, iters=recipe.iters)
         return BlockResult(name=name, weights={}, layers={}, report=report)
-    rtn = _rtn(weights, specs)
-    rtn_weights, _ = _as_weights(rtn, weights, names)
+    # RTN is deterministic: its weights are built again in the rare case they are kept, rather than
+    # held (int32 codes: 4 bytes a weight) on the device through the whole tuning run.
+    rtn_weights, _ = _as_weights(_rtn(weights, specs), weights, names)
     _, loss_rtn = run_block(fn, {**weights, **rtn_weights}, inputs, accel, bs, targets, keep_outputs=False)
     del rtn_weights
     tuned = runtime.tune(fn, weights, specs, inputs, targets, recipe, accel, data_parallel)
@@ -140,11 +141,12 @@ def tuned_block(name: str, fn: PureBlock, weights: Mapping[str, Tensor], specs: 
                                  f"{int(bad[0])} (layers {sorted(names.values())[:3]}…); try recipe 'rtn' for this "
                                  "model, a smaller lr, or float32 activations (amp=False)")
     qweights, layers = _as_weights(tuned.quantized, weights, names)
+    del tuned  # its last params (fp32 v) and int32 codes are not needed for the passes below
     _, loss_tuned = run_block(fn, {**weights, **qweights}, inputs, accel, bs, targets, keep_outputs=False)
     assert loss_rtn is not None and loss_tuned is not None
     kept_rtn = recipe.use_best and loss_tuned > loss_rtn
     if kept_rtn:
-        qweights, layers = _as_weights(rtn, weights, names)
+        qweights, layers = _as_weights(_rtn(weights, specs), weights, names)
     report = BlockReport(name=name, layers=tuple(layers), loss_rtn=loss_rtn, loss_tuned=loss_tuned, seconds=0.0,
                          iters=recipe.iters, kept_rtn=kept_rtn)
     return BlockResult(name=name, weights=qweights, layers=layers, report=report)

@@ -84,7 +84,10 @@ run() {  # run SIZE SECONDS [extra bench flags...]
 }
 
 case $PART in
-  a) run 2b 220
+  a) echo "== gpu_check (compiled vs eager, host cache, host syncs)" | tee -a "$LOG"
+     (cd /tmp && timeout 150 "$PY" "$REPO/tests/bench/gpu_check.py" --json "$OUT/check.json") >>"$LOG" 2>&1 \
+       || echo "== gpu_check FAILED" | tee -a "$LOG"
+     run 2b 220
      run 8b 300 --profile "$OUT/prof-8b" ;;
   b) run 70b 540 ;;
   tiny) run tiny 300 --device cpu --profile "$OUT/prof-tiny" ;;
