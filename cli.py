@@ -94,6 +94,8 @@ def quantize(
     device: Optional[str] = typer.Option(None, help="cuda, cuda:1, xpu, hpu, cpu (default: best available)."),
     dtype: str = typer.Option("auto", help="Load dtype: auto, bfloat16, float16, float32."),
     low_gpu_mem_usage: bool = typer.Option(False, help="Keep calibration activations on the CPU."),
+    cache: str = typer.Option("auto", help="Where calibration activations live: auto (pinned host memory on CUDA, "
+                              "streamed ahead), device, host."),
     format: List[Format] = typer.Option([Format(DEFAULT_FORMAT)], "--format", help="Checkpoint format (repeatable)."),
     skip_bad_samples: bool = typer.Option(False, help="Skip dataset samples with missing images instead of failing."),
     overwrite: bool = typer.Option(False, help="Replace a non-empty output directory."),
@@ -120,7 +122,8 @@ def quantize(
         loaded, bits=bits, group_size=group_size, sym=sym, recipe=recipe, dataset=dataset,
         extra_data_dir=extra_data_dir, template=template, quant_nontext_module=quant_nontext_module,
         layer_config=read_layer_config(layer_config) if layer_config else None, device=device,
-        low_gpu_mem_usage=low_gpu_mem_usage, skip_bad_samples=skip_bad_samples, resume_dir=resume_dir, **overrides)
+        low_gpu_mem_usage=low_gpu_mem_usage, cache=cache, skip_bad_samples=skip_bad_samples, resume_dir=resume_dir,
+        **overrides)
     if dry_run:
         print_plan(quantizer.plan())
         return

@@ -11,7 +11,6 @@ result, less time per step. Only rank 0 writes files.
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import attrs
@@ -19,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from signround.adapters.engine import env
 from signround.rounding import RoundingParams
 
 
@@ -63,11 +63,10 @@ class DataParallel:
 def from_env() -> Optional[DataParallel]:
     """A DataParallel from torchrun's environment (WORLD_SIZE > 1), initialising the process group
     (NCCL when CUDA is available, else gloo); None for a single process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    placement = env.read()
+    world, rank, local = placement.world_size, placement.rank, placement.local_rank
     if world <= 1:
         return None
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", str(rank)))
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":

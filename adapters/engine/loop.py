@@ -185,6 +185,7 @@ def quantize_model(model: nn.Module, batches: Optional[Iterable[Batch]], spec: Q
                    layer_config: Optional[Mapping[str, LayerOverride]] = None,
                    block_names: Optional[Iterable[str]] = None, quant_nontext_module: bool = False,
                    device: torch.device | str | Accelerator | None = None, low_gpu_mem_usage: bool = False,
+                   cache: str = "auto",
                    on_block: Optional[OnBlock] = None, resume: Optional[ResumeStore] = None,
                    data_parallel: Optional[DataParallel] = None) -> tuple[nn.Module, QuantReport]:
     """Quantize the blocks of `model` in place with SignRound (or RTN when recipe.iters == 0).
@@ -204,7 +205,7 @@ def quantize_model(model: nn.Module, batches: Optional[Iterable[Batch]], spec: Q
     """
     start = time.perf_counter()
     accel = device if isinstance(device, Accelerator) else resolve(device, amp=recipe.amp,
-                                                                    low_gpu_mem_usage=low_gpu_mem_usage)
+                                                                    low_gpu_mem_usage=low_gpu_mem_usage, cache=cache)
     prefixes = list(block_names) if block_names else find_block_lists(model, quant_nontext_module)
     plan = select_layers(model, prefixes, spec, layer_config)
     if batches is None and not recipe.is_rtn:

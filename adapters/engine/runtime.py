@@ -197,6 +197,9 @@ def step_batches(inputs: BlockInputs, targets: Tensor, recipe: Recipe, accel: Ac
         return [(select(inputs, r, device), take_rows(targets, r, device)) for r in split_step(rows, parts)[rank::world]]
 
     ahead = device.type == "cuda" and inputs.hidden.device.type == "cpu"
+    if not ahead and inputs.hidden.device.type != "cpu" and schedule:
+        # Indices go to the device once: a per-step copy from pageable memory would sync the host.
+        schedule = list(torch.stack(schedule).to(inputs.hidden.device).unbind(0))
     stream = torch.cuda.Stream(device) if ahead else None
     pending = None
     for t, rows in enumerate(schedule):

@@ -31,7 +31,9 @@ DEMO_SCALE_FACTOR = 4  # (256/16)^2 / 4^2 = 16 image tokens per image
 
 def cache_root() -> Path:
     """Where converted assets are cached ($SIGNROUND_CACHE, else ~/.cache/signround)."""
-    return Path(os.environ.get("SIGNROUND_CACHE", Path.home() / ".cache" / "signround"))
+    from signround.adapters.engine import env
+
+    return env.read().cache_dir
 
 
 def smollm2_gguf() -> Optional[Path]:

@@ -502,7 +502,11 @@ def profile_block(cfg: BenchConfig, accel: Accelerator, batches: list[torch.Tens
 
 
 def commit() -> Optional[str]:
-    """The checkout's HEAD, else $SIGNROUND_COMMIT, else None."""
+    """$SIGNROUND_COMMIT when set (a copied tree's .git may be stale: seen on the lent GPU, where it
+    named the session's first commit), else the checkout's HEAD, else None."""
+    named = signround_env.read().commit
+    if named:
+        return named
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
                              capture_output=True, text=True, timeout=10)
@@ -510,7 +514,7 @@ def commit() -> Optional[str]:
             return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         pass
-    return signround_env.read().commit
+    return None
 
 
 def performance_record(result: Mapping[str, Any]) -> dict[str, Any]:

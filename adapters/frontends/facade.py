@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from signround.adapters.engine import distributed, runtime
+from signround.adapters.engine.device import CACHE_PLACES
 from signround.adapters.engine.distributed import DataParallel
 from signround.adapters.engine.loop import quantize_model
 from signround.adapters.engine.progress import BlockProgress, print_summary
@@ -226,6 +227,7 @@ class QuantizeConfig:
     quant_nontext_module: bool = False
     device: Optional[str] = None
     low_gpu_mem_usage: bool = False
+    cache: str = "auto"
     resume_dir: Optional[Path] = None
     progress: bool = True
 
@@ -263,7 +265,7 @@ class AutoRound:
                  gradient_accumulate_steps: Optional[int] = None, seed: Optional[int] = None,
                  enable_minmax_tuning: Optional[bool] = None, enable_quanted_input: Optional[bool] = None,
                  amp: Optional[bool] = None, device: Optional[str] = None, low_gpu_mem_usage: bool = False,
-                 layer_config: Optional[Mapping[str, Any]] = None,
+                 cache: str = "auto", layer_config: Optional[Mapping[str, Any]] = None,
                  to_quant_block_names: Union[str, Sequence[str], None] = None,
                  skip_bad_samples: bool = False, resume_dir: str | Path | None = None,
                  progress: bool = True, multimodal: Optional[Multimodal] = None) -> None:
@@ -278,6 +280,9 @@ class AutoRound:
                                       enable_quanted_input=enable_quanted_input, amp=amp)
         checked_layers = _check_layer_config(layer_config)
         checked_device = _check_device(device)
+        if cache not in CACHE_PLACES:
+            raise ValueError(f"cache must be one of {', '.join(CACHE_PLACES)} (where the calibration activations live), "
+                             f"got {cache!r}")
         resume = None if resume_dir is None else check_dir(resume_dir)
         blocks = tuple(block_lists(model, to_quant_block_names, mm.quant_nontext_module))
         _check_finite_weights(model, select_layers(model, blocks, spec, checked_layers))
@@ -294,7 +299,7 @@ class AutoRound:
         self.config = QuantizeConfig(
             spec=spec, recipe=recipe_value, block_names=blocks, layer_config=checked_layers,
             quant_nontext_module=mm.quant_nontext_module, device=checked_device,
-            low_gpu_mem_usage=bool(low_gpu_mem_usage), resume_dir=resume, progress=bool(progress),
+            low_gpu_mem_usage=bool(low_gpu_mem_usage), cache=cache, resume_dir=resume, progress=bool(progress),
             data=CalibrationData(dataset=data, template=template if conversations else None, images=images,
                                  image_seqlen=recipe_value.seqlen if seqlen is not None else MLLM_DEFAULT_SEQLEN,
                                  max_pixels=mm.max_pixels, skip_bad_samples=bool(skip_bad_samples)))
@@ -358,7 +363,7 @@ class AutoRound:
                 _, report = quantize_model(self.model, batches, cfg.spec, cfg.recipe, layer_config=cfg.layer_config,
                                            block_names=cfg.block_names, quant_nontext_module=cfg.quant_nontext_module,
                                            device=device, low_gpu_mem_usage=cfg.low_gpu_mem_usage,
-                                           on_block=bar.done if show else None, resume=resume, data_parallel=dp)
+                                           cache=cfg.cache, on_block=bar.done if show else None, resume=resume, data_parallel=dp)
         except torch.OutOfMemoryError as err:
             r = cfg.recipe
             hints = [] if cfg.low_gpu_mem_usage else ["low_gpu_mem_usage=True (--low-gpu-mem-usage) keeps "
