@@ -15,6 +15,7 @@ from typing import Any, Callable, List, Optional, TypeVar
 import typer
 
 from signround.adapters.checkpoint.formats import DEFAULT_FORMAT, FORMAT_NAMES
+from signround.adapters.checkpoint.targets import TARGETS
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Quantize LLMs and VLMs to 2-8-bit weights with sign-gradient rounding (AutoRound).")
@@ -29,6 +30,8 @@ _state = {"debug": False}
 
 #: --format choices: the export formats of the checkpoint format table, nothing else
 Format = Enum("Format", {name: name for name in FORMAT_NAMES}, type=str)  # type: ignore[misc]
+#: --target choices: the runtimes the loadability check judges
+Target = Enum("Target", {name: name for name in TARGETS}, type=str)  # type: ignore[misc]
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -97,6 +100,9 @@ def quantize(
     cache: str = typer.Option("auto", help="Where calibration activations live: auto (pinned host memory on CUDA, "
                               "streamed ahead), device, host."),
     format: List[Format] = typer.Option([Format(DEFAULT_FORMAT)], "--format", help="Checkpoint format (repeatable)."),
+    target: List[Target] = typer.Option([], "--target", help="Runtime that must load the checkpoint (repeatable): "
+                                        "an unloadable plan fails before any work; vllm also aligns fused q/k/v "
+                                        "and gate/up layers."),
     skip_bad_samples: bool = typer.Option(False, help="Skip dataset samples with missing images instead of failing."),
     overwrite: bool = typer.Option(False, help="Replace a non-empty output directory."),
     dry_run: bool = typer.Option(False, help="Print the plan (blocks, layers, bits) and exit."),
@@ -123,7 +129,7 @@ def quantize(
         extra_data_dir=extra_data_dir, template=template, quant_nontext_module=quant_nontext_module,
         layer_config=read_layer_config(layer_config) if layer_config else None, device=device,
         low_gpu_mem_usage=low_gpu_mem_usage, cache=cache, skip_bad_samples=skip_bad_samples, resume_dir=resume_dir,
-        **overrides)
+        target=[t.value for t in target], format=formats, **overrides)
     if dry_run:
         print_plan(quantizer.plan())
         return

@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from signround.adapters.checkpoint.config import build_quantization_config, in_blocks
 from signround.adapters.checkpoint.files import LayerQuant, atomic_dir, recover_codes, to_checkpoint_namer, write_safetensors
-from signround.adapters.checkpoint.formats import DEFAULT_FORMAT, FORMAT_NAMES, Packing, choose_packing, get_format
+from signround.adapters.checkpoint.formats import DEFAULT_FORMAT, Packing, choose_packing, get_format, parse_formats
+from signround.adapters.checkpoint.targets import plan_view, require_loadable
 from signround.adapters.checkpoint.qlinear import QuantLinear
 from signround.rounding.recipe import Recipe
 from signround.rounding.spec import QuantSpec
@@ -40,14 +41,7 @@ def format_dirname(fmt: str) -> str:
 
 
 def _formats(format: str | Sequence[str]) -> list[str]:
-    fmts = [format] if isinstance(format, str) else list(format)
-    fmts = [f.strip() for item in fmts for f in item.split(",") if f.strip()]
-    if not fmts:
-        raise ValueError("format must name at least one of " + ", ".join(FORMAT_NAMES))
-    for f in fmts:
-        if f not in FORMAT_NAMES:
-            raise ValueError(f"unknown export format {f!r}; supported: {', '.join(FORMAT_NAMES)}")
-    return list(dict.fromkeys(fmts))
+    return list(parse_formats(format))
 
 
 def global_spec(layer_results: Mapping[str, HasGrid]) -> QuantSpec:
@@ -134,6 +128,24 @@ def _checkpoint_state(model: nn.Module, state: dict[str, Tensor], quantized_keys
     return out
 
 
+def export_view(model: nn.Module, layer_results: Mapping[str, HasGrid], fmt: str,
+                block_prefixes: Sequence[str]):  # -> targets.CheckpointView
+    """What a runtime will see of this export: every Linear inside the blocks (quantized or not)
+    and the quantized ones outside (lm_head), with shapes and grids."""
+    shapes = {n: (m.out_features, m.in_features) for n, m in model.named_modules()
+              if isinstance(m, nn.Linear) and (n in layer_results or in_blocks(n, block_prefixes))}
+    return plan_view(fmt, shapes, {n: r.spec for n, r in layer_results.items()}, block_prefixes,
+                     tied_lm_head=_tied_lm_head(model))
+
+
+def _tied_lm_head(model: nn.Module) -> bool:
+    try:
+        out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return False
+    return out is not None and inp is not None and getattr(out, "weight", None) is getattr(inp, "weight", 0)
+
+
 def _save_side_files(tmp: Path, tokenizer: Any, processor: Any, image_processor: Any) -> None:
     if processor is not None and not hasattr(processor, "chat_template"):
         processor.chat_template = None  # some processors fail to save without the attribute
@@ -207,6 +219,7 @@ def save_quantized(
     extra_info: Mapping[str, Any] | None = None,
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
+    targets: Sequence[str] = (),
 ) -> Path | dict[str, Path]:
     """Write `model` as a packed checkpoint in `out_dir`; returns its path (one path per format
     when several are asked for: sub-folders named like ``auto-round``, ``auto-gptq``).
@@ -218,10 +231,14 @@ def save_quantized(
     written (the model keeps working; no full copy is made either way; with several formats the
     last one's layers); inplace=False leaves the fake-quant model untouched. recipe / extra_info add
     informational keys to `quantization_config`. Refuses a non-empty `out_dir` unless `overwrite`.
+    targets: runtimes that must load every format written (`targets.TARGETS`); checked before
+    anything is written (`targets.UnloadableError` names each problem).
     """
     fmts = _formats(format)
     spec = global_spec(layer_results)
     block_prefixes = _block_prefixes(model, layer_results, block_name_to_quantize)
+    for fmt in fmts if targets else ():
+        require_loadable(export_view(model, layer_results, fmt, block_prefixes), targets)
     side = (tokenizer, processor, image_processor)
     common = dict(spec=spec, block_prefixes=block_prefixes, recipe=recipe, extra_info=extra_info,
                   max_shard_size=max_shard_size, side_files=side)

@@ -10,7 +10,7 @@ a `quantization_config`. Nothing else in the code spells a packing name.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -129,6 +129,18 @@ FORMAT_NAMES = tuple(EXPORT_FORMATS)
 DEFAULT_FORMAT = FORMAT_NAMES[0]
 
 
+def parse_formats(format: str | Sequence[str]) -> tuple[str, ...]:
+    """Format names from a name, a comma-separated list or a sequence; each must be in the table."""
+    items = [format] if isinstance(format, str) else list(format)
+    fmts = [f.strip() for item in items for f in item.split(",") if f.strip()]
+    if not fmts:
+        raise ValueError("format must name at least one of " + ", ".join(FORMAT_NAMES))
+    for f in fmts:
+        if f not in EXPORT_FORMATS:
+            raise ValueError(f"unknown export format {f!r}; supported: {', '.join(FORMAT_NAMES)}")
+    return tuple(dict.fromkeys(fmts))
+
+
 def get_format(name: str) -> ExportFormat:
     try:
         return EXPORT_FORMATS[name]
@@ -144,6 +156,14 @@ def choose_packing(fmt: str, spec: QuantSpec, layer_specs: Iterable[QuantSpec] =
 def is_auto_round_method(method: str) -> bool:
     """auto-round's spellings of its quant_method ("auto-round", "intel/auto-round", "auto_round")."""
     return any(s in method.lower() for s in (AUTO_ROUND_METHOD, "auto_round"))
+
+
+def format_of_config(qc: Mapping[str, Any]) -> str | None:
+    """The export format whose `quant_method` a `quantization_config` names (None: none of ours)."""
+    method = str(qc.get("quant_method", "")).lower()
+    if is_auto_round_method(method):
+        return next(f.name for f in EXPORT_FORMATS.values() if f.quant_method == AUTO_ROUND_METHOD)
+    return next((f.name for f in EXPORT_FORMATS.values() if f.quant_method == method), None)
 
 
 def packing_of_config(qc: Mapping[str, Any]) -> Packing:

@@ -10,12 +10,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import attrs
 import orjson
 from safetensors import safe_open
 
 from signround.adapters.checkpoint.config import CheckpointPlan, parse_quantization_config
-from signround.adapters.checkpoint.formats import PACKED_TENSORS, SYM_PACKING, Packing
+from signround.adapters.checkpoint.formats import PACKED_TENSORS, SYM_PACKING, Packing, format_of_config
 from signround.adapters.checkpoint.rules import is_full_precision
+from signround.adapters.checkpoint.targets import check, checkpoint_view
 
 QUANT_SUFFIXES = tuple(f".{t}" for t in PACKED_TENSORS)
 
@@ -84,8 +86,12 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
     kept.update(k for k, v in plan.extra_config.items()
                 if isinstance(v, dict) and is_full_precision(v.get("bits", 0)))
     dtypes = Counter(d for k, (d, _s) in tensors.items() if not k.endswith(QUANT_SUFFIXES))
-    return {
+    shapes = {name: tensors[name + ".weight"][1] for name in fp_layers}
+    text = config.get("text_config") or {}
+    tied = bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
+    info = {
         "path": str(p),
+        "format": format_of_config(qc),
         "quant_method": qc.get("quant_method"),
         "packing_format": qc.get("packing_format"),
         "packing": packing.name if packing else None,
@@ -102,7 +108,11 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
         "tensors": len(tensors),
         "size_bytes": total_bytes,
         "files": sorted(x.name for x in p.iterdir() if x.is_file()),
+        "full_precision_shapes": {n: list(s) for n, s in shapes.items()},
+        "tied_lm_head": tied and not any(n.endswith("lm_head") for n in [*fp_layers, *layers]),
     }
+    info["verdicts"] = {t: attrs.asdict(v) for t, v in check(checkpoint_view(info)).items()}
+    return info
 
 
 def print_inspection(info: dict[str, Any]) -> None:
@@ -126,3 +136,10 @@ def print_inspection(info: dict[str, Any]) -> None:
         table.add_row(name, str(v["bits"]), str(v["group_size"]), str(v["sym"]), str(v["in_features"]),
                       str(v["out_features"]))
     console.print(table)
+    verdicts = Table(title="will it load? (spec/format.md, Loadability)")
+    for col in ("target", "verdict", "why / notes"):
+        verdicts.add_column(col)
+    for target, v in info["verdicts"].items():
+        verdicts.add_row(target, "loads" if v["loads"] else "FAILS",
+                         "\n".join([*v["problems"], *(f"note: {n}" for n in v["notes"])]) or "-")
+    console.print(verdicts)

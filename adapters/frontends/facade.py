@@ -15,6 +15,7 @@ tuning supports per model family lives in `adapters/hf/families.py`, padding in 
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
@@ -30,7 +31,9 @@ from signround.adapters.engine.loop import quantize_model
 from signround.adapters.engine.progress import BlockProgress, print_summary
 from signround.adapters.engine.report import QuantReport
 from signround.adapters.engine.resume import ResumeStore, check_dir, fingerprint
-from signround.adapters.hf.blocks import LayerPlan, blocks_of, select_layers
+from signround.adapters.checkpoint.formats import DEFAULT_FORMAT, parse_formats
+from signround.adapters.checkpoint.targets import check_targets, fit_plan
+from signround.adapters.hf.blocks import LayerPlan, blocks_of, linear_shape, select_layers
 from signround.adapters.hf.families import block_lists, check_image_calibration, check_vision_blocks, model_type
 from signround.rounding import QuantSpec, Recipe, preset
 from signround.templating import (
@@ -230,6 +233,8 @@ class QuantizeConfig:
     cache: str = "auto"
     resume_dir: Optional[Path] = None
     progress: bool = True
+    targets: tuple[str, ...] = ()
+    formats: tuple[str, ...] = (DEFAULT_FORMAT,)
 
     def plan(self, model: nn.Module) -> LayerPlan:
         return select_layers(model, self.block_names, self.spec, self.layer_config)
@@ -255,7 +260,11 @@ class AutoRound:
     to_quant_block_names (block-list prefixes, or comma-separated regexes; discovered when not
     given); device; low_gpu_mem_usage; resume_dir (keep finished blocks there); progress (a progress
     bar and a summary on stderr). multimodal: image-text options (AutoRoundMLLM fills them in).
-    The checked arguments are `self.config`.
+    target: runtimes that must load the checkpoint ("vllm", "transformers", "signround",
+    "llama.cpp"): an unloadable plan fails here, before any work, and vLLM's fused q/k/v and gate/up
+    groups are given their strictest member's scheme (with a warning); format: the export format(s)
+    `save_quantized` writes by default, checked against the targets. The checked arguments are
+    `self.config`.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any = None, *, bits: int = 4, group_size: int = 128,
@@ -268,7 +277,8 @@ class AutoRound:
                  cache: str = "auto", layer_config: Optional[Mapping[str, Any]] = None,
                  to_quant_block_names: Union[str, Sequence[str], None] = None,
                  skip_bad_samples: bool = False, resume_dir: str | Path | None = None,
-                 progress: bool = True, multimodal: Optional[Multimodal] = None) -> None:
+                 progress: bool = True, multimodal: Optional[Multimodal] = None,
+                 target: Union[str, Sequence[str]] = (), format: Union[str, Sequence[str]] = DEFAULT_FORMAT) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch nn.Module (a Hugging Face model), got {type(model).__name__}")
         mm = multimodal or Multimodal()
@@ -285,6 +295,10 @@ class AutoRound:
                              f"got {cache!r}")
         resume = None if resume_dir is None else check_dir(resume_dir)
         blocks = tuple(block_lists(model, to_quant_block_names, mm.quant_nontext_module))
+        targets = check_targets([target] if isinstance(target, str) else target)
+        formats = parse_formats(format)
+        if targets:
+            checked_layers = _fit_targets(model, blocks, spec, checked_layers, targets, formats)
         _check_finite_weights(model, select_layers(model, blocks, spec, checked_layers))
         data = _load_dataset(dataset, recipe_value, mm.extra_data_dir, bool(skip_bad_samples))
         conversations = isinstance(data, ConversationDataset)
@@ -300,6 +314,7 @@ class AutoRound:
             spec=spec, recipe=recipe_value, block_names=blocks, layer_config=checked_layers,
             quant_nontext_module=mm.quant_nontext_module, device=checked_device,
             low_gpu_mem_usage=bool(low_gpu_mem_usage), cache=cache, resume_dir=resume, progress=bool(progress),
+            targets=targets, formats=formats,
             data=CalibrationData(dataset=data, template=template if conversations else None, images=images,
                                  image_seqlen=recipe_value.seqlen if seqlen is not None else MLLM_DEFAULT_SEQLEN,
                                  max_pixels=mm.max_pixels, skip_bad_samples=bool(skip_bad_samples)))
@@ -379,9 +394,10 @@ class AutoRound:
         self.report = report
         return report
 
-    def save_quantized(self, output_dir: str | Path, format: Union[str, Sequence[str]] = "auto_round",
+    def save_quantized(self, output_dir: str | Path, format: Union[str, Sequence[str], None] = None,
                        inplace: bool = True, overwrite: bool = False) -> Union[Path, dict[str, Path]]:
-        """Write the checkpoint(s); the directory appears complete or not at all."""
+        """Write the checkpoint(s); the directory appears complete or not at all. format: default the
+        constructor's; with `target=` every format must load on every target (checked before writing)."""
         from signround.adapters.checkpoint.export import save_quantized
 
         if self.report is None:
@@ -394,11 +410,12 @@ class AutoRound:
         if dp is not None and not dp.is_main:  # every rank holds the same result; rank 0 writes it
             dp.barrier()
             return Path(output_dir)
-        path = save_quantized(self.model, self.report.layers, output_dir, format=format, inplace=inplace,
+        path = save_quantized(self.model, self.report.layers, output_dir,
+                              format=self.config.formats if format is None else format, inplace=inplace,
                               tokenizer=self.tokenizer, processor=self.processor,
                               image_processor=self.image_processor,
                               block_name_to_quantize=list(self.report.block_name_to_quantize),
-                              recipe=self.config.recipe, overwrite=overwrite)
+                              recipe=self.config.recipe, overwrite=overwrite, targets=self.config.targets)
         if dp is not None:
             dp.barrier()
         return path
@@ -444,6 +461,18 @@ class AutoRoundMLLM(AutoRound):
         if images and processor is None:
             raise ValueError("this dataset has images, which need the model's processor: pass processor= "
                              "(e.g. AutoProcessor.from_pretrained(path))")
+
+
+def _fit_targets(model: nn.Module, blocks: Sequence[str], spec: QuantSpec, layer_config: Mapping[str, Any],
+                 targets: Sequence[str], formats: Sequence[str]) -> dict[str, Any]:
+    """layer_config adjusted so every target loads the plan (`checkpoint.targets.fit_plan`: vLLM's
+    fused groups share their strictest scheme), one warning per change; UnloadableError otherwise."""
+    plan = select_layers(model, blocks, spec, layer_config)
+    shapes = {n: linear_shape(model.get_submodule(n)) for n in [*plan.quantize, *plan.skipped]}
+    fit = fit_plan(targets, formats, shapes, plan.quantize, blocks)
+    for message in fit.messages:
+        warnings.warn(message, stacklevel=3)
+    return {**layer_config, **{n: {"bits": 16} if s is None else s for n, s in fit.changes.items()}}
 
 
 def build_quantizer(loaded: Any, **kwargs: Any) -> AutoRound:
