@@ -5,23 +5,27 @@ Only I/O: reading template, dataset and image files. Never imports `rounding` or
 
 from signround.templating.calibration import (
     CalibrationSet,
+    TextCalibration,
     calibration_batches,
     conversation_calibration,
     encode_conversation,
     text_calibration,
+    text_calibration_set,
 )
 from signround.templating.collate import collate
 from signround.templating.datasets import (
     ConversationDataset,
     ConversationSample,
     DatasetError,
+    SelfGenerated,
     TextDataset,
     conversation_texts,
     load_dataset,
     load_llava_json,
     load_text_file,
 )
-from signround.templating.embedded import embedded_dataset, embedded_texts
+from signround.templating.embedded import builtin_texts, embedded_dataset, embedded_texts
+from signround.templating.generated import self_calibration
 from signround.templating.images import DEFAULT_MAX_PIXELS, ImageError, bound_image, open_image
 from signround.templating.processors import (
     PROCESSORS,
@@ -49,11 +53,14 @@ __all__ = [
     "ImageTokensCut",
     "ProcessorError",
     "RegisteredProcessor",
+    "SelfGenerated",
     "Template",
     "TemplateError",
+    "TextCalibration",
     "TextDataset",
     "Turn",
     "bound_image",
+    "builtin_texts",
     "calibration_batches",
     "collate",
     "conversation_calibration",
@@ -72,6 +79,8 @@ __all__ = [
     "open_image",
     "register_processor",
     "render",
+    "self_calibration",
     "text_calibration",
+    "text_calibration_set",
     "truncate",
 ]

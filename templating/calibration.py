@@ -23,49 +23,101 @@ def _degenerate(ids: Sequence[int], seqlen: int) -> bool:
     return ids.count(ids[-1]) > seqlen // 2 if ids else True
 
 
-def text_calibration(
-    texts: Iterable[str], tokenizer: Any, *, seqlen: int = 2048, nsamples: int = 128, seed: int = 42
-) -> list[dict[str, torch.Tensor]]:
-    """Fixed-length samples for a text decoder: `input_ids` [seqlen] int64, `attention_mask` ones.
+@attrs.frozen
+class TextCalibration:
+    """Fixed-length text samples and how they were made.
 
-    Documents are shuffled by `seed`. Each document at least `seqlen` tokens long gives its first
-    `seqlen` tokens (as AutoRound does; degenerate ones whose last token fills over half are
-    skipped). If that yields fewer than `nsamples`, the remaining documents are joined into one
-    stream (each tokenized with the tokenizer's special tokens and followed by EOS unless it
-    already ends with it), cycled as often as needed, and cut into `seqlen` windows, so a short
-    corpus still gives `nsamples`. No padding anywhere.
+    samples: `input_ids` [seqlen] int64 and `attention_mask` ones, each. distinct_tokens: corpus
+    tokens in them, each counted once; repeats: how many times the text had to be cycled to fill
+    nsamples × seqlen (1.0 = every token once). source: where the text came from.
+    """
+
+    samples: tuple[dict[str, torch.Tensor], ...]
+    seqlen: int
+    distinct_tokens: int
+    repeats: float = 1.0
+    source: str = ""
+
+    @property
+    def tokens(self) -> int:
+        return len(self.samples) * self.seqlen
+
+    def note(self) -> str:
+        """One line for a summary: samples × seqlen, distinct tokens, repeats."""
+        line = f"{len(self.samples)} × {self.seqlen} tokens, {self.distinct_tokens} distinct"
+        return line + (f" (the text is repeated {self.repeats:.1f}×)" if self.repeats > 1 else "")
+
+
+def text_calibration_set(
+    texts: Iterable[str], tokenizer: Any, *, seqlen: int = 2048, nsamples: int = 128, seed: int = 42,
+    source: str = "",
+) -> TextCalibration:
+    """Fixed-length samples for a text decoder, and how many distinct tokens fill them.
+
+    Documents are shuffled by `seed` and tokenized in that order only until there are enough tokens
+    (a large corpus is never tokenized whole). Each document at least `seqlen` tokens long gives its
+    first `seqlen` tokens (as AutoRound does; degenerate ones whose last token fills over half are
+    skipped). The shorter documents are joined into one stream (each tokenized with the tokenizer's
+    special tokens and followed by EOS unless it already ends with it) and cut into `seqlen`
+    windows. When the corpus is too small the stream is cycled, so a short corpus still gives
+    `nsamples`, and a warning says how many distinct tokens there are and how often they repeat. No
+    padding anywhere.
     """
     if seqlen < 1 or nsamples < 1:
         raise ValueError(f"seqlen and nsamples must be positive, got {seqlen}, {nsamples}")
     docs = [t for t in texts if isinstance(t, str) and t.strip()]
     if not docs:
-        raise DatasetError("text calibration needs at least one non-empty document")
+        raise DatasetError(f"{source or 'text calibration'}: needs at least one non-empty document")
     random.Random(seed).shuffle(docs)
     eos = getattr(tokenizer, "eos_token_id", None)
+    need = nsamples * seqlen
     samples: list[list[int]] = []
     rest: list[list[int]] = []
+    rest_tokens = 0
     for doc in docs:
+        if len(samples) * seqlen + rest_tokens >= need:
+            break
         ids = list(tokenizer(doc)["input_ids"])
         if len(ids) >= seqlen and len(samples) < nsamples and not _degenerate(ids[:seqlen], seqlen):
             samples.append(ids[:seqlen])
-        else:
-            if eos is not None and (not ids or ids[-1] != eos):
-                ids.append(eos)
-            rest.append(ids)
+            continue
+        if eos is not None and (not ids or ids[-1] != eos):
+            ids.append(eos)
+        rest.append(ids)
+        rest_tokens += len(ids)
+    distinct = len(samples) * seqlen
+    repeats = 1.0
     if len(samples) < nsamples:
-        pool = rest if sum(map(len, rest)) else []
+        pool = rest if rest_tokens else []
         if not pool:  # only long documents: cycle them too
             pool = [list(tokenizer(d)["input_ids"]) + ([eos] if eos is not None else []) for d in docs]
+        pool_tokens = sum(map(len, pool))
+        want = (nsamples - len(samples)) * seqlen
         stream: list[int] = []
-        need = (nsamples - len(samples)) * seqlen
-        while len(stream) < need:
+        while len(stream) < want:
             for ids in pool:
                 stream.extend(ids)
-        samples += [stream[i : i + seqlen] for i in range(0, need, seqlen)]
-    return [
+        samples += [stream[i : i + seqlen] for i in range(0, want, seqlen)]
+        distinct = distinct + min(pool_tokens, want) if pool is rest else min(max(distinct, pool_tokens), need)
+        if pool_tokens < want:
+            repeats = need / max(distinct, 1)
+    if repeats > 1:
+        warnings.warn(f"{source or 'calibration text'}: {distinct} distinct tokens fill {nsamples} samples × "
+                      f"{seqlen} tokens = {need}, so the text is repeated {repeats:.1f}×; pass a larger dataset, "
+                      "or fewer (nsamples) or shorter (seqlen) samples", stacklevel=2)
+    tensors = tuple(
         {"input_ids": torch.tensor(s, dtype=torch.long), "attention_mask": torch.ones(seqlen, dtype=torch.long)}
         for s in samples[:nsamples]
-    ]
+    )
+    return TextCalibration(tensors, seqlen, distinct, repeats, source)
+
+
+def text_calibration(
+    texts: Iterable[str], tokenizer: Any, *, seqlen: int = 2048, nsamples: int = 128, seed: int = 42
+) -> list[dict[str, torch.Tensor]]:
+    """The samples of `text_calibration_set` (same arguments): `input_ids` [seqlen] int64 and
+    `attention_mask` ones, each."""
+    return list(text_calibration_set(texts, tokenizer, seqlen=seqlen, nsamples=nsamples, seed=seed).samples)
 
 
 @attrs.frozen

@@ -1,15 +1,26 @@
-"""The embedded default calibration set: written for this project, drawn with Pillow at run time.
+"""The built-in calibration sets: nothing is downloaded.
 
-Nothing is downloaded or read from disk: each image is drawn by a small deterministic function
-(shapes, colours, text, simple scenes) and paired with a short conversation about it; text-only
-conversations and plain documents cover text-decoder calibration. Small by design, so the whole
-pipeline runs offline; use a real dataset for production-quality calibration.
+- `builtin_texts()`: the default text calibration corpus, about 1.6 M characters (397 k SmolLM2
+  tokens, more than the default 128 × 2048) of English prose and code from CPython 3.11 (the
+  Language Reference topics of `pydoc_data`, standard-library docstrings, IDLE's guide; PSF
+  licence, `data/LICENSE-PSF.txt`) plus this project's own documents, read from
+  `data/builtin-calibration.jsonl.xz` (built by `tests/bench/build_calibration_corpus.py`; counts and
+  provenance in `data/builtin-calibration.json`). Technical English: for another domain or language,
+  pass your own data or generate it from the model (`--dataset self`).
+- `embedded_dataset()`: image-text conversations, each image drawn by a small deterministic
+  function (shapes, colours, text, simple scenes) with Pillow at run time, plus text-only
+  conversations; `embedded_texts()`: 16 short documents written for this project (the text default
+  before the corpus above; about 900 tokens).
 """
 
 from __future__ import annotations
 
+import lzma
 from collections.abc import Callable
 from functools import cache
+from importlib import resources
+
+import orjson
 
 from PIL import Image, ImageDraw
 
@@ -259,3 +270,18 @@ def embedded_dataset() -> ConversationDataset:
 def embedded_texts() -> TextDataset:
     """Plain documents written for this project (prose, instructions, code) for text calibration."""
     return TextDataset(_TEXTS, "embedded_text")
+
+
+BUILTIN_CORPUS = "builtin-calibration.jsonl.xz"
+
+
+@cache
+def _builtin_records() -> tuple[tuple[str, str], ...]:
+    raw = lzma.decompress((resources.files("signround.templating") / "data" / BUILTIN_CORPUS).read_bytes())
+    return tuple((r["source"], r["text"]) for r in map(orjson.loads, raw.splitlines()))
+
+
+def builtin_texts() -> TextDataset:
+    """The default text calibration corpus (see the module docstring), in its stored order;
+    `text_calibration` shuffles it by the recipe's seed."""
+    return TextDataset(tuple(text for _, text in _builtin_records()), "builtin")

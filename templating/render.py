@@ -1,9 +1,11 @@
 """Render a conversation to text with a `Template` (pure: same input, same string).
 
 Rules (normative text in spec/templates.md):
-1. Turns are normalised: llava style `{"from": "human"|"gpt"|"system", "value": ...}` or chat style
-   `{"role": ..., "content": ...}`; content may be a string or a list of `{"type": "text"|"image"}`
-   parts (an image part becomes `<image>`, plus `\\n` when more parts follow).
+1. Turns are normalised: the speaker is `from` (llava, ShareGPT) or `role` (OpenAI chat), the text
+   `value`, `content` or `text`, in any pairing (`{"role", "value"}` and `{"from", "content"}` are
+   common in the wild); content may be a string or a list of `{"type": "text"|"image"}` parts (an
+   image part becomes `<image>`, plus `\\n` when more parts follow). A turn without a text field (or
+   with `null`) is an error naming the turn, never an empty turn.
 2. Each content has `replace_tokens` applied in order, then (not the system text) is stripped
    of surrounding whitespace if `strip_content`.
 3. The system text is the conversation's leading system turn, else `default_system` when non-empty;
@@ -33,6 +35,7 @@ ROLE_ALIASES: Mapping[str, str] = {
     "model": "assistant",
     "bot": "assistant",
     "system": "system",
+    "developer": "system",
     "function": "function",
     "function_call": "function",
     "tool_call": "function",
@@ -40,6 +43,11 @@ ROLE_ALIASES: Mapping[str, str] = {
     "tool": "observation",
     "ipython": "observation",
 }
+
+
+#: where a turn names its speaker, and where its text is (first present wins)
+ROLE_KEYS = ("from", "role")
+TEXT_KEYS = ("value", "content", "text")
 
 
 @attrs.frozen
@@ -85,16 +93,19 @@ def normalize(conversation: Iterable[Mapping[str, Any] | Turn]) -> tuple[Turn, .
             continue
         if not isinstance(msg, Mapping):
             raise ConversationError(f"turn {i}: must be a mapping, got {type(msg).__name__}")
-        if "from" in msg:
-            raw_role, content = msg["from"], msg.get("value", "")
-        elif "role" in msg:
-            raw_role, content = msg["role"], msg.get("content", "")
-        else:
-            raise ConversationError(f"turn {i}: needs 'from'/'value' or 'role'/'content' keys, got {sorted(msg)}")
+        role_key = next((k for k in ROLE_KEYS if k in msg), None)
+        if role_key is None:
+            raise ConversationError(f"turn {i}: needs a speaker ('from' or 'role') and a text ('value', 'content' "
+                                    f"or 'text'), got keys {sorted(map(str, msg))}")
+        raw_role = msg[role_key]
         role = ROLE_ALIASES.get(str(raw_role).lower())
         if role is None:
             raise ConversationError(f"turn {i}: unknown role {raw_role!r}; known: {sorted(ROLE_ALIASES)}")
-        turns.append(Turn(role, _content_text(content, f"turn {i}")))
+        text_key = next((k for k in TEXT_KEYS if msg.get(k) is not None), None)
+        if text_key is None:
+            raise ConversationError(f"turn {i} ({role_key} {raw_role!r}) has no text: expected one of "
+                                    f"{', '.join(TEXT_KEYS)} (got keys {sorted(map(str, msg))})")
+        turns.append(Turn(role, _content_text(msg[text_key], f"turn {i}")))
     return tuple(turns)
 
 

@@ -168,8 +168,9 @@ def read_template(path: str | Path) -> Template:
 def load_template(name_or_path: str | Path | Template | None = None, model_type: str | None = None) -> Template:
     """Resolve a template: a `Template`, a JSON path, a preset name, else the preset for `model_type`.
 
-    An unknown name with no matching preset falls back to `default` with `model_type` set to the
-    name asked for (as AutoRound does). A path that does not exist is an error.
+    A name given that is neither a preset nor a file is a `TemplateError` listing the presets. With
+    no name, a `model_type` without a preset falls back to `default` with `model_type` set to it
+    (as AutoRound does). A path that does not exist is an error.
     """
     if isinstance(name_or_path, Template):
         return name_or_path
@@ -179,6 +180,9 @@ def load_template(name_or_path: str | Path | Template | None = None, model_type:
             if not Path(text).is_file():
                 raise TemplateError(text, "<file>", "no such template file")
             return read_template(text)
+        if not (preset_dir() / f"{text}.json").is_file():
+            raise TemplateError(text, "<name>", "no such template preset or file; presets: "
+                                f"{', '.join(list_presets())} (or give the path of a template JSON file)")
         wanted = text
     else:
         wanted = model_type or "default"

@@ -5,12 +5,16 @@ recovery, sharded safetensors I/O, the atomic output directory, and model ↔ ch
 from __future__ import annotations
 
 import contextlib
+import fnmatch
+import glob
 import json
 import os
+import secrets
 import shutil
-import tempfile
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Optional
 
 import attrs
 import torch
@@ -20,6 +24,11 @@ from torch import Tensor, nn
 
 from signround.rounding.grid import QuantizedWeight, codes_from_dequantized
 from signround.rounding.spec import QuantSpec
+
+try:  # POSIX: locks are flock()s the kernel drops when a process dies
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -133,46 +142,217 @@ def iter_tensors(path: Path) -> Iterator[tuple[str, Tensor]]:
                 yield k, fh.get_tensor(k)
 
 
-# --- atomic output directory -------------------------------------------------------------------
+# --- what may be replaced, locks, the atomic output directory -----------------------------------
 
-def _looks_used(path: Path) -> bool:
-    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+#: quant_method values of the checkpoints `overwrite` may replace (ours and auto-round's formats)
+REPLACEABLE_METHODS = ("auto-round", "intel/auto-round", "gptq")
+#: file names a quantized checkpoint holds (weights, configs, tokenizer and processor files)
+CHECKPOINT_FILES = ("*.safetensors", "*.json", "*.jinja", "*.model", "*.tiktoken", "merges.txt", "vocab.txt",
+                    "pytorch_model*.bin")
+_TMP, _OLD = ".tmp-", ".old-"
+
+
+def _is_checkpoint_file(name: str) -> bool:
+    return any(fnmatch.fnmatch(name, pattern) for pattern in CHECKPOINT_FILES)
+
+
+def _quant_method(config: Path) -> Optional[str]:
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    qc = data.get("quantization_config") if isinstance(data, dict) else None
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    return method if isinstance(method, str) else None
+
+
+def not_a_checkpoint(path: str | os.PathLike) -> Optional[str]:
+    """Why the existing directory `path` is not a quantized checkpoint that may be replaced, or None
+    when it is one: a `config.json` whose `quantization_config.quant_method` is auto-round's or
+    gptq's, safetensors weights, and nothing but checkpoint files (`CHECKPOINT_FILES`); or only
+    sub-folders that are each such a checkpoint (several formats in one save)."""
+    p = Path(path)
+    entries = sorted(p.iterdir())
+    dirs = [e for e in entries if e.is_dir()]
+    if dirs and len(dirs) == len(entries):  # one sub-folder per format
+        for d in dirs:
+            why = not_a_checkpoint(d)
+            if why is not None:
+                return f"{d.name}/: {why}"
+        return None
+    if not (p / "config.json").is_file():
+        return "it has no config.json"
+    method = _quant_method(p / "config.json")
+    if method not in REPLACEABLE_METHODS:
+        return ("its config.json has no quantization_config of auto-round or gptq" if method is None
+                else f"its quantization_config is {method!r}, not auto-round or gptq")
+    if not any(e.suffix == ".safetensors" for e in entries):
+        return "it has no safetensors weights"
+    other = [e.name + ("/" if e.is_dir() else "") for e in entries if e.is_dir() or not _is_checkpoint_file(e.name)]
+    if other:
+        return f"it also holds {', '.join(other[:5])}{' …' if len(other) > 5 else ''}, which a checkpoint does not"
+    return None
+
+
+def check_replaceable(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """`out_dir` resolved, if a save may write there: it does not exist, is an empty directory, or
+    (with `overwrite`) holds a previous quantized checkpoint (`not_a_checkpoint`). Anything else
+    raises FileExistsError naming what is there: overwrite never deletes other files."""
+    out = Path(out_dir).resolve()
+    if not out.exists():
+        return out
+    if not out.is_dir():
+        raise FileExistsError(f"output {str(out)!r} is a file; give a directory path")
+    if not any(out.iterdir()):
+        return out
+    why = not_a_checkpoint(out)
+    if not overwrite:
+        what = "holds a quantized checkpoint" if why is None else "is not empty"
+        hint = "pass overwrite=True to replace it, or choose" if why is None else "choose"
+        raise FileExistsError(f"output directory {str(out)!r} {what}; {hint} a new path")
+    if why is not None:
+        raise FileExistsError(f"output directory {str(out)!r} is not a quantized checkpoint ({why}); overwrite=True "
+                              "only replaces a previous signround/auto-round checkpoint: choose a new path")
+    return out
+
+
+def _lock_path(path: Path) -> Path:
+    return path.parent / f".{path.name}.lock"
+
+
+class Locked(FileExistsError):
+    """Another process holds the lock on an output or resume directory."""
+
+
+_HELD: dict[Path, list[int]] = {}  # lock file -> [fd, depth]: re-entrant within a process
+
+
+@contextlib.contextmanager
+def dir_lock(path: str | os.PathLike, what: str = "output") -> Iterator[None]:
+    """Hold an exclusive lock on the directory `path` (which may not exist yet) while the block runs.
+
+    The lock is `flock` on `.NAME.lock` beside it, so it is released by the kernel when the process
+    dies (SIGKILL included) and never needs clearing by hand; the file is removed on release. A second
+    process asking for it gets `Locked` naming the holder's pid. Re-entrant within one process (the
+    CLI holds the output's lock for the whole run and the save takes it again)."""
+    target = Path(path).resolve()
+    lock = _lock_path(target)
+    if lock in _HELD:
+        _HELD[lock][1] += 1
+        try:
+            yield
+        finally:
+            _HELD[lock][1] -= 1
+        return
+    if fcntl is None:  # no flock on this platform: no lock (documented in spec/errors.md)
+        yield
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise Locked(f"{what} {str(target)!r} is in use by another signround run ({holder}); wait for it to "
+                         f"finish, or use another {what} directory") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the previous holder removed the file between our open and flock: retry
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()}".encode())
+    _HELD[lock] = [fd, 1]
+    try:
+        yield
+    finally:
+        del _HELD[lock]
+        try:
+            os.unlink(lock)
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def stale_temporaries(out_dir: str | os.PathLike) -> list[Path]:
+    """Temporary folders an interrupted save to `out_dir` left beside it (`.NAME.tmp-*` being
+    written, `.NAME.old-*` being removed), holding nothing but checkpoint files. Only meaningful
+    under `dir_lock(out_dir)`: then no other save to `out_dir` is running."""
+    out = Path(out_dir).resolve()
+    if not out.parent.is_dir():
+        return []
+    found = []
+    for marker in (_TMP, _OLD):
+        for p in sorted(out.parent.glob(f".{glob.escape(out.name)}{marker}*")):
+            if p.is_dir() and all(_is_checkpoint_file(f.name) or f.is_dir() for f in p.rglob("*")):
+                found.append(p)
+    return found
+
+
+def clean_stale_temporaries(out_dir: str | os.PathLike) -> list[Path]:
+    """Remove `stale_temporaries(out_dir)` (with a warning naming them); returns what was removed."""
+    stale = stale_temporaries(out_dir)
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    if stale:
+        names = ", ".join(p.name for p in stale[:3]) + (" …" if len(stale) > 3 else "")
+        warnings.warn(f"removed {len(stale)} temporary folder(s) left beside {Path(out_dir).name} by an interrupted "
+                      f"save ({names})", stacklevel=2)
+    return stale
+
+
+def _fresh_dir(parent: Path, prefix: str) -> Path:
+    """A new directory `parent/prefix<pid>-<random>` with the usual permissions (0777 less the umask,
+    where tempfile.mkdtemp would give 0700)."""
+    while True:
+        p = parent / f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            p.mkdir()
+            return p
+        except FileExistsError:
+            continue
 
 
 @contextlib.contextmanager
 def atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary directory beside `out_dir`; on success it replaces `out_dir`.
 
-    On any error the temporary directory is removed and `out_dir` is left as it was, so an
-    interrupted save never leaves something that looks like a checkpoint. A non-empty `out_dir`
-    is refused unless `overwrite`.
+    Under `dir_lock(out_dir)`: `out_dir` must pass `check_replaceable` (overwrite replaces only a
+    previous quantized checkpoint); temporaries an interrupted save left are removed first. On any
+    error the temporary directory is removed and `out_dir` is left as it was, so an interrupted save
+    never leaves something that looks like a checkpoint.
     """
     out = Path(out_dir).resolve()
-    if _looks_used(out) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}-{id(tmp)}"
-        out.rename(old)
-    try:
-        tmp.rename(out)
-    except BaseException:
+    with dir_lock(out):
+        check_replaceable(out, overwrite=overwrite)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_temporaries(out)
+        tmp = _fresh_dir(out.parent, f".{out.name}{_TMP}")
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}{_OLD}{os.getpid()}-{secrets.token_hex(4)}"
+            out.rename(old)
+        try:
+            tmp.rename(out)
+        except BaseException:
+            if old is not None:
+                old.rename(out)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if old is not None:
-            old.rename(out)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink()
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink()
 
 
 # --- model module names ↔ checkpoint key names (transformers ≥ 5 renames some families) --------

@@ -86,7 +86,11 @@ class QuantReport:
 
     block_name_to_quantize: the block-list prefixes, as the auto_round config names them.
     layers: full layer name → LayerResult (every quantized layer). skipped: full layer name → why it
-    stayed in full precision. peak_memory: (bytes, what was measured).
+    stayed in full precision. other_weights: every other weight matrix kept in full precision
+    (parameter name → why: fused MoE experts and other non-Linear weights inside the blocks,
+    embeddings and lm_head outside; `LayerPlan.other_weights`). settings: what the run was asked to
+    do (calibration source, recipe, grid, device), as the front end recorded it. peak_memory:
+    (bytes, what was measured).
     """
 
     spec: QuantSpec
@@ -99,6 +103,15 @@ class QuantReport:
     device: str
     peak_memory_bytes: Optional[int] = None
     peak_memory_kind: str = ""
+    other_weights: Mapping[str, str] = attrs.field(factory=dict)
+    settings: Mapping[str, Any] = attrs.field(factory=dict)
+
+    def kept_fp(self) -> dict[str, int]:
+        """How many weights stay in full precision: Linear layers in the blocks, other weights in the
+        blocks (fused MoE experts, …), weights outside the blocks."""
+        outside = sum(1 for why in self.other_weights.values() if why.startswith("outside"))
+        return {"layers": len(self.skipped), "other_in_blocks": len(self.other_weights) - outside,
+                "outside_blocks": outside}
 
     def extra_config(self) -> dict[str, dict[str, Any]]:
         """Per-layer entries that differ from the global spec (skipped layers as bits 16), the
@@ -125,6 +138,9 @@ class QuantReport:
             "peak_memory_kind": self.peak_memory_kind,
             "layers_quantized": len(self.layers),
             "layers_skipped": dict(self.skipped),
+            "kept_in_full_precision": self.kept_fp(),
+            "other_weights_not_quantized": dict(self.other_weights),
+            "settings": dict(self.settings),
             "mean_loss_rtn": (sum(b.loss_rtn for b in tuned) / len(tuned)) if tuned else None,
             "mean_loss_tuned": (sum(b.loss_tuned for b in tuned) / len(tuned)) if tuned else None,
             "blocks": [{"name": b.name, "layers": len(b.layers), "loss_rtn": _num(b.loss_rtn),

@@ -14,8 +14,10 @@ module chooses them for a device:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import warnings
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import attrs
 import torch
@@ -179,6 +181,21 @@ def check_ranks(recipe: Recipe, world: int) -> None:
                          f"least one sample per rank: use batch_size >= {world}, or fewer ranks")
 
 
+#: called as hook(steps done, steps in this block) after each tuning step (a progress view)
+_ON_STEP: contextvars.ContextVar[Optional[Callable[[int, int], None]]] = contextvars.ContextVar("on_step", default=None)
+
+
+@contextlib.contextmanager
+def reporting_steps(hook: Optional[Callable[[int, int], None]]) -> Iterator[None]:
+    """Within the block, `step_batches` calls `hook(t, total)` after each tuning step (t = 1..total);
+    a front end's progress inside a block. The hook sees no tensors and must not sync the device."""
+    token = _ON_STEP.set(hook)
+    try:
+        yield
+    finally:
+        _ON_STEP.reset(token)
+
+
 def step_batches(inputs: BlockInputs, targets: Tensor, recipe: Recipe, accel: Accelerator,
                  data_parallel: Optional[DataParallel] = None) -> Iterator[StepParts]:
     """Every step's sub-batches on the compute device, as `rounding.step_batches` draws them, with
@@ -202,6 +219,7 @@ def step_batches(inputs: BlockInputs, targets: Tensor, recipe: Recipe, accel: Ac
         schedule = list(torch.stack(schedule).to(inputs.hidden.device).unbind(0))
     stream = torch.cuda.Stream(device) if ahead else None
     pending = None
+    on_step = _ON_STEP.get()
     for t, rows in enumerate(schedule):
         if stream is None:
             mine = load(rows)
@@ -217,6 +235,8 @@ def step_batches(inputs: BlockInputs, targets: Tensor, recipe: Recipe, accel: Ac
         yield mine, int(rows.numel())
         if accel.after_step is not None:  # the step that used this batch is done
             accel.after_step()
+        if on_step is not None:
+            on_step(t + 1, len(schedule))
 
 
 def _load_on(stream: Any, load: Any, rows: Tensor) -> tuple[Any, Any]:

@@ -5,175 +5,59 @@
     ar.quantize()
     ar.save_quantized("out/", format="auto_round", inplace=True)
 
-The constructor turns its arguments into one frozen `QuantizeConfig` and checks them there, before
-any tuning: a bad spec, recipe value, layer config, block name, dataset, image or template fails
-with a message naming what and where. `quantize()` builds the calibration batches (`templating`),
-runs the engine (`quantize_model`) with a progress bar, and `save_quantized` exports. What block-wise
-tuning supports per model family lives in `adapters/hf/families.py`, padding in `templating/collate.py`.
+The constructor checks its arguments (`arguments.py`: values, paths, then the loaded model's
+layers) and turns them into one frozen `QuantizeConfig`, before any tuning: a bad spec, recipe value,
+layer config, block name, dataset, image or template fails with a message naming what and where.
+`quantize()` builds the calibration batches (`templating`), prints what it will do, runs the engine
+(`quantize_model`) with a progress bar, and `save_quantized` exports. What block-wise tuning supports
+per model family lives in `adapters/hf/families.py`, padding in `templating/collate.py`.
 """
 
 from __future__ import annotations
 
-import re
+import contextlib
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import attrs
-import orjson
 import torch
 from torch import nn
 
 from signround.adapters.engine import distributed, runtime
-from signround.adapters.engine.device import CACHE_PLACES
+from signround.adapters.engine.device import CACHE_PLACES, resolve
 from signround.adapters.engine.distributed import DataParallel
 from signround.adapters.engine.loop import quantize_model
-from signround.adapters.engine.progress import BlockProgress, print_summary
+from signround.adapters.engine.progress import BlockProgress, print_settings, print_summary
 from signround.adapters.engine.report import QuantReport
-from signround.adapters.engine.resume import ResumeStore, check_dir, fingerprint
+from signround.adapters.engine.resume import ResumeStore, fingerprint
+from signround.adapters.checkpoint.files import dir_lock
 from signround.adapters.checkpoint.formats import DEFAULT_FORMAT, parse_formats
 from signround.adapters.checkpoint.targets import check_targets, fit_plan
 from signround.adapters.hf.blocks import LayerPlan, blocks_of, linear_shape, select_layers
+from signround.adapters.frontends.arguments import (Dataset, check_device, check_layer_config, check_model,
+                                                  check_output_dir, check_resume_dir, load_calibration_dataset,
+                                                  read_layer_config, resolve_recipe)
 from signround.adapters.hf.families import block_lists, check_image_calibration, check_vision_blocks, model_type
-from signround.rounding import QuantSpec, Recipe, preset
+from signround.rounding import QuantSpec, Recipe
 from signround.templating import (
     ConversationDataset,
+    SelfGenerated,
     Template,
     TextDataset,
     conversation_calibration,
     conversation_texts,
-    load_dataset,
     load_template,
     render,
-    text_calibration,
+    self_calibration,
+    text_calibration_set,
 )
 from signround.templating.calibration import calibration_batches
 from signround.templating.collate import pad_samples
 
-LAYER_CONFIG_KEYS = {"bits", "group_size", "sym", "data_type"}
-RECIPE_FIELDS = {f.name for f in attrs.fields(Recipe)}
 MLLM_DEFAULT_SEQLEN = 512  # the reference's cap for image-text calibration
-
-Dataset = Union[TextDataset, ConversationDataset]
-
-
-def _check_layer_config(layer_config: Optional[Mapping[str, Any]]) -> dict[str, Any]:
-    """Validate a layer_config mapping: keys are names/regexes, values QuantSpec or {bits, group_size, sym}."""
-    if layer_config is None:
-        return {}
-    if not isinstance(layer_config, Mapping):
-        raise ValueError(f"layer_config must be a mapping of layer name (or regex) to settings, got "
-                         f"{type(layer_config).__name__}")
-    out: dict[str, Any] = {}
-    for key, value in layer_config.items():
-        if not isinstance(key, str) or not key:
-            raise ValueError(f"layer_config keys must be non-empty layer names or regexes, got {key!r}")
-        try:
-            re.compile(key)
-        except re.error as err:
-            raise ValueError(f"layer_config key {key!r} is not a valid regular expression ({err})") from None
-        if isinstance(value, QuantSpec):
-            out[key] = value
-            continue
-        if not isinstance(value, Mapping):
-            raise ValueError(f"layer_config[{key!r}] must be a mapping such as {{\"bits\": 8}} or a QuantSpec, "
-                             f"got {value!r}")
-        unknown = sorted(set(value) - LAYER_CONFIG_KEYS)
-        if unknown:
-            raise ValueError(f"layer_config[{key!r}] has unknown setting(s) {unknown}; allowed: "
-                             f"{sorted(LAYER_CONFIG_KEYS)}")
-        bits = value.get("bits")
-        if bits is not None and bits != 16:
-            try:
-                QuantSpec(bits=bits)
-            except ValueError as err:
-                raise ValueError(f"layer_config[{key!r}]: {err} (or 16 to keep the layer in full precision)") from None
-        if "group_size" in value:
-            try:
-                QuantSpec(group_size=value["group_size"])
-            except ValueError as err:
-                raise ValueError(f"layer_config[{key!r}]: {err}") from None
-        if "sym" in value and not isinstance(value["sym"], bool):
-            raise ValueError(f"layer_config[{key!r}]: sym must be true or false, got {value['sym']!r}")
-        out[key] = dict(value)
-    return out
-
-
-def read_layer_config(path: str | Path) -> dict[str, Any]:
-    """Read a layer_config JSON file ({layer name or regex: {bits, group_size, sym}})."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"layer config file {str(p)!r} does not exist")
-    try:
-        data = orjson.loads(p.read_bytes())
-    except orjson.JSONDecodeError as err:
-        raise ValueError(f"{p}: not valid JSON ({err})") from None
-    try:
-        return _check_layer_config(data)
-    except ValueError as err:
-        raise ValueError(f"{p}: {err}") from None
-
-
-def resolve_recipe(recipe: Union[str, Recipe, None], **overrides: Any) -> Recipe:
-    """A Recipe from a preset name or value, with non-None fields overridden (lr follows iters)."""
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    unknown = sorted(set(overrides) - RECIPE_FIELDS)
-    if unknown:
-        raise ValueError(f"unknown recipe setting(s) {unknown}; known: {sorted(RECIPE_FIELDS)}")
-    base = preset(recipe or "default") if not isinstance(recipe, Recipe) else recipe
-    return attrs.evolve(base, **overrides) if overrides else base
-
-
-def _check_device(device: Optional[str]) -> Optional[str]:
-    if device is None or device == "auto":
-        return None
-    if not isinstance(device, (str, torch.device)):
-        raise ValueError(f"device must be a string such as 'cuda', 'cuda:1', 'hpu', 'xpu' or 'cpu', got {device!r}")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as err:
-        raise ValueError(f"unknown device {device!r} ({err}); use cuda, cuda:N, xpu, hpu or cpu") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was asked for but CUDA is not available here; use --device cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) present")
-    if dev.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
-        raise ValueError(f"device {device!r} was asked for but no Intel XPU is available")
-    if dev.type == "hpu":
-        from signround.adapters.engine.device import hpu_available
-
-        if not hpu_available():
-            raise ValueError("device 'hpu' needs Intel Gaudi's habana_frameworks.torch, which is not installed")
-    return str(dev)
-
-
-def _check_finite_weights(model: nn.Module, plan: LayerPlan) -> None:
-    """NaN/Inf in a weight to be quantized would poison its scale: refuse before any work."""
-    modules = dict(model.named_modules())
-    for name in plan.quantize:
-        weight = getattr(modules[name], "weight", None)
-        if isinstance(weight, torch.Tensor) and not bool(torch.isfinite(weight).all()):
-            bad = int((~torch.isfinite(weight)).sum())
-            raise ValueError(f"layer {name!r} has {bad} NaN/Inf weight value(s); the model file is damaged or was "
-                             "loaded in a dtype that overflows (try dtype=float32/bfloat16), or keep the layer "
-                             f"in full precision with layer_config={{{name!r}: {{'bits': 16}}}}")
-
-
-def _load_dataset(dataset: Any, recipe: Recipe, extra_data_dir: Optional[Path],
-                  skip_bad_samples: bool) -> Optional[Dataset]:
-    if recipe.is_rtn and dataset is None:
-        return None  # plain RTN needs no calibration data
-    if dataset is None:
-        return load_dataset("embedded_text")
-    if isinstance(dataset, (TextDataset, ConversationDataset)):
-        return dataset
-    if isinstance(dataset, (list, tuple)):
-        if not dataset or not all(isinstance(t, str) for t in dataset):
-            raise ValueError("a dataset given as a list must be a non-empty list of strings (documents)")
-        return TextDataset(tuple(dataset), "<list>")
-    if isinstance(dataset, (str, Path)):
-        return load_dataset(dataset, extra_data_dir=extra_data_dir, skip_bad_samples=skip_bad_samples)
-    raise ValueError(f"dataset must be a path, a dataset name, or a list of strings, got {type(dataset).__name__}")
+__all__ = ["AutoRound", "AutoRoundMLLM", "QuantizeConfig", "build_quantizer", "check_output_dir", "read_layer_config",
+           "resolve_recipe"]  # the last three live in arguments.py; kept importable from here
 
 
 def _pad_token_id(tokenizer: Any) -> int:
@@ -220,7 +104,9 @@ class CalibrationData:
 @attrs.frozen
 class QuantizeConfig:
     """Everything a facade run is: the grid, the recipe, which layers and blocks, where it runs,
-    the calibration data, where finished blocks are kept. Built (and checked) by the constructor."""
+    the calibration data, where finished blocks are kept. Built (and checked) by the constructor.
+    inputs: the files and folders the run reads (dataset, images, resume store), which a save must
+    never replace."""
 
     spec: QuantSpec
     recipe: Recipe
@@ -233,6 +119,7 @@ class QuantizeConfig:
     cache: str = "auto"
     resume_dir: Optional[Path] = None
     progress: bool = True
+    inputs: tuple[Path, ...] = ()
     targets: tuple[str, ...] = ()
     formats: tuple[str, ...] = (DEFAULT_FORMAT,)
 
@@ -255,8 +142,10 @@ class AutoRound:
 
     Arguments follow the reference: bits, group_size, sym; recipe ("default", "light", "best",
     "rtn" or a Recipe) with iters/lr/minmax_lr/nsamples/seqlen/batch_size/gradient_accumulate_steps/
-    seed/enable_minmax_tuning/enable_quanted_input/amp overriding it; dataset (a path, "embedded", or
-    a list of strings); layer_config ({name or regex: {bits, group_size, sym}}, bits 16 = keep fp);
+    seed/enable_minmax_tuning/enable_quanted_input/amp overriding it; dataset (a path, "builtin" = the
+    built-in text corpus and the default, "embedded" = built-in image-text, "self" = text the model
+    generates, or a list of strings); layer_config ({name or regex: {bits, group_size, sym}}, bits 16
+    = keep fp; every key must match a layer inside the blocks);
     to_quant_block_names (block-list prefixes, or comma-separated regexes; discovered when not
     given); device; low_gpu_mem_usage; resume_dir (keep finished blocks there); progress (a progress
     bar and a summary on stderr). multimodal: image-text options (AutoRoundMLLM fills them in).
@@ -288,24 +177,28 @@ class AutoRound:
                                       gradient_accumulate_steps=gradient_accumulate_steps, seed=seed,
                                       enable_minmax_tuning=enable_minmax_tuning,
                                       enable_quanted_input=enable_quanted_input, amp=amp)
-        checked_layers = _check_layer_config(layer_config)
-        checked_device = _check_device(device)
+        checked_layers = check_layer_config(layer_config)
+        checked_device = check_device(device)
         if cache not in CACHE_PLACES:
             raise ValueError(f"cache must be one of {', '.join(CACHE_PLACES)} (where the calibration activations live), "
                              f"got {cache!r}")
-        resume = None if resume_dir is None else check_dir(resume_dir)
+        resume = None if resume_dir is None else check_resume_dir(resume_dir)
         blocks = tuple(block_lists(model, to_quant_block_names, mm.quant_nontext_module))
+        check_model(model, blocks, spec, checked_layers, select_layers(model, blocks, spec, checked_layers))
         targets = check_targets([target] if isinstance(target, str) else target)
         formats = parse_formats(format)
         if targets:
             checked_layers = _fit_targets(model, blocks, spec, checked_layers, targets, formats)
-        _check_finite_weights(model, select_layers(model, blocks, spec, checked_layers))
-        data = _load_dataset(dataset, recipe_value, mm.extra_data_dir, bool(skip_bad_samples))
+        data = load_calibration_dataset(dataset, recipe_value, mm.extra_data_dir, bool(skip_bad_samples))
         conversations = isinstance(data, ConversationDataset)
         template = mm.template
         if template is None and conversations:  # rendered to text with the family's preset
             template = load_template(None, model_type(model))
         images = multimodal is not None and conversations and any(s.images for s in data.samples)
+        if isinstance(data, SelfGenerated) and tokenizer is None:
+            raise ValueError("dataset='self' samples text from the model and needs its tokenizer; pass tokenizer=")
+        source = Path(data.source) if data is not None and not isinstance(data, SelfGenerated) else None
+        inputs = tuple(p for p in (source, mm.extra_data_dir, resume) if p is not None and p.exists())
         self.model = model
         self.tokenizer = tokenizer
         self.processor = mm.processor
@@ -314,7 +207,7 @@ class AutoRound:
             spec=spec, recipe=recipe_value, block_names=blocks, layer_config=checked_layers,
             quant_nontext_module=mm.quant_nontext_module, device=checked_device,
             low_gpu_mem_usage=bool(low_gpu_mem_usage), cache=cache, resume_dir=resume, progress=bool(progress),
-            targets=targets, formats=formats,
+            inputs=inputs, targets=targets, formats=formats,
             data=CalibrationData(dataset=data, template=template if conversations else None, images=images,
                                  image_seqlen=recipe_value.seqlen if seqlen is not None else MLLM_DEFAULT_SEQLEN,
                                  max_pixels=mm.max_pixels, skip_bad_samples=bool(skip_bad_samples)))
@@ -332,9 +225,15 @@ class AutoRound:
 
     def calibration(self) -> Optional[list[dict[str, torch.Tensor]]]:
         """Calibration batches for the model's forward (None for RTN without data)."""
+        return self._calibrate()[0]
+
+    def _calibrate(self, generate: bool = True) -> tuple[Optional[list[dict[str, torch.Tensor]]], dict[str, Any]]:
+        """(batches, what they are: source, kind, samples × seqlen, distinct tokens, repeats).
+        generate=False describes self-generated data without generating it (for a dry run)."""
         data, recipe = self.config.data, self.config.recipe
         if data.dataset is None:
-            return None
+            return None, {"source": None, "kind": "none: plain RTN rounds without data"}
+        info: dict[str, Any] = {"source": data.dataset.source}
         if data.images:
             assert isinstance(data.dataset, ConversationDataset) and data.template is not None
             kw = {} if data.max_pixels is None else {"max_pixels": data.max_pixels}
@@ -342,66 +241,125 @@ class AutoRound:
                                              processor=self.processor, seqlen=data.image_seqlen,
                                              nsamples=recipe.nsamples, seed=recipe.seed,
                                              skip_bad_samples=data.skip_bad_samples, **kw)
+            lengths = [int(s["input_ids"].shape[-1]) for s in calib.samples]
+            info.update(kind="image-text", samples=len(lengths), seqlen=data.image_seqlen,
+                        distinct_tokens=sum(lengths), shorter=sum(n < max(lengths) for n in lengths),
+                        dropped=len(calib.dropped))
             pad_id = _pad_token_id(self.tokenizer)
             return calibration_batches(pad_samples(calib.samples, pad_id), recipe.batch_size, pad_token_id=pad_id,
-                                       flat_keys=calib.flat_keys)
+                                       flat_keys=calib.flat_keys), info
         if self.tokenizer is None:
             raise ValueError("calibration needs the model's tokenizer; pass tokenizer=")
-        docs = data.dataset
-        if isinstance(docs, ConversationDataset):
-            template = data.template
-            assert template is not None
-            docs = conversation_texts(docs, lambda turns: render(template, turns))
-        samples = text_calibration(docs.texts, self.tokenizer, seqlen=recipe.seqlen, nsamples=recipe.nsamples,
-                                   seed=recipe.seed)
-        return calibration_batches(samples, recipe.batch_size)
+        info.update(kind="text", samples=recipe.nsamples, seqlen=recipe.seqlen)
+        if isinstance(data.dataset, SelfGenerated):
+            if not generate:
+                return None, {**info, "note": "generated by the model when tuning starts"}
+            text = self_calibration(self.model, self.tokenizer, nsamples=recipe.nsamples, seqlen=recipe.seqlen,
+                                    seed=recipe.seed, batch_size=recipe.batch_size,
+                                    temperature=data.dataset.temperature)
+        else:
+            docs = data.dataset
+            if isinstance(docs, ConversationDataset):
+                template = data.template
+                assert template is not None
+                docs = conversation_texts(docs, lambda turns: render(template, turns))
+            text = text_calibration_set(docs.texts, self.tokenizer, seqlen=recipe.seqlen, nsamples=recipe.nsamples,
+                                        seed=recipe.seed, source=docs.source)
+        info.update(distinct_tokens=text.distinct_tokens, repeats=round(text.repeats, 2))
+        return calibration_batches(list(text.samples), recipe.batch_size), info
+
+    def settings(self, calibration: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+        """What the run does, before tuning: calibration (source, kind, samples × seqlen, distinct
+        tokens), recipe, grid, layers, device and cache. Printed by `quantize()` and recorded in the
+        report and the checkpoint's quantization_config (`signround_settings`)."""
+        cfg, r = self.config, self.config.recipe
+        plan = self.plan()
+        fp = plan.fp_counts()
+        dp = self._data_parallel
+        accel = resolve(cfg.device if cfg.device is not None or dp is None else dp.device(), amp=r.amp,
+                        low_gpu_mem_usage=cfg.low_gpu_mem_usage, cache=cfg.cache)
+        return {
+            "calibration": dict(calibration if calibration is not None else self._calibrate(generate=False)[1]),
+            "recipe": {"iters": r.iters, "lr": r.resolved_lr, "minmax_lr": r.resolved_minmax_lr,
+                       "batch_size": r.batch_size, "gradient_accumulate_steps": r.gradient_accumulate_steps,
+                       "nsamples": r.nsamples, "seqlen": r.seqlen, "seed": r.seed, "minmax_tuning":
+                       r.enable_minmax_tuning, "quanted_input": r.enable_quanted_input, "use_best": r.use_best},
+            "grid": cfg.spec.to_dict(),
+            "layers": {"quantized": len(plan.quantize), "kept_fp": fp["layers"],
+                       "other_weights_in_blocks": fp["other_in_blocks"], "blocks": ", ".join(cfg.block_names)},
+            "device": {"device": str(accel.device),
+                       "autocast": None if accel.autocast_dtype is None else str(accel.autocast_dtype).split(".")[-1],
+                       "cache": str(accel.store_device) + (" (pinned, streamed ahead)" if accel.pinned_cache else "")},
+        }
 
     def quantize(self) -> QuantReport:
         """Tune every block (or round, for the `rtn` recipe); the model's weights become quantized.
 
         Under torchrun the process group starts here, and a step batch too small to split over the
-        ranks is refused before any data is read."""
+        ranks is refused before any data is read. The resume store is locked while tuning."""
         if self.report is not None:
             raise ValueError("this model is already quantized; build a new AutoRound for another run")
         cfg = self.config
         dp = self._data_parallel = distributed.from_env()
         if dp is not None:
             runtime.check_ranks(cfg.recipe, dp.world)
-        batches = self.calibration()
-        resume = (None if cfg.resume_dir is None
-                  else ResumeStore.open(cfg.resume_dir, cfg.fingerprint(self.model, batches)))
-        device = cfg.device if cfg.device is not None or dp is None else dp.device()
         show = cfg.progress and (dp is None or dp.is_main)
-        total = sum(len(blocks_of(self.model, p)) for p in cfg.block_names)
-        try:
-            with BlockProgress(total, enabled=show) as bar:
-                _, report = quantize_model(self.model, batches, cfg.spec, cfg.recipe, layer_config=cfg.layer_config,
-                                           block_names=cfg.block_names, quant_nontext_module=cfg.quant_nontext_module,
-                                           device=device, low_gpu_mem_usage=cfg.low_gpu_mem_usage,
-                                           cache=cfg.cache, on_block=bar.done if show else None, resume=resume, data_parallel=dp)
-        except torch.OutOfMemoryError as err:
-            r = cfg.recipe
-            hints = [] if cfg.low_gpu_mem_usage else ["low_gpu_mem_usage=True (--low-gpu-mem-usage) keeps "
-                                                       "calibration activations on the CPU"]
-            if r.batch_size > 1:
-                hints.append(f"a smaller batch with accumulation, e.g. batch_size={max(1, r.batch_size // 2)} "
-                             f"gradient_accumulate_steps={r.gradient_accumulate_steps * 2} (same effective batch)")
-            hints.append(f"fewer or shorter samples (nsamples={r.nsamples}, seqlen={r.seqlen} now)")
-            raise MemoryError("out of memory on the accelerator while tuning. Options: " + "; ".join(hints)
-                              + f". ({str(err).splitlines()[0]})") from err
+        lock = contextlib.nullcontext() if cfg.resume_dir is None else dir_lock(cfg.resume_dir, "resume_dir")
+        with lock:
+            batches, calibration = self._calibrate()
+            settings = self.settings(calibration)
+            if show:
+                print_settings(settings)
+            resume = (None if cfg.resume_dir is None
+                      else ResumeStore.open(cfg.resume_dir, cfg.fingerprint(self.model, batches)))
+            device = cfg.device if cfg.device is not None or dp is None else dp.device()
+            total = sum(len(blocks_of(self.model, p)) for p in cfg.block_names)
+            plan = self.plan()
+            try:
+                with BlockProgress(total, cfg.recipe.iters, enabled=show) as bar, \
+                        runtime.reporting_steps(bar.step if show else None):
+                    _, report = quantize_model(self.model, batches, cfg.spec, cfg.recipe, layer_config=cfg.layer_config,
+                                               block_names=cfg.block_names,
+                                               quant_nontext_module=cfg.quant_nontext_module, device=device,
+                                               low_gpu_mem_usage=cfg.low_gpu_mem_usage, cache=cfg.cache,
+                                               on_block=bar.done if show else None, resume=resume, data_parallel=dp)
+            except torch.OutOfMemoryError as err:
+                r = cfg.recipe
+                hints = [] if cfg.low_gpu_mem_usage else ["low_gpu_mem_usage=True keeps calibration activations "
+                                                           "on the CPU"]
+                if r.batch_size > 1:
+                    hints.append(f"a smaller batch with accumulation, e.g. batch_size={max(1, r.batch_size // 2)} "
+                                 f"gradient_accumulate_steps={r.gradient_accumulate_steps * 2} (same effective batch)")
+                hints.append(f"fewer or shorter samples (nsamples={r.nsamples}, seqlen={r.seqlen} now)")
+                raise MemoryError("out of memory on the accelerator while tuning. Options: " + "; ".join(hints)
+                                  + f". ({str(err).splitlines()[0]})") from err
+        report = attrs.evolve(report, other_weights=dict(plan.other_weights), settings=settings)
         if show:
             print_summary(report)
         self.report = report
         return report
 
+    def _recorded_settings(self) -> dict[str, Any]:
+        """What the checkpoint's quantization_config records of the run besides the grid and recipe:
+        the dataset name (as auto-round writes it) and `signround_settings` (see `settings`)."""
+        settings = dict(self.report.settings) if self.report is not None else {}
+        source = settings.get("calibration", {}).get("source")
+        return {"dataset": None if source is None else str(source), "signround_settings": settings or None}
+
     def save_quantized(self, output_dir: str | Path, format: Union[str, Sequence[str], None] = None,
-                       inplace: bool = True, overwrite: bool = False) -> Union[Path, dict[str, Path]]:
+                       inplace: bool = True, overwrite: bool = False,
+                       max_shard_size: Union[int, str] = "5GB") -> Union[Path, dict[str, Path]]:
         """Write the checkpoint(s); the directory appears complete or not at all. format: default the
-        constructor's; with `target=` every format must load on every target (checked before writing)."""
+        constructor's; with `target=` every format must load on every target (checked before writing).
+        `overwrite` replaces only a previous quantized checkpoint, and never the run's inputs (the
+        model's directory, the dataset, the image folder, the resume store)."""
         from signround.adapters.checkpoint.export import save_quantized
 
         if self.report is None:
             raise ValueError("nothing to save yet: call quantize() first")
+        source = getattr(getattr(self.model, "config", None), "_name_or_path", None)
+        model_dir = [source] if isinstance(source, str) and source and Path(source).is_dir() else []
+        check_output_dir(output_dir, overwrite=overwrite, protect=model_dir, inputs=self.config.inputs)
         for name, layer in self.report.layers.items():
             if not bool(torch.isfinite(layer.scale.float()).all()):
                 raise ValueError(f"layer {name!r} has NaN/Inf quantization scales; refusing to write a broken "
@@ -415,7 +373,8 @@ class AutoRound:
                               tokenizer=self.tokenizer, processor=self.processor,
                               image_processor=self.image_processor,
                               block_name_to_quantize=list(self.report.block_name_to_quantize),
-                              recipe=self.config.recipe, overwrite=overwrite, targets=self.config.targets)
+                              recipe=self.config.recipe, overwrite=overwrite, targets=self.config.targets,
+                              max_shard_size=max_shard_size, extra_info=self._recorded_settings())
         if dp is not None:
             dp.barrier()
         return path
@@ -485,21 +444,3 @@ def build_quantizer(loaded: Any, **kwargs: Any) -> AutoRound:
         if value not in (None, False):
             raise ValueError(f"--{key.replace('_', '-')} applies to multimodal models; {loaded.path} is a text model")
     return AutoRound(loaded.model, loaded.tokenizer, **kwargs)
-
-
-def check_output_dir(output: str | Path, *, overwrite: bool = False, protect: Iterable[str | Path] = ()) -> Path:
-    """Fail before any work if `output` cannot be written: a non-empty directory without
-    `overwrite`, a file, or a directory that is (or holds, or sits inside) one of `protect` (the
-    input model: saving must never replace it)."""
-    out = Path(output).resolve()
-    for p in protect:
-        src = Path(p).resolve()
-        if out == src or src in out.parents or out in src.parents:
-            raise ValueError(f"output {str(out)!r} overlaps the input model at {str(src)!r}; choose another "
-                             "directory so the original model is never replaced")
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"output {str(out)!r} is a file; give a directory path")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"output directory {str(out)!r} is not empty; pass --overwrite (overwrite=True) to "
-                              "replace it, or choose a new path")
-    return out

@@ -8,6 +8,8 @@ the text-decoder (and vision) lists of known families; anything else goes throug
 
 from __future__ import annotations
 
+import difflib
+import re
 from typing import Any, Iterable, Mapping, Optional, Union
 
 import attrs
@@ -144,10 +146,44 @@ def _shape_problem(out_features: int, in_features: int, spec: QuantSpec) -> Opti
 
 @attrs.frozen
 class LayerPlan:
-    """quantize: full layer name → its QuantSpec; skipped: full layer name → why it stays in full precision."""
+    """quantize: full layer name → its QuantSpec; skipped: full layer name → why it stays in full
+    precision. other_weights: every other weight matrix of the model (parameter name → why it is not
+    quantized): inside the blocks those of modules that are not Linear layers (fused MoE experts,
+    routers, convolutions), and everything outside the blocks (embeddings, lm_head, projectors)."""
 
     quantize: Mapping[str, QuantSpec]
     skipped: Mapping[str, str]
+    other_weights: Mapping[str, str] = attrs.field(factory=dict)
+
+    def fp_counts(self) -> dict[str, int]:
+        """Weights kept in full precision: Linear layers skipped, other weights inside the blocks,
+        weights outside the blocks."""
+        inside = sum(1 for why in self.other_weights.values() if why != OUTSIDE)
+        return {"layers": len(self.skipped), "other_in_blocks": inside, "outside_blocks": len(self.other_weights) - inside}
+
+
+OUTSIDE = "outside the quantized blocks"
+
+
+def _other_weights(model: nn.Module, block_prefixes: Iterable[str]) -> dict[str, str]:
+    """Parameters of 2 or more dims that are not the weight of a quantizable layer in the blocks."""
+    prefixes = tuple(block_prefixes)
+    layer_weights = {f"{n}.weight" for n, m in model.named_modules() if is_quantizable(m)}
+    owners = dict(model.named_modules())
+    out: dict[str, str] = {}
+    for name, p in model.named_parameters():
+        if p.dim() < 2:
+            continue
+        inside = any(name.startswith(b + ".") for b in prefixes)
+        if not inside:
+            out[name] = OUTSIDE
+        elif name not in layer_weights:
+            owner = owners.get(name.rsplit(".", 1)[0])
+            kind = type(owner).__name__ if owner is not None else "module"
+            what = "fused MoE expert weights" if "expert" in name.lower() or "expert" in kind.lower() else \
+                f"a {kind} weight"
+            out[name] = f"{what} {list(p.shape)}: not a Linear layer, not quantized"
+    return out
 
 
 def select_layers(model: nn.Module, block_prefixes: Iterable[str], spec: QuantSpec,
@@ -180,4 +216,70 @@ def select_layers(model: nn.Module, block_prefixes: Iterable[str], spec: QuantSp
                 skipped[name] = problem
             else:
                 quantize[name] = layer_spec
-    return LayerPlan(quantize=quantize, skipped=skipped)
+    return LayerPlan(quantize=quantize, skipped=skipped, other_weights=_other_weights(model, block_prefixes))
+
+
+def _keeps_fp(value: Any) -> bool:
+    if isinstance(value, QuantSpec):
+        return False
+    return isinstance(value, Mapping) and "bits" in value and rules.is_full_precision(value["bits"])
+
+
+def check_layer_config_keys(model: nn.Module, block_prefixes: Iterable[str],
+                            layer_config: Optional[Mapping[str, LayerOverride]]) -> None:
+    """Every layer_config key must decide at least one layer inside the blocks (`rules.match_rule`:
+    exact name, else the first key whose regex re.search-es it). A key that matches nothing is a
+    ValueError listing near matches; one that matches only layers outside the blocks says so
+    (lm_head: not quantized by signround yet); one whose layers all go to earlier keys says which.
+    Keys that keep layers in full precision (bits 16) may match layers outside the blocks."""
+    if not layer_config:
+        return
+    prefixes = list(block_prefixes)
+    inside = [f"{p}.{rel}" for p in prefixes for rel, m in blocks_of(model, p).named_modules()
+              if rel and is_quantizable(m)]
+    outside = [n for n, m in model.named_modules() if is_quantizable(m) and n not in set(inside)]
+    chosen = {key: 0 for key in layer_config}
+    for name in inside:
+        rule = rules.match_rule(layer_config, name)
+        if rule is not None:
+            chosen[rule.key] += 1
+    for key, value in layer_config.items():
+        if "lm_head" in key and not _keeps_fp(value):
+            raise ValueError(f"layer_config key {key!r}: quantizing lm_head is not supported yet (signround "
+                             "quantizes the Linear layers inside the blocks); remove lm_head from the key")
+    for key, count in chosen.items():
+        if count:
+            continue
+        pattern = key.split(":", 1)[1] if key.startswith((rules.INCLUDE, rules.EXCLUDE)) else key
+
+        def hits(names: list[str]) -> list[str]:
+            found = [n for n in names if n == key]
+            try:
+                return found or [n for n in names if re.search(pattern, n)]
+            except re.error:
+                return found
+
+        in_hits, out_hits = hits(inside), hits(outside)
+        if in_hits:
+            raise ValueError(f"layer_config key {key!r} matches {len(in_hits)} layer(s) ({in_hits[0]}, …), but every "
+                             "one is decided by an earlier key (the first match wins); reorder or remove it")
+        if out_hits:
+            if _keeps_fp(layer_config[key]):
+                continue  # those layers stay in full precision anyway
+            raise ValueError(f"layer_config key {key!r} matches only layers outside the quantized blocks "
+                             f"({', '.join(out_hits[:3])}{' …' if len(out_hits) > 3 else ''}); signround quantizes "
+                             f"the layers inside {', '.join(prefixes)}" +
+                             ("; the vision blocks need quant_nontext_module=True" if any(
+                                 _is_vision_name(n) for n in out_hits) else ""))
+        short = sorted({n.split(".", len(n.split(".")) - 2)[-1] for n in inside} | {n.rsplit(".", 1)[-1] for n in inside})
+        near = difflib.get_close_matches(key, short + inside, n=3, cutoff=0.5)
+        raise ValueError(f"layer_config key {key!r} matches no layer of the model"
+                         + (f"; near matches: {', '.join(near)}" if near else "")
+                         + f" (layers look like {inside[0] if inside else '-'}; keys are exact names or regexes)")
+
+
+def conv1d_layers(plan: LayerPlan, model: nn.Module) -> list[str]:
+    """The layers of `plan` to quantize that are transformers Conv1D (GPT-2 style)."""
+    if Conv1D is None:
+        return []
+    return [n for n in plan.quantize if isinstance(model.get_submodule(n), Conv1D)]

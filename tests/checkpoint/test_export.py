@@ -182,11 +182,16 @@ def test_non_empty_out_dir_refused(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="overwrite=True"):
+    with pytest.raises(FileExistsError, match="not empty"):
         save_quantized(model, results, out, inplace=False)
+    with pytest.raises(FileExistsError, match="not a quantized checkpoint"):  # overwrite replaces checkpoints only
+        save_quantized(model, results, out, inplace=False, overwrite=True)
     assert (out / "notes.txt").read_text() == "mine"
-    save_quantized(model, results, out, inplace=False, overwrite=True)
-    assert not (out / "notes.txt").exists() and (out / "config.json").is_file()
+    ckpt_dir = save_quantized(model, results, tmp_path / "ckpt", inplace=False)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        save_quantized(model, results, ckpt_dir, inplace=False)
+    save_quantized(model, results, ckpt_dir, inplace=False, overwrite=True)
+    assert (ckpt_dir / "config.json").is_file()
     (tmp_path / "empty").mkdir()
     save_quantized(model, results, tmp_path / "empty", inplace=False)  # an empty dir is fine
 

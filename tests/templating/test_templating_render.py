@@ -20,7 +20,7 @@ from _templating_helpers import (
     needs_qwen,
     qwen_tokenizer,
 )
-from signround.templating import PLACEHOLDER, ConversationError, Template, load_template, normalize, render
+from signround.templating import PLACEHOLDER, ConversationError, Template, Turn, load_template, normalize, render
 
 # Formats use only upper-case letters and punctuation; turn texts are "[i]" + lower-case letters,
 # so each turn's text can only come from that turn.
@@ -118,6 +118,24 @@ def test_list_content_and_roles() -> None:
         render(t, [{"role": "user", "content": 3}])
     with pytest.raises(ConversationError):
         render(t, "just a string")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("speaker, text", [("from", "value"), ("role", "content"), ("role", "value"),
+                                           ("from", "content"), ("role", "text")])
+def test_every_turn_spelling_keeps_its_text(speaker: str, text: str) -> None:
+    # {"role", "value"} rendered as empty chat frames before (issue 14): the text was silently dropped
+    t = load_template("default")
+    conv = [{speaker: "human" if speaker == "from" else "user", text: "What is 2+2?"},
+            {speaker: "gpt" if speaker == "from" else "assistant", text: "Four."}]
+    assert normalize(conv) == (Turn("user", "What is 2+2?"), Turn("assistant", "Four."))
+    assert "What is 2+2?" in render(t, conv) and "Four." in render(t, conv)
+
+
+@pytest.mark.parametrize("turn", [{"role": "user"}, {"from": "gpt", "content": None}, {"role": "user", "valeu": "x"}])
+def test_a_turn_without_text_is_an_error_naming_it(turn: dict) -> None:
+    conv = [{"role": "system", "content": "Be brief."}, turn]
+    with pytest.raises(ConversationError, match=r"turn 1 .*has no text.*value, content, text"):
+        normalize(conv)
 
 
 def test_system_first_user_placement() -> None:

@@ -66,6 +66,12 @@ def test_unknown_model_type_falls_back_to_default() -> None:
     assert attrs.evolve(t, model_type="default") == load_template("default")
 
 
+def test_unknown_template_name_is_an_error_listing_the_presets() -> None:
+    # it fell back to `default` silently before (issue 14), and the user got an unrelated processor error
+    with pytest.raises(TemplateError, match=r"qwen2_vl_typo.*no such template preset.*presets: .*qwen2_vl"):
+        load_template("qwen2_vl_typo")
+
+
 def test_user_path_and_template_value(tmp_path: Path) -> None:
     p = tmp_path / "mine.json"
     p.write_text(json.dumps({"model_type": "mine", "format_user": "U: {{content}}\n", "processor": "basic"}))
