@@ -175,17 +175,30 @@ def eval_(
 def inspect(
     checkpoint: Path = typer.Argument(..., help="A checkpoint directory written by signround or auto-round."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    runtime: bool = typer.Option(False, "--runtime", help="Also tell which kernel each layer runs on this machine "
+                                 "(torch's int4/int8 kernels or the dequantizing reference; probes included)."),
+    device: Optional[str] = typer.Option(None, help="With --runtime: cpu, cuda, cuda:1 (default: cuda when available)."),
+    dtype: str = typer.Option("auto", help="With --runtime: compute dtype (default: the checkpoint's, as the loader)."),
 ) -> None:
     """Format, bits per layer, group sizes, sizes, and which layers stayed in full precision."""
     from signround.adapters.checkpoint.inspect import inspect_checkpoint, print_inspection
 
     info = inspect_checkpoint(checkpoint)
+    if runtime:
+        from signround.adapters.checkpoint.kernels import checkpoint_runtime
+        from signround.adapters.hf.model_io import parse_dtype
+
+        info["runtime"] = checkpoint_runtime(checkpoint, info, device=device, dtype=parse_dtype(dtype))
     if json_out:
         import orjson
 
         typer.echo(orjson.dumps(info, option=orjson.OPT_INDENT_2).decode())
     else:
         print_inspection(info)
+        if runtime:
+            from signround.adapters.checkpoint.kernels import print_runtime_plan
+
+            print_runtime_plan(info["runtime"])
 
 
 @app.command()

@@ -18,6 +18,7 @@ from torch import nn
 
 from signround.adapters.checkpoint.config import parse_quantization_config, read_quantization_config
 from signround.adapters.checkpoint.files import checkpoint_keys, from_checkpoint_namer, iter_tensors
+from signround.adapters.checkpoint.kernels import check_kernel_name, prepare_model
 from signround.adapters.checkpoint.qlinear import QuantLinear
 
 
@@ -74,16 +75,22 @@ def load_quantized(
     dtype: torch.dtype | None = None,
     model_class: type | None = None,
     cache_weights: bool = False,
+    kernel: str = "auto",
 ) -> nn.Module:
     """Build the model of the checkpoint at `path` with packed layers as `QuantLinear`.
 
     dtype: of the non-quantized weights and the compute (default: the checkpoint's dtype);
     packed tensors keep theirs (int32 words, fp16 scales). model_class: override the class picked
     from `config.architectures`. cache_weights: keep each dequantized weight after first use.
+    kernel: how the packed layers run (`kernels.KERNEL_NAMES`): "auto" picks, per layer, the first of
+    torch's int4/int8 kernels that serves it on `device` in `dtype`, else the dequantizing reference;
+    a name forces that kernel (an error if it cannot serve a layer). The choice is logged
+    (logger ``signround.kernels``) and kept on each layer (`QuantLinear.kernel`).
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, GenerationConfig
 
+    check_kernel_name(kernel)
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a local checkpoint directory (no config.json); "
@@ -151,4 +158,6 @@ def load_quantized(
         model.config.quantization_config = quantization
     if (path / "generation_config.json").is_file() and hasattr(model, "generation_config"):
         model.generation_config = GenerationConfig.from_pretrained(str(path), local_files_only=True)
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    prepare_model(model, kernel)
+    return model

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from signround.adapters.checkpoint import kernels
 from signround.adapters.checkpoint.formats import AWQ_ORDER, AWQ_SLOT, SYM_PACKING, Packing, get_packing
 from signround.rounding.grid import QuantizedWeight
 from signround.rounding.pack import pack_cols, pack_rows, unpack_cols, unpack_rows
@@ -145,7 +146,16 @@ class QuantLinear(nn.Module):
         """The dequantized weight (for code that reads `.weight.dtype` / `.weight.device`)."""
         return self.dequantize(self.compute_dtype)
 
+    #: the `kernels.Prepared` runner this layer goes through (chosen at load by `kernels.prepare_model`,
+    #: else on the first call); None until then
+    kernel = None
+
     def forward(self, x: Tensor) -> Tensor:
+        """Through the kernel chosen for x's device and dtype (`kernels.py`); `dequant_forward` when none fits."""
+        return kernels.forward(self, x)
+
+    def dequant_forward(self, x: Tensor) -> Tensor:
+        """The reference: dequantize (kept with `cache_weight`), then `F.linear`."""
         w = self._cached
         if w is None or w.dtype != x.dtype or w.device != x.device:
             w = self.dequantize(x.dtype)
