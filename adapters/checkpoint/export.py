@@ -237,8 +237,12 @@ def save_quantized(
     fmts = _formats(format)
     spec = global_spec(layer_results)
     block_prefixes = _block_prefixes(model, layer_results, block_name_to_quantize)
-    for fmt in fmts if targets else ():
-        require_loadable(export_view(model, layer_results, fmt, block_prefixes), targets)
+    for fmt in fmts:
+        refusal = get_format(fmt).refusal({n: r.spec for n, r in layer_results.items()})
+        if refusal:
+            raise ValueError(refusal)
+        if targets:
+            require_loadable(export_view(model, layer_results, fmt, block_prefixes), targets)
     side = (tokenizer, processor, image_processor)
     common = dict(spec=spec, block_prefixes=block_prefixes, recipe=recipe, extra_info=extra_info,
                   max_shard_size=max_shard_size, side_files=side)

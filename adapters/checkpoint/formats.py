@@ -77,11 +77,19 @@ PACKINGS: Mapping[str, Packing] = {p.name: p for p in (
     Packing("auto_round:gptqmodel", 0, True, False, _GPTQ_BITS, packing_format="auto_round:gptqmodel",
             checkpoint_format="gptq_v2"),
     Packing("auto_gptq", 1, True, False, _GPTQ_BITS, checkpoint_format="gptq"),
-    Packing("auto_round:auto_awq", 0, False, True, (4,), packing_format="auto_round:auto_awq"),
+    # AWQ columns as a bit stream along N: 4-bit is AWQ's own layout; 2/3/5/6/7 are what vLLM's Humming
+    # AWQ schema reads (a dense stream, then the 8-column interleave), and auto-round's humming_awq backend
+    Packing("auto_round:auto_awq", 0, False, True, _GPTQ_BITS, packing_format="auto_round:auto_awq"),
 )}
 SYM_PACKING = PACKINGS["auto_round:auto_gptq"]  # auto_round, sym; also QuantLinear's default
 NATIVE_PACKING = PACKINGS["auto_round"]  # auto_round, asym (GPTQ v1 cannot hold z = 0)
 AWQ_PACKING = PACKINGS["auto_round:auto_awq"]  # auto_round, asym with every layer 4-bit
+#: the widths auto-round 0.16.1 writes AWQ-packed under format auto_round (asym, every layer one of these)
+AWQ_DEFAULT_BITS = (4,)
+W8_ASYM_REFUSAL = ("8-bit asymmetric weights cannot be written as {fmt}: vLLM serves 8-bit GPTQ/AWQ weights "
+                   "symmetric only (Marlin takes zero points at 4 bits only; its AWQ path is 4-bit only), and "
+                   "auto-round 0.16.1 refuses it too. Use sym=True, an asym width of 7 bits or fewer, or format "
+                   "'compressed_tensors' (layers: {layers})")
 GPTQ_PACKING = PACKINGS["auto_gptq"]
 
 
@@ -108,22 +116,44 @@ class ExportFormat:
     quant_method: str
     config_file: str
     declared_dtype: str | None = None
+    packing: str | None = None  # the one packing this format writes (None: chosen per plan)
+    refuse_w8_asym: bool = True
 
     def choose_packing(self, spec: QuantSpec, layer_specs: Iterable[QuantSpec] = ()) -> Packing:
         """auto_round: ``auto_round:auto_gptq`` (zero − 1) for a sym global grid; asym goes into the
-        AWQ layout when every quantized layer has a width it holds (4-bit: what auto-round 0.16
-        writes, and the asym layout vLLM loads), else native ``auto_round``. auto_gptq: ``auto_gptq``."""
+        AWQ layout when every quantized layer is 4-bit (what auto-round 0.16 writes, and the asym
+        layout vLLM loads through AWQ-Marlin), else native ``auto_round``. auto_round:auto_awq: the
+        AWQ layout for any width (vLLM serves 2/3/5/6/7 bits through Humming). auto_gptq: ``auto_gptq``."""
+        if self.packing is not None:
+            return PACKINGS[self.packing]
         if self.quant_method == GPTQ_METHOD:
             return GPTQ_PACKING
         if spec.sym:
             return SYM_PACKING
-        awq = spec.bits in AWQ_PACKING.bits and all(s.bits in AWQ_PACKING.bits for s in layer_specs)
+        awq = spec.bits in AWQ_DEFAULT_BITS and all(s.bits in AWQ_DEFAULT_BITS for s in layer_specs)
         return AWQ_PACKING if awq else NATIVE_PACKING
+
+    def refusal(self, layer_specs: Mapping[str, QuantSpec]) -> str | None:
+        """Why this format will not write the plan (None: it will): 8-bit asym in a GPTQ/AWQ-style
+        format (auto-round 0.16.1's rule, `compressors/base.py` `_assert_w8_asym_exportable`), or a
+        sym layer in the AWQ-only format."""
+        if self.refuse_w8_asym:
+            w8 = sorted(n for n, s in layer_specs.items() if s.bits == 8 and not s.sym)
+            if w8:
+                return W8_ASYM_REFUSAL.format(fmt=repr(self.name), layers=", ".join(w8[:4])
+                                              + (f" and {len(w8) - 4} more" if len(w8) > 4 else ""))
+        if self.packing is not None and PACKINGS[self.packing].awq:
+            sym = sorted(n for n, s in layer_specs.items() if s.sym)
+            if sym:
+                return (f"format {self.name!r} writes zero-pointed (asym) layers only; {', '.join(sym[:4])} "
+                        "are sym: use format 'auto_round' (GPTQ layout) for a sym plan")
+        return None
 
 
 EXPORT_FORMATS: Mapping[str, ExportFormat] = {f.name: f for f in (
     ExportFormat("auto_round", AUTO_ROUND_METHOD, "quantization_config.json"),
     ExportFormat("auto_gptq", GPTQ_METHOD, "quantize_config.json", declared_dtype="float16"),
+    ExportFormat("auto_round:auto_awq", AUTO_ROUND_METHOD, "quantization_config.json", packing=AWQ_PACKING.name),
 )}
 FORMAT_NAMES = tuple(EXPORT_FORMATS)
 DEFAULT_FORMAT = FORMAT_NAMES[0]

@@ -24,7 +24,6 @@ import attrs
 
 from signround.adapters.checkpoint.formats import (
     AWQ_PACKING,
-    GPTQ_PACKING,
     NATIVE_PACKING,
     SYM_PACKING,
     Packing,
@@ -48,11 +47,11 @@ FUSED_GROUPS: Mapping[str, tuple[str, ...]] = {
     "gate_up_proj": ("gate_proj", "up_proj"),
 }
 VISION_MARKERS = ("vision", "visual", "image", "img")
-#: vLLM's Machete / Marlin / AllSpark / Conch / Exllama / Humming kernels take these group sizes
-#: (`-1` = one group per row); another size finds no kernel and the layer fails to build
-VLLM_GROUP_SIZES = (-1, 32, 64, 128)
-#: widths vLLM's GPTQ-packed kernels serve: sym 2/3/4/8 (Humming for 2/3; Machete/Marlin/Exllama 4/8)
-VLLM_SYM_BITS = (2, 3, 4, 8)
+#: group sizes Marlin takes (`marlin_utils.MARLIN_SUPPORTED_GROUP_SIZES`; -1 = one group per row)
+VLLM_MARLIN_GROUP_SIZES = (-1, 32, 64, 128)
+#: widths vLLM's inc config sends to the Humming kernels on CUDA, GPTQ or AWQ layout, sym or asym
+#: (`inc_wna16_scheme.CUDA_HUMMING_SUPPORTED_BITS`)
+VLLM_HUMMING_BITS = (2, 3, 5, 6, 7)
 
 
 def _is_vision(name: str) -> bool:
@@ -261,40 +260,73 @@ def _transformers(view: CheckpointView) -> Verdict:
     return Verdict(TRANSFORMERS, not problems, tuple(problems), tuple(notes))
 
 
+def _vllm_inc_layer(layer: LayerView, packing: Packing) -> str | None:
+    """One layer under vLLM's `inc` config (quant_method auto-round) on CUDA: 2/3/5/6/7 bits go to
+    Humming (GPTQ or AWQ schema, zero points allowed); 4/8 bits to Marlin, which takes GPTQ sym
+    4/8 (`INCWNA16LinearScheme._build_gptq_method`) and AWQ 4 (`_build_awq_method`, AutoAWQConfig
+    TYPE_MAP is 4-bit only)."""
+    s = layer.spec
+    assert s is not None
+    if s.bits in VLLM_HUMMING_BITS:
+        return None
+    if packing.awq:
+        if s.bits != 4:
+            return f"{layer.name}: {s.bits}-bit AWQ weights have no vLLM kernel (AWQ/AWQ-Marlin: 4-bit only)"
+    elif not s.sym:
+        return (f"{layer.name}: {s.bits}-bit asym in the GPTQ layout has no vLLM kernel (Marlin: sym 4/8 only); "
+                "4-bit asym is served AWQ-packed")
+    if s.group_size not in VLLM_MARLIN_GROUP_SIZES and not (packing.awq and s.bits == 4):
+        return f"{layer.name}: group_size {s.group_size} has no Marlin kernel (takes {VLLM_MARLIN_GROUP_SIZES})"
+    return None
+
+
+def _vllm_gptq_layer(layer: LayerView) -> str | None:
+    """quant_method gptq: vLLM's AutoGPTQConfig (TYPE_MAP: sym 4/8) for every layer (`override_config`)."""
+    s = layer.spec
+    assert s is not None
+    if (s.bits, s.sym) not in ((4, True), (8, True)):
+        return (f"{layer.name}: bits={s.bits}, sym={s.sym} is not served by vLLM's gptq config (sym 4/8 only; "
+                "use format auto_round for 2/3-bit)")
+    if s.group_size not in VLLM_MARLIN_GROUP_SIZES:
+        return f"{layer.name}: group_size {s.group_size} has no Marlin kernel (takes {VLLM_MARLIN_GROUP_SIZES})"
+    return None
+
+
 def _vllm(view: CheckpointView) -> Verdict:
-    """vLLM 0.33.0 (`inc`/`gptq`/`compressed_tensors` configs; see spec/format.md "Loadability")."""
+    """vLLM 0.33.0 on an H200 (`inc`, `gptq` and `compressed-tensors` configs; spec/format.md
+    "Loadability" cites the functions)."""
     fmt, packing = view.format, view.packing
     problems: list[str] = []
     notes: list[str] = []
     if fmt.startswith("gguf"):
         return Verdict(VLLM, False, ("this check does not judge vLLM's GGUF loader; serve GGUF with llama.cpp",))
+    inc = packing is not None and packing.packing_format is not None and packing.checkpoint_format is None
     if packing is NATIVE_PACKING:
         problems.append("packing_format 'auto_round' (native zero points) is rejected by vLLM's inc config "
-                        "(Unsupported packing_format); asym is served only at 4 bits, AWQ-packed")
+                        "(INCConfig.SUPPORTED_FORMATS: Unsupported packing_format); write asym with format "
+                        "'auto_round:auto_awq' (2-7 bits) or 'compressed_tensors'")
     for layer in view.quantized:
-        s = layer.spec
-        assert s is not None
         common = _layer_problem_common(layer)
         if common:
             problems.append(common)
             continue
         if layer.is_lm_head:
-            problems.append(f"{layer.name}: vLLM does not load a quantized lm_head from an auto-round/GPTQ "
-                            "checkpoint (its ParallelLMHead keeps full-precision weights)")
-            continue
-        if s.group_size not in VLLM_GROUP_SIZES:
-            problems.append(f"{layer.name}: group_size {s.group_size} has no vLLM kernel "
-                            f"(Machete/Marlin take {VLLM_GROUP_SIZES})")
-        if packing is AWQ_PACKING and s.bits != 4:
-            problems.append(f"{layer.name}: the AWQ layout is 4-bit only")
-        elif packing in (SYM_PACKING, GPTQ_PACKING):
-            if s.bits not in VLLM_SYM_BITS:
-                problems.append(f"{layer.name}: {s.bits}-bit GPTQ weights have no vLLM kernel "
-                                f"(served: {VLLM_SYM_BITS})")
-            if not s.sym and packing is SYM_PACKING:
-                problems.append(f"{layer.name}: asym in the GPTQ v1 layout is not served by vLLM's inc config")
+            if fmt == "auto_gptq":
+                notes.append(f"{layer.name}: quantized lm_head is read through the gptq config's lm_head flag")
+            else:
+                problems.append(f"{layer.name}: vLLM does not load a quantized lm_head from this format "
+                                "(its ParallelLMHead takes no packed weights here; vLLM #49137)")
+                continue
+        if fmt == "auto_gptq":
+            problem = _vllm_gptq_layer(layer)
+        elif inc and packing is not NATIVE_PACKING:
+            problem = _vllm_inc_layer(layer, packing)  # type: ignore[arg-type]
+        else:
+            problem = None
+        if problem:
+            problems.append(problem)
+    by_name = {layer.name: layer.spec for layer in view.layers}
     for fused, members in fused_groups(layer.name for layer in view.layers if layer.in_blocks):
-        by_name = {layer.name: layer.spec for layer in view.layers}
         if len({by_name[m] for m in members}) > 1:
             schemes = ", ".join(f"{m.rpartition('.')[2]}={'fp' if by_name[m] is None else _describe(by_name[m])}"
                                 for m in members)
@@ -358,12 +390,17 @@ class Fit:
 
 def fit_plan(targets: Iterable[str], formats: Iterable[str], shapes: Mapping[str, tuple[int, int]],
              specs: Mapping[str, QuantSpec], block_prefixes: Sequence[str], *, tied_lm_head: bool = False) -> Fit:
-    """Adjust a plan for `targets` where that is legitimate, then require every target to load it.
+    """Adjust a plan for `targets` where that is legitimate, then require every target to load it;
+    first of all, a plan a format refuses to write (`ExportFormat.refusal`) is a ValueError.
 
     With vLLM among the targets, fused groups take their strictest member's scheme
     (`harmonize_fused`); nothing else is changed. Raises `UnloadableError` with every remaining
     problem. shapes / specs / block_prefixes: as `plan_view`."""
     targets = check_targets(targets)
+    for fmt in formats:  # what a format refuses to write, with or without targets
+        refusal = get_format(fmt).refusal(specs)
+        if refusal:
+            raise ValueError(refusal)
     changes: dict[str, QuantSpec | None] = {}
     messages: list[str] = []
     if VLLM in targets:

@@ -187,8 +187,7 @@ class AutoRound:
         check_model(model, blocks, spec, checked_layers, select_layers(model, blocks, spec, checked_layers))
         targets = check_targets([target] if isinstance(target, str) else target)
         formats = parse_formats(format)
-        if targets:
-            checked_layers = _fit_targets(model, blocks, spec, checked_layers, targets, formats)
+        checked_layers = _fit_targets(model, blocks, spec, checked_layers, targets, formats)
         data = load_calibration_dataset(dataset, recipe_value, mm.extra_data_dir, bool(skip_bad_samples))
         conversations = isinstance(data, ConversationDataset)
         template = mm.template

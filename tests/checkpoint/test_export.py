@@ -31,8 +31,33 @@ CASES = {  # id: (spec, expected packing_format)
     "w3-asym": (QuantSpec(3, 32, False), "auto_round"),
     "w2-sym": (QuantSpec(2, 32, True), "auto_round:auto_gptq"),
     "w8-sym": (QuantSpec(8, 64, True), "auto_round:auto_gptq"),
-    "w8-asym": (QuantSpec(8, -1, False), "auto_round"),
 }
+
+
+@pytest.mark.parametrize("fmt", ["auto_round", "auto_gptq", "auto_round:auto_awq"])
+def test_8bit_asym_is_refused_with_the_reason(tmp_path: Path, fmt: str) -> None:
+    """As auto-round 0.16.1 refuses it: vLLM serves 8-bit GPTQ/AWQ weights sym only."""
+    model = tiny_text_model("llama")
+    results = rtn_state(model, QuantSpec(4, 32, False), override={"model.layers.1.mlp.down_proj": QuantSpec(8, -1, False)})
+    with pytest.raises(ValueError, match="8-bit asymmetric weights cannot be written.*model.layers.1.mlp.down_proj"):
+        save_quantized(model, results, tmp_path / "c", format=fmt, inplace=False)
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5])
+def test_awq_format_packs_every_asym_width_along_out(tmp_path: Path, bits: int) -> None:
+    """format auto_round:auto_awq: qweight [K, N·bits/32] (the layout vLLM's Humming AWQ schema reads)."""
+    model = tiny_text_model("llama")
+    results = rtn_state(model, QuantSpec(bits, 32, False))
+    out = save_quantized(model, results, tmp_path / "c", format="auto_round:auto_awq", inplace=False)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["packing_format"] == "auto_round:auto_awq" and qc["bits"] == bits
+    t = tensors(out)
+    for name in results:
+        m = model.get_submodule(name)
+        assert tuple(t[f"{name}.qweight"].shape) == (m.in_features, m.out_features * bits // 32)
+    with pytest.raises(ValueError, match="writes zero-pointed .asym. layers only"):
+        save_quantized(model, rtn_state(model, QuantSpec(4, 32, True)), tmp_path / "s", format="auto_round:auto_awq")
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -75,9 +100,10 @@ def test_auto_round_tensors_and_config(tmp_path: Path, case: str) -> None:
 
 
 def test_4bit_asym_with_other_widths_stays_native(tmp_path: Path) -> None:
-    """The AWQ layout holds 4-bit codes only: one 8-bit layer keeps the whole checkpoint native."""
+    """format auto_round writes asym AWQ-packed only when every layer is 4-bit (auto-round 0.16.1's
+    rule): one 3-bit layer keeps the whole checkpoint native."""
     model = tiny_text_model("llama")
-    results = rtn_state(model, QuantSpec(4, 32, False), override={"model.layers.1.mlp.down_proj": QuantSpec(8, 32, False)})
+    results = rtn_state(model, QuantSpec(4, 32, False), override={"model.layers.1.mlp.down_proj": QuantSpec(3, 32, False)})
     out = save_quantized(model, results, tmp_path / "ckpt")
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["packing_format"] == "auto_round"

@@ -91,11 +91,12 @@ def test_empty_extra_config_entry_defers_to_dynamic() -> None:
 def test_packing_table() -> None:
     assert set(PACKINGS) == {"auto_round:auto_gptq", "auto_round", "auto_round:gptqmodel", "auto_gptq",
                              "auto_round:auto_awq"}
-    assert FORMAT_NAMES == ("auto_round", "auto_gptq") == tuple(EXPORT_FORMATS)
+    assert FORMAT_NAMES == ("auto_round", "auto_gptq", "auto_round:auto_awq") == tuple(EXPORT_FORMATS)
     sym4, asym4, asym3 = QuantSpec(4, 32, True), QuantSpec(4, 32, False), QuantSpec(3, 32, False)
     assert choose_packing("auto_round", sym4, [sym4, QuantSpec(8, 32, True)]).name == "auto_round:auto_gptq"
     assert choose_packing("auto_round", asym4, [asym4]).name == "auto_round:auto_awq"
     assert choose_packing("auto_round", asym4, [asym4, QuantSpec(8, 32, False)]).name == "auto_round"
+    assert choose_packing("auto_round:auto_awq", asym3, [asym3]).name == "auto_round:auto_awq"
     assert choose_packing("auto_round", asym3, [asym3]).name == "auto_round"
     assert choose_packing("auto_gptq", asym4, [asym4]).name == "auto_gptq"
     with pytest.raises(ValueError, match="unknown format 'fake'"):
