@@ -52,6 +52,8 @@ VLLM_MARLIN_GROUP_SIZES = (-1, 32, 64, 128)
 #: widths vLLM's inc config sends to the Humming kernels on CUDA, GPTQ or AWQ layout, sym or asym
 #: (`inc_wna16_scheme.CUDA_HUMMING_SUPPORTED_BITS`)
 VLLM_HUMMING_BITS = (2, 3, 5, 6, 7)
+#: ParallelLMHead rounds the vocabulary up to this (`vocab_parallel_embedding.DEFAULT_VOCAB_PADDING_SIZE`)
+VLLM_VOCAB_PADDING = 64
 
 
 def _is_vision(name: str) -> bool:
@@ -311,12 +313,12 @@ def _vllm(view: CheckpointView) -> Verdict:
             problems.append(common)
             continue
         if layer.is_lm_head:
-            if fmt == "auto_gptq":
-                notes.append(f"{layer.name}: quantized lm_head is read through the gptq config's lm_head flag")
-            else:
-                problems.append(f"{layer.name}: vLLM does not load a quantized lm_head from this format "
-                                "(its ParallelLMHead takes no packed weights here; vLLM #49137)")
+            if layer.out_features % VLLM_VOCAB_PADDING:
+                problems.append(f"{layer.name}: vLLM pads the vocabulary ({layer.out_features}) to a multiple of "
+                                f"{VLLM_VOCAB_PADDING}, and the packed lm_head does not fit the padded parameter")
                 continue
+            notes.append(f"{layer.name}: quantized lm_head loads through vLLM's ParallelLMHead "
+                         + ("(gptq: the config's lm_head flag)" if fmt == "auto_gptq" else "(inc: its extra_config entry)"))
         if fmt == "auto_gptq":
             problem = _vllm_gptq_layer(layer)
         elif inc and packing is not NATIVE_PACKING:

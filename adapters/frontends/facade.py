@@ -29,7 +29,7 @@ from signround.adapters.engine.device import CACHE_PLACES, resolve
 from signround.adapters.engine.distributed import DataParallel
 from signround.adapters.engine.loop import quantize_model
 from signround.adapters.engine.progress import BlockProgress, print_settings, print_summary
-from signround.adapters.engine.report import QuantReport
+from signround.adapters.engine.report import LayerResult, QuantReport
 from signround.adapters.engine.resume import ResumeStore, fingerprint
 from signround.adapters.checkpoint.files import dir_lock
 from signround.adapters.checkpoint.formats import DEFAULT_FORMAT, parse_formats
@@ -38,6 +38,7 @@ from signround.adapters.hf.blocks import LayerPlan, blocks_of, linear_shape, sel
 from signround.adapters.frontends.arguments import (Dataset, check_device, check_layer_config, check_model,
                                                   check_output_dir, check_resume_dir, load_calibration_dataset,
                                                   read_layer_config, resolve_recipe)
+from signround.adapters.hf.outside import outside_layers, round_outside
 from signround.adapters.hf.families import block_lists, check_image_calibration, check_vision_blocks, model_type
 from signround.rounding import QuantSpec, Recipe
 from signround.templating import (
@@ -122,6 +123,7 @@ class QuantizeConfig:
     inputs: tuple[Path, ...] = ()
     targets: tuple[str, ...] = ()
     formats: tuple[str, ...] = (DEFAULT_FORMAT,)
+    outside: Mapping[str, QuantSpec] = attrs.field(factory=dict)  # named layers outside the blocks (lm_head): RTN
 
     def plan(self, model: nn.Module) -> LayerPlan:
         return select_layers(model, self.block_names, self.spec, self.layer_config)
@@ -145,7 +147,8 @@ class AutoRound:
     seed/enable_minmax_tuning/enable_quanted_input/amp overriding it; dataset (a path, "builtin" = the
     built-in text corpus and the default, "embedded" = built-in image-text, "self" = text the model
     generates, or a list of strings); layer_config ({name or regex: {bits, group_size, sym}}, bits 16
-    = keep fp; every key must match a layer inside the blocks);
+    = keep fp; every key must match a layer inside the blocks, or name one outside exactly, such as
+    lm_head, which is then rounded to nearest);
     to_quant_block_names (block-list prefixes, or comma-separated regexes; discovered when not
     given); device; low_gpu_mem_usage; resume_dir (keep finished blocks there); progress (a progress
     bar and a summary on stderr). multimodal: image-text options (AutoRoundMLLM fills them in).
@@ -187,7 +190,8 @@ class AutoRound:
         check_model(model, blocks, spec, checked_layers, select_layers(model, blocks, spec, checked_layers))
         targets = check_targets([target] if isinstance(target, str) else target)
         formats = parse_formats(format)
-        checked_layers = _fit_targets(model, blocks, spec, checked_layers, targets, formats)
+        outside = outside_layers(model, blocks, spec, checked_layers)
+        checked_layers = _fit_targets(model, blocks, spec, checked_layers, targets, formats, outside)
         data = load_calibration_dataset(dataset, recipe_value, mm.extra_data_dir, bool(skip_bad_samples))
         conversations = isinstance(data, ConversationDataset)
         template = mm.template
@@ -206,7 +210,7 @@ class AutoRound:
             spec=spec, recipe=recipe_value, block_names=blocks, layer_config=checked_layers,
             quant_nontext_module=mm.quant_nontext_module, device=checked_device,
             low_gpu_mem_usage=bool(low_gpu_mem_usage), cache=cache, resume_dir=resume, progress=bool(progress),
-            inputs=inputs, targets=targets, formats=formats,
+            inputs=inputs, targets=targets, formats=formats, outside=outside,
             data=CalibrationData(dataset=data, template=template if conversations else None, images=images,
                                  image_seqlen=recipe_value.seqlen if seqlen is not None else MLLM_DEFAULT_SEQLEN,
                                  max_pixels=mm.max_pixels, skip_bad_samples=bool(skip_bad_samples)))
@@ -332,7 +336,12 @@ class AutoRound:
                 hints.append(f"fewer or shorter samples (nsamples={r.nsamples}, seqlen={r.seqlen} now)")
                 raise MemoryError("out of memory on the accelerator while tuning. Options: " + "; ".join(hints)
                                   + f". ({str(err).splitlines()[0]})") from err
-        report = attrs.evolve(report, other_weights=dict(plan.other_weights), settings=settings)
+        layers = dict(report.layers)
+        if cfg.outside:  # lm_head and other named layers outside the blocks: rounded to nearest
+            layers.update({n: LayerResult(n, qw.spec, qw.scale, qw.zero)
+                           for n, qw in round_outside(self.model, cfg.outside).items()})
+        other = {k: why for k, why in plan.other_weights.items() if k.rsplit(".", 1)[0] not in cfg.outside}
+        report = attrs.evolve(report, layers=layers, other_weights=other, settings=settings)
         if show:
             print_summary(report)
         self.report = report
@@ -422,12 +431,12 @@ class AutoRoundMLLM(AutoRound):
 
 
 def _fit_targets(model: nn.Module, blocks: Sequence[str], spec: QuantSpec, layer_config: Mapping[str, Any],
-                 targets: Sequence[str], formats: Sequence[str]) -> dict[str, Any]:
+                 targets: Sequence[str], formats: Sequence[str], outside: Mapping[str, QuantSpec]) -> dict[str, Any]:
     """layer_config adjusted so every target loads the plan (`checkpoint.targets.fit_plan`: vLLM's
     fused groups share their strictest scheme), one warning per change; UnloadableError otherwise."""
     plan = select_layers(model, blocks, spec, layer_config)
-    shapes = {n: linear_shape(model.get_submodule(n)) for n in [*plan.quantize, *plan.skipped]}
-    fit = fit_plan(targets, formats, shapes, plan.quantize, blocks)
+    shapes = {n: linear_shape(model.get_submodule(n)) for n in [*plan.quantize, *plan.skipped, *outside]}
+    fit = fit_plan(targets, formats, shapes, {**plan.quantize, **outside}, blocks)
     for message in fit.messages:
         warnings.warn(message, stacklevel=3)
     return {**layer_config, **{n: {"bits": 16} if s is None else s for n, s in fit.changes.items()}}

@@ -229,9 +229,10 @@ def check_layer_config_keys(model: nn.Module, block_prefixes: Iterable[str],
                             layer_config: Optional[Mapping[str, LayerOverride]]) -> None:
     """Every layer_config key must decide at least one layer inside the blocks (`rules.match_rule`:
     exact name, else the first key whose regex re.search-es it). A key that matches nothing is a
-    ValueError listing near matches; one that matches only layers outside the blocks says so
-    (lm_head: not quantized by signround yet); one whose layers all go to earlier keys says which.
-    Keys that keep layers in full precision (bits 16) may match layers outside the blocks."""
+    ValueError listing near matches; one that matches only layers outside the blocks says so, unless
+    it is the exact name of a Linear there (lm_head: rounded to nearest, `hf/outside.py`); one whose
+    layers all go to earlier keys says which. Keys that keep layers in full precision (bits 16) may
+    match layers outside the blocks."""
     if not layer_config:
         return
     prefixes = list(block_prefixes)
@@ -243,12 +244,21 @@ def check_layer_config_keys(model: nn.Module, block_prefixes: Iterable[str],
         rule = rules.match_rule(layer_config, name)
         if rule is not None:
             chosen[rule.key] += 1
+    named_outside = {n for n in outside if isinstance(model.get_submodule(n), nn.Linear)}
+    heads = [n for n in named_outside if n.rsplit(".", 1)[-1] == "lm_head"]
     for key, value in layer_config.items():
-        if "lm_head" in key and not _keeps_fp(value):
-            raise ValueError(f"layer_config key {key!r}: quantizing lm_head is not supported yet (signround "
-                             "quantizes the Linear layers inside the blocks); remove lm_head from the key")
+        if key in named_outside or _keeps_fp(value):
+            continue
+        try:
+            caught = [n for n in heads if re.search(key.split(":", 1)[1] if key.startswith(
+                (rules.INCLUDE, rules.EXCLUDE)) else key, n)]
+        except re.error:
+            caught = []
+        if caught:
+            raise ValueError(f"layer_config key {key!r} matches {caught[0]}, but a regular expression decides layers "
+                             f"inside the blocks only; to quantize {caught[0]} name it exactly ({caught[0]!r})")
     for key, count in chosen.items():
-        if count:
+        if count or key in named_outside:  # an exact outside Linear (lm_head): hf/outside.py quantizes it
             continue
         pattern = key.split(":", 1)[1] if key.startswith((rules.INCLUDE, rules.EXCLUDE)) else key
 
@@ -268,7 +278,8 @@ def check_layer_config_keys(model: nn.Module, block_prefixes: Iterable[str],
                 continue  # those layers stay in full precision anyway
             raise ValueError(f"layer_config key {key!r} matches only layers outside the quantized blocks "
                              f"({', '.join(out_hits[:3])}{' …' if len(out_hits) > 3 else ''}); signround quantizes "
-                             f"the layers inside {', '.join(prefixes)}" +
+                             f"the layers inside {', '.join(prefixes)}, and one outside only when named "
+                             f"exactly (e.g. {'lm_head'!r})" +
                              ("; the vision blocks need quant_nontext_module=True" if any(
                                  _is_vision_name(n) for n in out_hits) else ""))
         short = sorted({n.split(".", len(n.split(".")) - 2)[-1] for n in inside} | {n.rsplit(".", 1)[-1] for n in inside})
