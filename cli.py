@@ -149,25 +149,49 @@ def eval_(
     quantized: Optional[Path] = typer.Option(None, help="A quantized checkpoint of the same model to compare."),
     text: Optional[Path] = typer.Option(None, help="Text file for perplexity (default: built-in held-out text)."),
     image_text: Optional[Path] = typer.Option(None, help="llava JSON for image-text loss."),
+    qa: Optional[str] = typer.Option(None, help="Question-answer set for generation accuracy: llava JSON whose records "
+                                     "end with the reference answer (the last gpt turn), or 'embedded'."),
+    qa_out: Optional[Path] = typer.Option(None, help="Write each question's answers and scores (per model) as JSON here."),
+    max_new_tokens: int = typer.Option(32, help="Tokens generated per question."),
+    max_qa: Optional[int] = typer.Option(None, help="Answer at most this many questions."),
     extra_data_dir: Optional[Path] = typer.Option(None, help="Directory the image paths resolve against."),
-    template: Optional[str] = typer.Option(None, help="Chat template for the image-text set."),
+    template: Optional[str] = typer.Option(None, help="Chat template for the image-text and question sets."),
     seqlen: int = typer.Option(512, help="Perplexity window length in tokens."),
     max_windows: Optional[int] = typer.Option(None, help="Evaluate at most this many windows."),
-    dtype: str = typer.Option("auto", help="Load dtype for the full-precision model."),
-    json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    dtype: str = typer.Option("auto", help="Load dtype of both models (auto: each checkpoint's own)."),
+    device: Optional[str] = typer.Option(None, help="Run on this device (default: cpu)."),
+    kernel: str = typer.Option("auto", help="Quantized layers' kernel: auto, int4_tinygemm, int4_cpu, int8, dequant."),
+    lm_eval_tasks: Optional[str] = typer.Option(None, help="Comma-separated lm-eval tasks run on both models "
+                                                "(needs `pip install signround[lm-eval]`)."),
+    lm_eval_include: Optional[Path] = typer.Option(None, help="Folder of local lm-eval task YAML files."),
+    lm_eval_limit: Optional[float] = typer.Option(None, help="lm-eval: at most this many documents per task "
+                                                  "(a fraction when < 1)."),
+    progress: bool = typer.Option(True, help="Progress bar with ETA on stderr."),
+    json_out: bool = typer.Option(False, "--json", help="Print every number as JSON (a list of rows) instead of a table."),
 ) -> None:
-    """Perplexity (and image-text loss) of a model, side by side with its quantized checkpoint."""
-    from signround.adapters.frontends.evaluate import compare_models, print_comparison
+    """Perplexity, image-text loss, question-answer accuracy (and lm-eval tasks) of a model, side by side
+    with its quantized checkpoint."""
+    from signround.adapters.frontends.evaluate import evaluate_models, print_comparison
     from signround.adapters.hf.model_io import parse_dtype
 
-    rows = compare_models(model_path, quantized, text=text, image_text=image_text, extra_data_dir=extra_data_dir,
-                          template=template, seqlen=seqlen, max_windows=max_windows, dtype=parse_dtype(dtype))
-    if json_out:
-        import orjson
+    tasks = [t.strip() for t in (lm_eval_tasks or "").split(",") if t.strip()]
+    if qa_out is not None and qa is None:
+        raise ValueError("--qa-out needs --qa (the question-answer set to answer)")
+    result = evaluate_models(model_path, quantized, text=text, image_text=image_text, qa=qa,
+                             extra_data_dir=extra_data_dir, template=template, seqlen=seqlen, max_windows=max_windows,
+                             dtype=parse_dtype(dtype), max_new_tokens=max_new_tokens, max_qa=max_qa,
+                             lm_eval_tasks=tasks, lm_eval_include=lm_eval_include, lm_eval_limit=lm_eval_limit,
+                             kernel=kernel, progress=progress, device=device)
+    import orjson
 
-        typer.echo(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
+    if qa_out is not None:
+        qa_out.write_bytes(orjson.dumps(result.qa, option=orjson.OPT_INDENT_2))
+    if json_out:
+        typer.echo(orjson.dumps(result.rows, option=orjson.OPT_INDENT_2).decode())
     else:
-        print_comparison(rows)
+        print_comparison(result.rows)
+        if qa_out is not None:
+            typer.echo(f"per-question answers: {qa_out}")
 
 
 @app.command()
