@@ -19,6 +19,7 @@ import attrs
 
 from signround.adapters.checkpoint.formats import (
     AUTO_ROUND_METHOD,
+    COMPRESSED_METHOD,
     EXPORT_FORMATS,
     Packing,
     get_format,
@@ -90,6 +91,12 @@ def build_quantization_config(
     the block lists by module and by checkpoint name. recipe / extra_info add informational keys.
     """
     f = get_format(fmt)
+    if f.quant_method == COMPRESSED_METHOD:  # its own schema: one config group per grid, fp Linears ignored
+        from signround.adapters.checkpoint import compressed
+
+        qc = compressed.build_config(layer_specs, list(fp_in_blocks))
+        qc.update({k: v for k, v in (extra_info or {}).items() if v is not None})
+        return qc
     blocks = list(dict.fromkeys([*block_prefixes, *checkpoint_block_prefixes]))
     overrides: dict[str, dict[str, Any]] = {}
     for name, s in sorted(layer_specs.items()):
@@ -135,6 +142,12 @@ class CheckpointPlan:
 
     @classmethod
     def of(cls, qc: Mapping[str, Any]) -> CheckpointPlan:
+        if str(qc.get("quant_method", "")).lower() == COMPRESSED_METHOD:  # targets name layers; nothing global
+            from signround.adapters.checkpoint import compressed
+
+            rules = {n: _spec_dict(s) for n, s in compressed.layer_specs_of_config(qc).items()}
+            rules.update({n: {"bits": FULL_PRECISION_BITS} for n in qc.get("ignore") or ()})
+            return cls(base={}, extra_config=rules, dynamic={})
         return cls(base={k: qc[k] for k in _READ_KEYS if k in qc}, extra_config=dict(qc.get("extra_config") or {}),
                    dynamic=dict(qc.get("dynamic") or {}))
 

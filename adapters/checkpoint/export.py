@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from signround.adapters.checkpoint.config import build_quantization_config, in_blocks
 from signround.adapters.checkpoint.files import LayerQuant, atomic_dir, recover_codes, to_checkpoint_namer, write_safetensors
-from signround.adapters.checkpoint.formats import DEFAULT_FORMAT, Packing, choose_packing, get_format, parse_formats
+from signround.adapters.checkpoint.formats import (COMPRESSED_METHOD, DEFAULT_FORMAT, PACKED_TENSORS, Packing,
+                                                  choose_packing, get_format, parse_formats)
 from signround.adapters.checkpoint.targets import plan_view, require_loadable
 from signround.adapters.checkpoint.qlinear import QuantLinear
 from signround.rounding.recipe import Recipe
@@ -177,11 +178,40 @@ def _write_config(model: nn.Module, tmp: Path, qc: dict[str, Any], fmt: str) -> 
             warnings.warn(f"generation_config.json not written: {e}", stacklevel=3)
 
 
+def _export_compressed(model: nn.Module, layer_results: Mapping[str, HasGrid], tmp: Path, fmt: str, *,
+                       max_shard_size: int | str, side_files: tuple[Any, Any, Any]
+                       ) -> tuple[dict[str, QuantLinear], dict[str, Any]]:
+    """compressed-tensors (`compressed.py`): each layer's codes as weight_packed / weight_scale /
+    weight_zero_point / weight_shape; Linears without a result are listed in `ignore`."""
+    from signround.adapters.checkpoint import compressed
+
+    packed = _pack(model, layer_results, choose_packing(fmt, global_spec(layer_results)))  # inplace=True keeps these
+    state = _packed_state_dict(model, packed)
+    quantized_keys: set[str] = set()
+    for name, ql in packed.items():
+        for suffix in PACKED_TENSORS:
+            state.pop(f"{name}.{suffix}", None)
+        for suffix, tensor in compressed.pack_layer(ql.quantized_weight()).items():
+            state[f"{name}.{suffix}"] = tensor
+            quantized_keys.add(f"{name}.{suffix}")
+    namer = to_checkpoint_namer(model)
+    ckpt = {n: namer(f"{n}.weight")[0].removesuffix(".weight") for n, m in model.named_modules()
+            if isinstance(m, nn.Linear)}
+    qc = compressed.build_config({ckpt[n]: r.spec for n, r in layer_results.items()},
+                                 [c for n, c in ckpt.items() if n not in layer_results])
+    write_safetensors(_checkpoint_state(model, state, quantized_keys), tmp, max_shard_size)
+    _write_config(model, tmp, qc, fmt)
+    _save_side_files(tmp, *side_files)
+    return packed, qc
+
+
 def _export_one(model: nn.Module, layer_results: Mapping[str, HasGrid], tmp: Path, fmt: str, *,
                 spec: QuantSpec, block_prefixes: Sequence[str], recipe: Recipe | None,
                 extra_info: Mapping[str, Any] | None, max_shard_size: int | str,
                 side_files: tuple[Any, Any, Any]) -> tuple[dict[str, QuantLinear], dict[str, Any]]:
     """Write one format into `tmp`; returns the packed layers and the quantization_config."""
+    if get_format(fmt).quant_method == COMPRESSED_METHOD:
+        return _export_compressed(model, layer_results, tmp, fmt, max_shard_size=max_shard_size, side_files=side_files)
     packed = _pack(model, layer_results, choose_packing(fmt, spec, [r.spec for r in layer_results.values()]))
     quantized_keys = {f"{n}.{k}" for n, ql in packed.items() for k in ql.state_dict()}
     # fp layers inside the blocks: every Linear under a block prefix that has no result

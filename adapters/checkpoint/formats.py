@@ -25,6 +25,7 @@ AWQ_SLOT = (0, 4, 1, 5, 2, 6, 3, 7)  # column p sits in slot AWQ_SLOT[p]
 PACKED_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
 AUTO_ROUND_METHOD = "auto-round"
 GPTQ_METHOD = "gptq"
+COMPRESSED_METHOD = "compressed-tensors"  # llm-compressor's checkpoints (adapters/checkpoint/compressed.py)
 _GPTQ_BITS = (2, 3, 4, 5, 6, 7, 8)  # the bit stream of rounding/pack.py holds any width
 
 
@@ -126,6 +127,8 @@ class ExportFormat:
         AWQ layout for any width (vLLM serves 2/3/5/6/7 bits through Humming). auto_gptq: ``auto_gptq``."""
         if self.packing is not None:
             return PACKINGS[self.packing]
+        if self.quant_method == COMPRESSED_METHOD:  # its own tensors; in memory the layers are kept native
+            return NATIVE_PACKING
         if self.quant_method == GPTQ_METHOD:
             return GPTQ_PACKING
         if spec.sym:
@@ -154,6 +157,8 @@ EXPORT_FORMATS: Mapping[str, ExportFormat] = {f.name: f for f in (
     ExportFormat("auto_round", AUTO_ROUND_METHOD, "quantization_config.json"),
     ExportFormat("auto_gptq", GPTQ_METHOD, "quantize_config.json", declared_dtype="float16"),
     ExportFormat("auto_round:auto_awq", AUTO_ROUND_METHOD, "quantization_config.json", packing=AWQ_PACKING.name),
+    # pack-quantized: every width 2-8, sym or asym (8-bit asym included: vLLM serves it)
+    ExportFormat("compressed_tensors", COMPRESSED_METHOD, "quantization_config.json", refuse_w8_asym=False),
 )}
 FORMAT_NAMES = tuple(EXPORT_FORMATS)
 DEFAULT_FORMAT = FORMAT_NAMES[0]
@@ -204,6 +209,10 @@ def packing_of_config(qc: Mapping[str, Any]) -> Packing:
     read as ``auto_round:auto_gptq``. Raises NotImplementedError for anything else.
     """
     method = str(qc.get("quant_method", "")).lower()
+    if method == COMPRESSED_METHOD:
+        if qc.get("format", "pack-quantized") != "pack-quantized":
+            raise NotImplementedError(f"compressed-tensors format {qc.get('format')!r} is not supported by signround")
+        return NATIVE_PACKING  # read through compressed.unpack_layer, held natively
     if method == GPTQ_METHOD:
         fmt = qc.get("checkpoint_format")
         return next((p for p in PACKINGS.values() if fmt and p.checkpoint_format == fmt), GPTQ_PACKING)

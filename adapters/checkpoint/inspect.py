@@ -15,11 +15,13 @@ import orjson
 from safetensors import safe_open
 
 from signround.adapters.checkpoint.config import CheckpointPlan, parse_quantization_config
-from signround.adapters.checkpoint.formats import PACKED_TENSORS, SYM_PACKING, Packing, format_of_config
+from signround.adapters.checkpoint.compressed import TENSORS as COMPRESSED_TENSORS
+from signround.adapters.checkpoint.formats import (COMPRESSED_METHOD, PACKED_TENSORS, SYM_PACKING, Packing,
+                                                  format_of_config)
 from signround.adapters.checkpoint.rules import is_full_precision
 from signround.adapters.checkpoint.targets import check, checkpoint_view
 
-QUANT_SUFFIXES = tuple(f".{t}" for t in PACKED_TENSORS)
+QUANT_SUFFIXES = tuple(f".{t}" for t in (*PACKED_TENSORS, *COMPRESSED_TENSORS))
 
 
 def _read_json(path: Path) -> Any:
@@ -65,14 +67,19 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
                 sl = f.get_slice(key)
                 tensors[key] = (sl.get_dtype(), tuple(sl.get_shape()))
     layers = {}
+    compressed = str(qc.get("quant_method", "")).lower() == COMPRESSED_METHOD
+    packed_suffix = ".weight_packed" if compressed else ".qweight"
     for key, (_dtype, shape) in tensors.items():
-        if not key.endswith(".qweight"):
+        if not key.endswith(packed_suffix):
             continue
-        name = key[: -len(".qweight")]
+        name = key[: -len(packed_suffix)]
         spec = plan.spec(name)
-        scales = tensors.get(name + ".scales")
+        scales = tensors.get(name + (".weight_scale" if compressed else ".scales"))
         if spec is None:  # packed, though the config keeps it in full precision: nothing to read it with
             in_features = out_features = None
+        elif compressed:  # weight_packed [N, K·bits/32]; scales [N, G]
+            in_features, out_features = shape[1] * 32 // spec.bits, shape[0]
+            scales = (scales[0], (scales[1][1], scales[1][0])) if scales else None
         else:
             in_features, out_features = layout.features(shape, spec.bits)
         layers[name] = {"bits": spec.bits if spec else None, "group_size": spec.group_size if spec else None,

@@ -19,6 +19,8 @@ from torch import nn
 from signround.adapters.checkpoint.config import parse_quantization_config, read_quantization_config
 from signround.adapters.checkpoint.files import checkpoint_keys, from_checkpoint_namer, iter_tensors
 from signround.adapters.checkpoint.kernels import check_kernel_name, prepare_model
+from signround.adapters.checkpoint import compressed
+from signround.adapters.checkpoint.formats import COMPRESSED_METHOD
 from signround.adapters.checkpoint.qlinear import QuantLinear
 
 
@@ -107,6 +109,9 @@ def load_quantized(
         model = cls._from_config(config, dtype=dtype) if hasattr(cls, "_from_config") else cls(config)
 
     keys = checkpoint_keys(path)
+    tensors = lambda: iter_tensors(path)  # noqa: E731
+    if str(qc.get("quant_method", "")).lower() == COMPRESSED_METHOD:  # read as the native packing
+        keys, tensors = compressed.native_keys(keys), lambda: compressed.native_tensors(iter_tensors(path), plan.spec)
     module_keys = model.state_dict().keys()
     namer = from_checkpoint_namer(model, module_keys)
     key_map: dict[str, str] = {}
@@ -133,7 +138,7 @@ def load_quantized(
     state = model.state_dict()
     loaded: dict[str, torch.Tensor] = {}
     unexpected = []
-    for ckpt_key, tensor in iter_tensors(path):
+    for ckpt_key, tensor in tensors():
         key = key_map[ckpt_key]
         target = state.get(key)
         if target is None:

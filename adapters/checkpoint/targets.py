@@ -26,6 +26,8 @@ from signround.adapters.checkpoint.formats import (
     AWQ_PACKING,
     NATIVE_PACKING,
     SYM_PACKING,
+    COMPRESSED_METHOD,
+    FORMAT_NAMES,
     Packing,
     get_format,
 )
@@ -153,7 +155,8 @@ def checkpoint_view(info: Mapping[str, Any]) -> CheckpointView:
         layers.append(LayerView(name, v.get("in_features") or 0, v.get("out_features") or 0, spec,
                                 _under(name, blocks) if blocks else True))
     for name, (out, inn) in info.get("full_precision_shapes", {}).items():
-        if _under(name, blocks):
+        # no block list (compressed-tensors): every fp 2-D weight but the output head may sit in a block
+        if _under(name, blocks) if blocks else not re.search(r"(^|\.)(lm_head|embed_tokens|wte|output)$", name):
             layers.append(LayerView(name, inn, out, None, True))
     return CheckpointView(fmt, packing, tuple(layers), tied_lm_head=bool(info.get("tied_lm_head")))
 
@@ -247,6 +250,11 @@ def _transformers(view: CheckpointView) -> Verdict:
                      "not auto-round")
     if fmt == "compressed_tensors":
         notes.append("through transformers' compressed-tensors integration (the compressed-tensors package)")
+        asym = [layer.name for layer in view.quantized if not layer.spec.sym]  # type: ignore[union-attr]
+        if asym:
+            problems.append(f"{asym[0]} (and {len(asym) - 1} more): transformers 5.24 + compressed-tensors 0.20 "
+                            "build asym layers with an unpacked zero point [N, G] while the pack-quantized "
+                            "compressor writes it packed [N·bits/32, G] (size mismatch on load)")
     for layer in view.quantized:
         s = layer.spec
         assert s is not None
@@ -262,7 +270,7 @@ def _transformers(view: CheckpointView) -> Verdict:
     return Verdict(TRANSFORMERS, not problems, tuple(problems), tuple(notes))
 
 
-def _vllm_inc_layer(layer: LayerView, packing: Packing) -> str | None:
+def _vllm_inc_layer(layer: LayerView, packing: Packing, fused: bool) -> str | None:
     """One layer under vLLM's `inc` config (quant_method auto-round) on CUDA: 2/3/5/6/7 bits go to
     Humming (GPTQ or AWQ schema, zero points allowed); 4/8 bits to Marlin, which takes GPTQ sym
     4/8 (`INCWNA16LinearScheme._build_gptq_method`) and AWQ 4 (`_build_awq_method`, AutoAWQConfig
@@ -270,6 +278,9 @@ def _vllm_inc_layer(layer: LayerView, packing: Packing) -> str | None:
     s = layer.spec
     assert s is not None
     if s.bits in VLLM_HUMMING_BITS:
+        if packing.awq and fused:
+            return (f"{layer.name}: {s.bits}-bit AWQ in a fused module fails to load: Humming's AWQWeightSchema "
+                    "declares packed_factor 8 (4-bit) for every width, so the fused shard loader cuts the wrong width")
         return None
     if packing.awq:
         if s.bits != 4:
@@ -302,11 +313,14 @@ def _vllm(view: CheckpointView) -> Verdict:
     notes: list[str] = []
     if fmt.startswith("gguf"):
         return Verdict(VLLM, False, ("this check does not judge vLLM's GGUF loader; serve GGUF with llama.cpp",))
-    inc = packing is not None and packing.packing_format is not None and packing.checkpoint_format is None
-    if packing is NATIVE_PACKING:
+    ct = get_format(fmt).quant_method == COMPRESSED_METHOD if fmt in FORMAT_NAMES else False
+    inc = not ct and packing is not None and packing.packing_format is not None and packing.checkpoint_format is None
+    if packing is NATIVE_PACKING and not ct:
         problems.append("packing_format 'auto_round' (native zero points) is rejected by vLLM's inc config "
                         "(INCConfig.SUPPORTED_FORMATS: Unsupported packing_format); write asym with format "
                         "'auto_round:auto_awq' (2-7 bits) or 'compressed_tensors'")
+    fused_members = {m for _, members in fused_groups(layer.name for layer in view.layers if layer.in_blocks)
+                     for m in members}
     for layer in view.quantized:
         common = _layer_problem_common(layer)
         if common:
@@ -319,10 +333,12 @@ def _vllm(view: CheckpointView) -> Verdict:
                 continue
             notes.append(f"{layer.name}: quantized lm_head loads through vLLM's ParallelLMHead "
                          + ("(gptq: the config's lm_head flag)" if fmt == "auto_gptq" else "(inc: its extra_config entry)"))
-        if fmt == "auto_gptq":
+        if ct:
+            problem = None  # CompressedTensorsWNA16: 2-8 bits, sym or asym, group or channel (measured: loads)
+        elif fmt == "auto_gptq":
             problem = _vllm_gptq_layer(layer)
         elif inc and packing is not NATIVE_PACKING:
-            problem = _vllm_inc_layer(layer, packing)  # type: ignore[arg-type]
+            problem = _vllm_inc_layer(layer, packing, layer.name in fused_members)  # type: ignore[arg-type]
         else:
             problem = None
         if problem:
