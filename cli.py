@@ -1,31 +1,42 @@
 """The `signround` command line (Typer). Parses and validates arguments, calls the library.
 
-User errors print one line (what is wrong, where, how to fix) and exit 2; `--debug` shows the
-traceback instead. Ctrl-C leaves no partial output directory (saves are atomic) and exits 130.
+User errors print one line (what is wrong, where, how to fix, in the CLI's option names) and exit
+2; `--debug` shows the traceback instead; warnings are one line each. Ctrl-C leaves no partial
+output directory (saves are atomic), says what is on disk, and exits 130. `quantize` also takes
+auto-round's spellings of its options (`--group_size`, `--bs`, `--model PATH`, `--format a,b`, …).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
+import re
 import sys
+import warnings
 from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, List, Optional, TypeVar
 
+import click
 import typer
+from typer.core import TyperCommand
 
 from signround.adapters.checkpoint.formats import DEFAULT_FORMAT, FORMAT_NAMES
 from signround.adapters.checkpoint.targets import TARGETS
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+# Plain click help (not rich panels): option names are never cut, whatever the terminal width.
+HELP = {"max_content_width": 120}
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
+                  context_settings=HELP,
                   help="Quantize LLMs and VLMs to 2-8-bit weights with sign-gradient rounding (AutoRound).")
-templates_app = typer.Typer(no_args_is_help=True, help="List, show, validate and render chat templates.")
+templates_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, context_settings=HELP,
+                            help="List, show, validate and render chat templates.")
 app.add_typer(templates_app, name="templates")
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
-               PermissionError, KeyError, MemoryError, FloatingPointError)
+USER_ERRORS = (ValueError, OSError, KeyError, MemoryError, FloatingPointError)
 F = TypeVar("F", bound=Callable[..., Any])
-_state = {"debug": False}
+_state: dict[str, Any] = {"debug": False, "output": None, "output_id": None}
 
 
 #: --format choices: the export formats of the checkpoint format table, nothing else
@@ -39,6 +50,67 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+# API argument -> CLI option, for messages the library writes in API terms
+_CLI_OPTION = {name: "--" + name.replace("_", "-") for name in (
+    "overwrite", "low_gpu_mem_usage", "skip_bad_samples", "quant_nontext_module", "trust_remote_code", "batch_size",
+    "gradient_accumulate_steps", "nsamples", "seqlen", "iters", "lr", "minmax_lr", "group_size", "bits", "seed",
+    "layer_config", "resume_dir", "dataset", "device", "to_quant_block_names", "cache", "extra_data_dir", "template",
+    "recipe", "format", "target", "dtype")}
+_API_VALUE = re.compile(r"\b(" + "|".join(_CLI_OPTION) + r")=(\{.*?\}\}|\{[^}]*\}|'[^']*'|\"[^\"]*\"|[\w.:/-]+)")
+_BARE = re.compile(r"\b(resume_dir|layer_config|extra_data_dir|to_quant_block_names|quant_nontext_module)\b(?!=)")
+
+
+def cli_terms(message: str) -> str:
+    """A library message in the CLI's terms: `overwrite=True` -> `--overwrite`, `batch_size=4` ->
+    `--batch-size 4`, `layer_config={...}` -> `--layer-config '{...}'`, `pass tokenizer=` -> the
+    model directory's files."""
+    def option(m: re.Match) -> str:
+        name, value = m.group(1), m.group(2)
+        flag = _CLI_OPTION[name]
+        if value == "True":
+            return flag
+        if value == "False":
+            return "--asym" if name == "sym" else f"--no-{flag[2:]}"
+        if value.startswith("{"):
+            return f"{flag} '{value.replace(chr(39), chr(34))}'"
+        return f"{flag} {value.strip(chr(39) + chr(34))}"
+
+    message = _API_VALUE.sub(option, message)
+    message = _BARE.sub(lambda m: _CLI_OPTION[m.group(1)], message)
+    message = message.replace("pass tokenizer=", "the model directory needs its tokenizer files")
+    return re.sub(r"pass processor= \(e\.g\. AutoProcessor\.from_pretrained\(path\)\)|pass processor=",
+                  "the model directory needs its processor files (preprocessor_config.json)", message)
+
+
+def _identity(path: Optional[Path]) -> Optional[tuple[int, int]]:
+    try:
+        st = Path(path).stat() if path is not None else None
+    except OSError:
+        return None
+    return None if st is None else (st.st_dev, st.st_ino)
+
+
+def _interrupted() -> str:
+    """What Ctrl-C leaves on disk: a save is atomic, so the output is either the new checkpoint
+    (the interrupt came after the rename) or what was there before."""
+    out = _state.get("output")
+    if out is None:
+        return "interrupted; nothing was written"
+    from signround.adapters.checkpoint.files import not_a_checkpoint
+
+    now = _identity(out)
+    if now is not None and now != _state.get("output_id") and not_a_checkpoint(out) is None:
+        return f"interrupted after the save: {out} holds the complete new checkpoint"
+    before = "is as it was" if _state.get("output_id") is not None else "was not created"
+    return f"interrupted; nothing was written: {out} {before} (saves are atomic)"
+
+
+def _one_line_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None,
+                      line: Any = None) -> None:
+    text = " ".join(str(message).split())
+    typer.secho(f"warning: {cli_terms(text)}", err=True, fg=typer.colors.YELLOW)
+
+
 def user_errors(fn: F) -> F:
     """Turn library errors caused by the user's input into one clear line and exit code 2."""
 
@@ -49,19 +121,80 @@ def user_errors(fn: F) -> F:
         except KeyboardInterrupt:
             if _state["debug"]:
                 raise
-            _fail("interrupted; nothing was written (saves are atomic)", 130)
+            _fail(_interrupted(), 130)
         except USER_ERRORS as err:
             if _state["debug"]:
                 raise
             msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-            _fail(str(msg))
+            _fail(cli_terms(" ".join(str(msg).split())))
 
     return wrapper  # type: ignore[return-value]
 
 
 @app.callback()
 def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors.")) -> None:
-    _state["debug"] = debug
+    _state.update(debug=debug, output=None, output_id=None)
+    if not debug:
+        warnings.showwarning = _one_line_warning
+
+
+# auto-round's option spellings (its 0.16 CLI) -> ours; others differ from ours only by "_" for "-"
+MODEL = "<model>"
+AUTO_ROUND_ALIASES = {
+    "--model": MODEL, "--model_name": MODEL, "--model_name_or_path": MODEL, "--bit": "--bits",
+    "--train_bs": "--batch-size", "--bs": "--batch-size", "--seq_len": "--seqlen", "--nsample": "--nsamples",
+    "--device_map": "--device", "--devices": "--device", "--formats": "--format", "--iter": "--iters",
+    "--model_dtype": "--dtype", "--ignore_layers": "--fp-layers", "--no-enable_minmax_tuning": "--disable-minmax-tuning",
+    "--no-enable_quanted_input": "--disable-quanted-input", "--disable_trust_remote_code": "--no-trust-remote-code",
+}
+#: auto-round flags that ask for what signround does anyway (plain RTN, multimodal detection, low CPU memory)
+AUTO_ROUND_NO_OPS = ("--disable_opt_rtn", "--mllm", "--low_cpu_mem_usage")
+
+
+def auto_round_spellings(args: List[str], known: set[str]) -> List[str]:
+    """`args` with auto-round's spellings rewritten to ours: `--group_size 32` -> `--group-size 32`,
+    `--bs 4` -> `--batch-size 4`, `--model PATH` -> PATH, `--format a,b` -> `--format a --format b`."""
+    out: List[str] = []
+    model: List[str] = []
+    it = iter(args)
+    for arg in it:
+        if not arg.startswith("--") or arg == "--":
+            out.append(arg)
+            continue
+        name, eq, value = arg.partition("=")
+        if name in AUTO_ROUND_NO_OPS:
+            continue
+        name = AUTO_ROUND_ALIASES.get(name, name)
+        if name not in known and name != MODEL and name.replace("_", "-") in known:
+            name = name.replace("_", "-")
+        if name == MODEL:
+            model.append(value if eq else next(it, ""))
+            continue
+        if name == "--format":
+            raw = value if eq else next(it, "")
+            for f in (x.strip() for x in raw.split(",")):
+                if f:
+                    out += ["--format", f]
+            continue
+        out.append(f"{name}={value}" if eq else name)
+    return model + out
+
+
+class AutoRoundSpellings(TyperCommand):
+    """A command that also takes auto-round's spellings of its options (`auto_round_spellings`)."""
+
+    def parse_args(self, ctx: click.Context, args: List[str]) -> List[str]:
+        known = {o for p in self.params for o in (*getattr(p, "opts", ()), *getattr(p, "secondary_opts", ()))}
+        return super().parse_args(ctx, auto_round_spellings(list(args), known))
+
+
+AUTO_ROUND_EPILOG = ("auto-round's spellings work too: --model PATH, --output_dir, --group_size, --batch_size/--bs/"
+                     "--train_bs, --seq_len, --nsample, --device_map, --format a,b, --layer_config (a file or JSON "
+                     "text), --fp_layers/--ignore_layers, --scheme W4A16, --to_quant_block_names, --low_gpu_mem_usage, "
+                     "--minmax_lr, --gradient_accumulate_steps, --disable_minmax_tuning, --disable_quanted_input, "
+                     "--not_use_best_mse, --disable_amp, --quant_nontext_module, --extra_data_dir, --model_dtype, "
+                     "--max_shard_size, --disable_trust_remote_code, …")
+SCHEME = re.compile(r"W([2-8])A16(?:G(\d+))?", re.IGNORECASE)
 
 
 @app.command()
@@ -72,72 +205,156 @@ def version() -> None:
     typer.echo(__version__)
 
 
-@app.command()
+@app.command(cls=AutoRoundSpellings, epilog=AUTO_ROUND_EPILOG)
 @user_errors
 def quantize(
-    model_path: Path = typer.Argument(..., help="Local Hugging Face model directory."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Where to write the checkpoint."),
-    bits: int = typer.Option(4, help="Weight bits (2-8)."),
-    group_size: int = typer.Option(128, help="Inputs per scale; -1 = per output channel."),
+    model_path: Path = typer.Argument(..., help="Local Hugging Face model directory (or --model PATH)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", "--output-dir", help="Where to write the checkpoint."),
+    bits: Optional[int] = typer.Option(None, help="Weight bits, 2-8 (default 4)."),
+    group_size: Optional[int] = typer.Option(None, help="Inputs per scale; -1 = per output channel (default 128)."),
     sym: bool = typer.Option(True, "--sym/--asym", help="Full-range symmetric (default) or asymmetric grid."),
+    scheme: Optional[str] = typer.Option(None, help="auto-round scheme name: W4A16, W3A16, W2A16, W8A16, W2A16G64, "
+                                         "… (sets bits and group size; --bits/--group-size win)."),
+    data_type: str = typer.Option("int", help="Weight data type; int is the one there is."),
     recipe: str = typer.Option("default", help="Preset: default, light, best, rtn."),
-    iters: Optional[int] = typer.Option(None, help="Tuning iterations per block (0 = RTN)."),
+    iters: Optional[int] = typer.Option(None, "--iters", help="Tuning iterations per block (0 = RTN)."),
     lr: Optional[float] = typer.Option(None, help="Learning rate of the rounding offsets (default 1/iters)."),
     minmax_lr: Optional[float] = typer.Option(None, help="Learning rate of the range scales (default lr)."),
     nsamples: Optional[int] = typer.Option(None, help="Calibration samples."),
     seqlen: Optional[int] = typer.Option(None, help="Tokens per calibration sample."),
     batch_size: Optional[int] = typer.Option(None, help="Samples per tuning step."),
     gradient_accumulate_steps: Optional[int] = typer.Option(None, help="Sub-batches per step."),
-    seed: Optional[int] = typer.Option(None, help="Random seed (sample order)."),
-    dataset: Optional[str] = typer.Option(None, help="Calibration data: llava JSON, .txt, .jsonl, JSON list; default: built-in set."),
+    seed: Optional[int] = typer.Option(None, help="Random seed (sample order, self-generated data)."),
+    minmax_tuning: Optional[bool] = typer.Option(None, "--enable-minmax-tuning/--disable-minmax-tuning",
+                                                 help="Tune the range scales too (default on)."),
+    quanted_input: Optional[bool] = typer.Option(None, "--enable-quanted-input/--disable-quanted-input",
+                                                 help="Feed each block the quantized chain's outputs (default on)."),
+    not_use_best_mse: bool = typer.Option(False, "--not-use-best-mse", help="Keep the last iterate instead of the best."),
+    disable_amp: bool = typer.Option(False, "--disable-amp", help="Tune in float32 on accelerators (no bf16 autocast)."),
+    dataset: Optional[str] = typer.Option(None, help="Calibration data: a .json (llava or list of strings), .jsonl or "
+                                          ".txt file; builtin (the default: built-in text corpus), embedded "
+                                          "(built-in image-text), self (text sampled from the model, seeded)."),
     extra_data_dir: Optional[Path] = typer.Option(None, help="Directory the dataset's image paths resolve against."),
     template: Optional[str] = typer.Option(None, help="Chat template: preset name or JSON file (default: by model type)."),
     quant_nontext_module: bool = typer.Option(False, help="Also quantize vision blocks (needs image-text data)."),
-    layer_config: Optional[Path] = typer.Option(None, help="JSON file: {layer name or regex: {bits, group_size, sym}}."),
-    device: Optional[str] = typer.Option(None, help="cuda, cuda:1, xpu, hpu, cpu (default: best available)."),
+    layer_config: Optional[str] = typer.Option(None, help="JSON file or JSON text: {layer name or regex: {bits, "
+                                               "group_size, sym}}; every key must match a layer."),
+    fp_layers: Optional[str] = typer.Option(None, help="Comma-separated layer names or regexes kept in full precision."),
+    to_quant_block_names: Optional[str] = typer.Option(None, help="Comma-separated block lists to quantize (names "
+                                                       "or regexes; default: discovered)."),
+    quant_lm_head: bool = typer.Option(False, "--quant-lm-head", help="Also quantize lm_head (rounded to nearest; "
+                                       "same as --layer-config '{\"lm_head\": {}}'; a tied lm_head is refused)."),
+    nblocks: int = typer.Option(1, help="Blocks tuned together (1 is the one supported)."),
+    scale_dtype: str = typer.Option("fp16", help="Scale dtype in the checkpoint (fp16 is the one written)."),
+    device: Optional[str] = typer.Option(None, help="cuda, cuda:1, 0 (= cuda:0), xpu, hpu, cpu (default: best available)."),
     dtype: str = typer.Option("auto", help="Load dtype: auto, bfloat16, float16, float32."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code/--no-trust-remote-code",
+                                           help="Run the model directory's own Python code to load it (off)."),
     low_gpu_mem_usage: bool = typer.Option(False, help="Keep calibration activations on the CPU."),
     cache: str = typer.Option("auto", help="Where calibration activations live: auto (pinned host memory on CUDA, "
                               "streamed ahead), device, host."),
-    format: List[Format] = typer.Option([Format(DEFAULT_FORMAT)], "--format", help="Checkpoint format (repeatable)."),
+    format: List[Format] = typer.Option([Format(DEFAULT_FORMAT)], "--format", help="Checkpoint format (repeatable, "
+                                        "or a comma list)."),
     target: List[Target] = typer.Option([], "--target", help="Runtime that must load the checkpoint (repeatable): "
                                         "an unloadable plan fails before any work; vllm also aligns fused q/k/v "
                                         "and gate/up layers."),
+    max_shard_size: str = typer.Option("5GB", help="Largest safetensors shard."),
     skip_bad_samples: bool = typer.Option(False, help="Skip dataset samples with missing images instead of failing."),
-    overwrite: bool = typer.Option(False, help="Replace a non-empty output directory."),
-    dry_run: bool = typer.Option(False, help="Print the plan (blocks, layers, bits) and exit."),
+    overwrite: bool = typer.Option(False, help="Replace a previous quantized checkpoint at the output (never other "
+                                   "files)."),
+    dry_run: bool = typer.Option(False, help="Run every check, print the plan and the settings, tune nothing."),
     report_json: Optional[Path] = typer.Option(None, help="Also write the run report as JSON here."),
     resume_dir: Optional[Path] = typer.Option(None, help="Keep each finished block here; rerun with the same "
                                               "arguments to continue after a crash."),
 ) -> None:
-    """Quantize MODEL_PATH and save the checkpoint."""
-    from signround.adapters.frontends.facade import build_quantizer, check_output_dir, read_layer_config
+    """Quantize MODEL_PATH and save the checkpoint.
+
+    Every check that needs no model runs before it loads (paths, files, values), the rest before
+    tuning; --dry-run runs exactly these checks."""
+    from signround.adapters.checkpoint.files import clean_stale_temporaries, dir_lock
+    from signround.adapters.engine.progress import print_plan, print_settings
+    from signround.adapters.frontends import arguments as checks
+    from signround.adapters.frontends.facade import build_quantizer
     from signround.adapters.hf.model_io import load_model, parse_dtype
-    from signround.adapters.engine.progress import print_plan
+    from signround.rounding import QuantSpec
+    from signround.templating import load_dataset, load_template
 
     if output is None and not dry_run:
         raise ValueError("--output is required (where to write the checkpoint), unless --dry-run")
+    if scheme is not None:
+        m = SCHEME.fullmatch(scheme.strip())
+        if m is None:
+            raise ValueError(f"--scheme {scheme!r}: signround quantizes weights to int (W2A16 … W8A16, optionally "
+                             "with G32/G64/G128); activation, fp8 and mx schemes are not supported")
+        bits = int(m.group(1)) if bits is None else bits
+        group_size = int(m.group(2) or 128) if group_size is None else group_size
+    if data_type.lower() not in ("int", "int_sym", "int_asym"):
+        raise ValueError(f"--data-type {data_type!r}: signround quantizes weights to int only")
+    if nblocks != 1:
+        raise ValueError(f"--nblocks {nblocks}: signround tunes one block at a time (--nblocks 1)")
+    if scale_dtype.lower() not in ("fp16", "float16"):
+        raise ValueError(f"--scale-dtype {scale_dtype!r}: checkpoints store fp16 scales (--scale-dtype fp16)")
+    spec = QuantSpec(bits=4 if bits is None else bits, group_size=128 if group_size is None else group_size, sym=sym)
     overrides = {k: v for k, v in dict(iters=iters, lr=lr, minmax_lr=minmax_lr, nsamples=nsamples, seqlen=seqlen,
                                         batch_size=batch_size, gradient_accumulate_steps=gradient_accumulate_steps,
-                                        seed=seed).items() if v is not None}
+                                        seed=seed, enable_minmax_tuning=minmax_tuning,
+                                        enable_quanted_input=quanted_input, use_best=False if not_use_best_mse else None,
+                                        amp=False if disable_amp else None).items() if v is not None}
+    checks.resolve_recipe(recipe, **overrides)
+    checks.check_device(device)
+    load_dtype = parse_dtype(dtype)
     formats = list(dict.fromkeys(f.value for f in format))
+    # -- before the model loads: its files, the inputs, the output --------------------------------
+    checks.check_model_dir(model_path)
+    layers = checks.read_layer_config(layer_config) if layer_config else {}
+    if fp_layers:
+        layers = {**{name.strip(): {"bits": 16} for name in fp_layers.split(",") if name.strip()}, **layers}
+    if quant_lm_head:
+        layers.setdefault("lm_head", {})
+    data = load_dataset(dataset, extra_data_dir=extra_data_dir, skip_bad_samples=skip_bad_samples) if dataset else None
+    tmpl = load_template(template) if template else None
+    if extra_data_dir is not None and not extra_data_dir.is_dir():
+        raise FileNotFoundError(f"--extra-data-dir {str(extra_data_dir)!r} is not a directory")
+    inputs = [Path(p) for p in (dataset, layer_config, template) if p and Path(p).exists()]
+    inputs += [p for p in (extra_data_dir, resume_dir) if p is not None]
+    if resume_dir is not None:
+        checks.check_resume_dir(resume_dir, output=output)
     if output is not None:
-        check_output_dir(output, overwrite=overwrite, protect=[model_path])
-    loaded = load_model(model_path, dtype=parse_dtype(dtype))
-    quantizer = build_quantizer(
-        loaded, bits=bits, group_size=group_size, sym=sym, recipe=recipe, dataset=dataset,
-        extra_data_dir=extra_data_dir, template=template, quant_nontext_module=quant_nontext_module,
-        layer_config=read_layer_config(layer_config) if layer_config else None, device=device,
-        low_gpu_mem_usage=low_gpu_mem_usage, cache=cache, skip_bad_samples=skip_bad_samples, resume_dir=resume_dir,
-        target=[t.value for t in target], format=formats, **overrides)
-    if dry_run:
-        print_plan(quantizer.plan())
-        return
-    report = quantizer.quantize()
-    assert output is not None
-    paths = quantizer.save_quantized(output, format=formats if len(formats) > 1 else formats[0], overwrite=overwrite)
+        checks.check_output_dir(output, overwrite=overwrite, protect=[model_path], inputs=inputs)
     if report_json is not None:
-        report_json.write_bytes(report.to_json())
+        checks.check_report_path(report_json)
+    with contextlib.ExitStack() as held:
+        if not dry_run:  # a second run on the same output or resume store stops here
+            assert output is not None
+            held.enter_context(dir_lock(output))
+            clean_stale_temporaries(output)
+            if resume_dir is not None:
+                held.enter_context(dir_lock(resume_dir, "resume_dir"))
+        if trust_remote_code:
+            typer.secho(f"warning: --trust-remote-code: loading {model_path} runs the Python code in that directory "
+                        "with your permissions; use it only for a model you trust", err=True, fg=typer.colors.YELLOW)
+        loaded = load_model(model_path, dtype=load_dtype, trust_remote_code=trust_remote_code)
+        # -- the loaded model: layer_config keys, what is left to quantize, the weights -----------
+        quantizer = build_quantizer(
+            loaded, bits=spec.bits, group_size=spec.group_size, sym=spec.sym, recipe=recipe, dataset=data,
+            extra_data_dir=extra_data_dir, template=tmpl, quant_nontext_module=quant_nontext_module,
+            layer_config=layers or None, to_quant_block_names=to_quant_block_names, device=device,
+            low_gpu_mem_usage=low_gpu_mem_usage, cache=cache, skip_bad_samples=skip_bad_samples,
+            resume_dir=resume_dir, target=[t.value for t in target], format=formats, **overrides)
+        if dry_run:
+            print_plan(quantizer.plan())
+            print_settings(quantizer.settings())
+            typer.echo("dry run: every check passed; nothing was tuned or written")
+            return
+        report = quantizer.quantize()
+        assert output is not None
+        _state.update(output=output.resolve(), output_id=_identity(output))
+        paths = quantizer.save_quantized(output, format=formats if len(formats) > 1 else formats[0],
+                                         overwrite=overwrite, max_shard_size=max_shard_size)
+        _state.update(output=None)
+        if report_json is not None:
+            report_json.parent.mkdir(parents=True, exist_ok=True)
+            report_json.write_bytes(report.to_json())
     for p in paths.values() if isinstance(paths, dict) else [paths]:
         typer.echo(f"saved {p}")
 

