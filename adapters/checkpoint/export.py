@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from signround.adapters.checkpoint.config import build_quantization_config, in_blocks
 from signround.adapters.checkpoint.files import LayerQuant, atomic_dir, recover_codes, to_checkpoint_namer, write_safetensors
-from signround.adapters.checkpoint.formats import (COMPRESSED_METHOD, DEFAULT_FORMAT, PACKED_TENSORS, Packing,
+from signround.adapters.checkpoint.formats import (COMPRESSED_METHOD, DEFAULT_FORMAT, GGUF_METHOD, PACKED_TENSORS,
+                                                  Packing,
                                                   choose_packing, get_format, parse_formats)
 from signround.adapters.checkpoint.targets import plan_view, require_loadable
 from signround.adapters.checkpoint.qlinear import QuantLinear
@@ -205,6 +206,17 @@ def _export_compressed(model: nn.Module, layer_results: Mapping[str, HasGrid], t
     return packed, qc
 
 
+def _export_gguf(model: nn.Module, layer_results: Mapping[str, HasGrid], tmp: Path, fmt: str, *,
+                 side_files: tuple[Any, Any, Any]) -> tuple[dict[str, QuantLinear], dict[str, Any]]:
+    """GGUF (`gguf.py`): the text decoder as one ``model-<type>.gguf`` file, tokenizer included when given."""
+    from signround.adapters.checkpoint.gguf import write_gguf
+
+    packed = _pack(model, layer_results, choose_packing(fmt, global_spec(layer_results)))  # inplace=True keeps these
+    name = f"model-{fmt.split(':', 1)[1]}.gguf"
+    write_gguf(model, {n: ql.quantized_weight() for n, ql in packed.items()}, tmp / name, fmt, tokenizer=side_files[0])
+    return packed, {"quant_method": GGUF_METHOD, "gguf_file": name}
+
+
 def _export_one(model: nn.Module, layer_results: Mapping[str, HasGrid], tmp: Path, fmt: str, *,
                 spec: QuantSpec, block_prefixes: Sequence[str], recipe: Recipe | None,
                 extra_info: Mapping[str, Any] | None, max_shard_size: int | str,
@@ -212,6 +224,8 @@ def _export_one(model: nn.Module, layer_results: Mapping[str, HasGrid], tmp: Pat
     """Write one format into `tmp`; returns the packed layers and the quantization_config."""
     if get_format(fmt).quant_method == COMPRESSED_METHOD:
         return _export_compressed(model, layer_results, tmp, fmt, max_shard_size=max_shard_size, side_files=side_files)
+    if get_format(fmt).quant_method == GGUF_METHOD:
+        return _export_gguf(model, layer_results, tmp, fmt, side_files=side_files)
     packed = _pack(model, layer_results, choose_packing(fmt, spec, [r.spec for r in layer_results.values()]))
     quantized_keys = {f"{n}.{k}" for n, ql in packed.items() for k in ql.state_dict()}
     # fp layers inside the blocks: every Linear under a block prefix that has no result

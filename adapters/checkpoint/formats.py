@@ -26,6 +26,10 @@ PACKED_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
 AUTO_ROUND_METHOD = "auto-round"
 GPTQ_METHOD = "gptq"
 COMPRESSED_METHOD = "compressed-tensors"  # llm-compressor's checkpoints (adapters/checkpoint/compressed.py)
+GGUF_METHOD = "gguf"  # llama.cpp's single-file format (adapters/checkpoint/gguf.py)
+#: GGUF block types that hold a SignRound grid exactly: name -> (bits, sym), 32 weights per block
+GGUF_TYPES: Mapping[str, tuple[int, bool]] = {"q4_0": (4, True), "q4_1": (4, False), "q8_0": (8, True)}
+GGUF_BLOCK = 32
 _GPTQ_BITS = (2, 3, 4, 5, 6, 7, 8)  # the bit stream of rounding/pack.py holds any width
 
 
@@ -127,7 +131,7 @@ class ExportFormat:
         AWQ layout for any width (vLLM serves 2/3/5/6/7 bits through Humming). auto_gptq: ``auto_gptq``."""
         if self.packing is not None:
             return PACKINGS[self.packing]
-        if self.quant_method == COMPRESSED_METHOD:  # its own tensors; in memory the layers are kept native
+        if self.quant_method in (COMPRESSED_METHOD, GGUF_METHOD):  # own tensors; in memory the layers stay native
             return NATIVE_PACKING
         if self.quant_method == GPTQ_METHOD:
             return GPTQ_PACKING
@@ -140,6 +144,13 @@ class ExportFormat:
         """Why this format will not write the plan (None: it will): 8-bit asym in a GPTQ/AWQ-style
         format (auto-round 0.16.1's rule, `compressors/base.py` `_assert_w8_asym_exportable`), or a
         sym layer in the AWQ-only format."""
+        if self.quant_method == GGUF_METHOD:
+            bad = sorted((n, s) for n, s in layer_specs.items() if gguf_problems(self.name, [(n, None, s)]))
+            if not bad:
+                return None
+            grids = sorted({_grid_name(s) for _, s in bad})
+            return (f"format {self.name!r}: {len(bad)} layer(s) (e.g. {bad[0][0]}) have grids {', '.join(grids)} with no "
+                    f"exact GGUF type; {GGUF_HOLDS}")
         if self.refuse_w8_asym:
             w8 = sorted(n for n, s in layer_specs.items() if s.bits == 8 and not s.sym)
             if w8:
@@ -159,9 +170,35 @@ EXPORT_FORMATS: Mapping[str, ExportFormat] = {f.name: f for f in (
     ExportFormat("auto_round:auto_awq", AUTO_ROUND_METHOD, "quantization_config.json", packing=AWQ_PACKING.name),
     # pack-quantized: every width 2-8, sym or asym (8-bit asym included: vLLM serves it)
     ExportFormat("compressed_tensors", COMPRESSED_METHOD, "quantization_config.json", refuse_w8_asym=False),
+    # the text decoder as one .gguf file; the type names the file type, each layer gets the type of its grid
+    *(ExportFormat(f"gguf:{t}", GGUF_METHOD, "", refuse_w8_asym=False) for t in GGUF_TYPES),
 )}
 FORMAT_NAMES = tuple(EXPORT_FORMATS)
+#: the formats that write a Hugging Face directory with a `quantization_config` (not GGUF's one file)
+CONFIG_FORMATS = tuple(n for n, f in EXPORT_FORMATS.items() if f.config_file)
 DEFAULT_FORMAT = FORMAT_NAMES[0]
+
+
+def _grid_name(spec: QuantSpec) -> str:
+    return f"W{spec.bits} g{spec.group_size} {'sym' if spec.sym else 'asym'}"
+
+
+GGUF_HOLDS = ("GGUF blocks hold " + ", ".join(f"W{b} {'sym' if sym else 'asym'} g{GGUF_BLOCK} ({t})"
+                                              for t, (b, sym) in GGUF_TYPES.items())
+              + " (the k-quants' sub-block scales do not hold SignRound's fp16 scales)")
+
+
+def gguf_problems(fmt: str, layers: Iterable[tuple[str, int | None, QuantSpec]]) -> list[str]:
+    """Why layers (name, in_features or None, grid) cannot go into GGUF format `fmt` exactly: each
+    grid must be one of `GGUF_TYPES` with group_size 32 (and in_features a multiple of 32)."""
+    out = []
+    for name, in_features, spec in layers:
+        ok = spec.group_size == GGUF_BLOCK and (spec.bits, spec.sym) in GGUF_TYPES.values()
+        if not ok:
+            out.append(f"{name}: {_grid_name(spec)} has no exact GGUF type for {fmt} ({GGUF_HOLDS})")
+        elif in_features is not None and in_features % GGUF_BLOCK:
+            out.append(f"{name}: in_features {in_features} is not a multiple of {GGUF_BLOCK} (GGUF blocks)")
+    return out
 
 
 def parse_formats(format: str | Sequence[str]) -> tuple[str, ...]:

@@ -8,7 +8,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from signround.adapters.checkpoint.config import build_quantization_config, parse_quantization_config
-from signround.adapters.checkpoint.formats import EXPORT_FORMATS, FORMAT_NAMES, choose_packing
+from signround.adapters.checkpoint.formats import CONFIG_FORMATS, EXPORT_FORMATS, choose_packing
 from signround.rounding import QuantSpec
 
 KEEP = "keep in full precision"
@@ -23,7 +23,7 @@ layer_names = st.builds(lambda i, m: f"{CKPT_PREFIX}.{i}.{m}", st.integers(0, 23
 plans = st.dictionaries(layer_names, st.one_of(st.none(), grids, st.just(KEEP)), max_size=30)
 
 
-@given(fmt=st.sampled_from(FORMAT_NAMES), spec=grids, layers=plans, lm_head=st.one_of(st.none(), grids),
+@given(fmt=st.sampled_from(CONFIG_FORMATS), spec=grids, layers=plans, lm_head=st.one_of(st.none(), grids),
        renamed=st.booleans())
 @settings(deadline=None)  # the first compressed_tensors example imports that package
 def test_parse_gives_back_every_layer(fmt: str, spec: QuantSpec, layers: dict, lm_head: QuantSpec | None,
