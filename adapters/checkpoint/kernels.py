@@ -450,12 +450,21 @@ class Prepared:
     skipped: tuple[tuple[str, str], ...]
     sources: tuple[tuple[Any, int], ...]
 
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        """Copies and pickles of a model carry no runner: theirs is prepared on first use (a runner holds
+        weak references to the original's buffers)."""
+        return _unprepared, ()
+
     def fresh(self, layer: "QuantLinear", x: Tensor) -> bool:
         if x.dtype != self.dtype or x.device != self.device:
             return False
         now = [t for t in (layer.qweight, layer.qzeros, layer.scales, layer.bias, layer.g_idx) if t is not None]
         return len(now) == len(self.sources) and all(
             ref() is t and t._version == v for (ref, v), t in zip(self.sources, now))
+
+
+def _unprepared() -> None:
+    return None
 
 
 def prepare(layer: "QuantLinear", device: torch.device | str | None = None, dtype: torch.dtype | None = None,

@@ -348,3 +348,43 @@ def test_int8_on_cuda_where_registered() -> None:
     y = layer(x)
     assert layer.kernel.kernel in ("int8", "dequant")
     assert relative_error(y, reference_output(layer, x)) <= TOLERANCE[BF16]
+
+
+@pytest.mark.slow
+def test_decode_bench_runs_on_the_cpu(tmp_path: Path) -> None:
+    """The GPU benchmark script (tests/bench/decode_bench.py) end to end at toy size, so it is not found
+    broken on the day a GPU is lent."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("decode_bench", Path(__file__).parents[1] / "bench" / "decode_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(bench)
+    out = bench.main(["--model", "tiny", "--device", "cpu", "--paths", "bf16,ours,ours:dequant-cached,nope",
+                      "--batches", "1", "--new-tokens", "3", "--prompt", "4", "--prefill", "16", "--repeats", "1",
+                      "--workdir", str(tmp_path / "w"), "--json", str(tmp_path / "r.json")])
+    rows = {r["path"]: r for r in out["rows"]}
+    assert rows["ours"]["kernels"] == {"int4_cpu": 28}
+    assert rows["ours:dequant-cached"]["kernels"] == {"dequant": 28}
+    assert all(rows[p]["decode_b1_tok_s"] > 0 and rows[p]["prefill_tok_s"] > 0 for p in ("bf16", "ours"))
+    assert rows["nope"]["error"].startswith("ValueError: unknown path")
+    assert json.loads((tmp_path / "r.json").read_text())["quantized_layers"] == 28
+    layers = bench.main(["--layers", "64x128", "--group-size", "32", "--layer-rows", "1", "--repeats", "1",
+                         "--device", "cpu"])["layers"]
+    assert layers[0]["int4_cpu_ms"] > 0 and layers[0]["dequant_ms"] > 0 and layers[0]["linear_ms"] > 0
+
+
+def test_copies_and_pickles_prepare_their_own_runner() -> None:
+    import copy
+    import io as _io
+
+    layer = _layer(64, 128, QuantSpec(4, 32, True))
+    x = _x(2, 128, dtype=BF16)
+    y = layer(x)
+    twin = copy.deepcopy(layer)
+    assert twin.kernel is None and torch.equal(twin(x), y) and twin.kernel.kernel == "int4_cpu"
+    buf = _io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=False)
+    assert back.kernel is None and torch.equal(back(x), y)

