@@ -373,8 +373,8 @@ def eval_(
     max_qa: Optional[int] = typer.Option(None, help="Answer at most this many questions."),
     extra_data_dir: Optional[Path] = typer.Option(None, help="Directory the image paths resolve against."),
     template: Optional[str] = typer.Option(None, help="Chat template for the image-text and question sets."),
-    seqlen: int = typer.Option(512, help="Perplexity window length in tokens."),
-    max_windows: Optional[int] = typer.Option(None, help="Evaluate at most this many windows."),
+    seqlen: int = typer.Option(512, min=1, help="Perplexity window length in tokens."),
+    max_windows: Optional[int] = typer.Option(None, min=1, help="Evaluate at most this many windows."),
     dtype: str = typer.Option("auto", help="Load dtype of both models (auto: each checkpoint's own)."),
     device: Optional[str] = typer.Option(None, help="Run on this device (default: cpu)."),
     kernel: str = typer.Option("auto", help="Quantized layers' kernel: auto, int4_tinygemm, int4_cpu, int8, dequant."),
@@ -446,14 +446,17 @@ def inspect(
 @user_errors
 def demo(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Keep the demo checkpoint here (default: a temp dir)."),
-    iters: int = typer.Option(20, help="Tuning iterations per block."),
-    bits: int = typer.Option(4, help="Weight bits."),
+    iters: Optional[int] = typer.Option(None, help="Tuning iterations per block (default 20: about three minutes "
+                                        "on 2 CPU cores)."),
+    bits: Optional[int] = typer.Option(None, help="Weight bits (default 3, where plain rounding visibly breaks)."),
     group_size: int = typer.Option(64, help="Group size (SmolLM2's width 576 is not a multiple of 128)."),
 ) -> None:
-    """Quantize a small SmolVLM-shaped model end to end on built-in data; print before/after."""
-    from signround.adapters.frontends.demo import run_demo
+    """Quantize a small SmolVLM-shaped model end to end on built-in data; print full precision, RTN and
+    SignRound side by side."""
+    from signround.adapters.frontends.demo import DEMO_BITS, DEMO_ITERS, run_demo
 
-    run_demo(output=output, iters=iters, bits=bits, group_size=group_size)
+    run_demo(output=output, iters=DEMO_ITERS if iters is None else iters, bits=DEMO_BITS if bits is None else bits,
+             group_size=group_size)
 
 
 @app.command()

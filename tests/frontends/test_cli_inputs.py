@@ -185,6 +185,11 @@ def test_unknown_dataset_extension_and_template_name(model_dir, tmp_path, args, 
     one_error_line(quantize(model_dir, "-o", tmp_path / "q", *args, *FAST), needle)
 
 
+def test_eval_window_of_zero_tokens_is_refused_by_the_parser(model_dir, no_load):
+    res = runner.invoke(app, ["eval", str(model_dir), "--seqlen", "0"])  # ZeroDivisionError before
+    assert res.exit_code == 2 and "Traceback" not in res.output and "--seqlen" in res.output
+
+
 # --- auto-round users' habits --------------------------------------------------------------------------
 
 def test_auto_round_spellings(model_dir, tmp_path):
