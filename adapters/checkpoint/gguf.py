@@ -2,8 +2,8 @@
 
 The container (header, metadata, tensor index, alignment) is the `gguf` package's `GGUFWriter`;
 this module maps the model onto it: tensor names through `gguf.get_tensor_name_map`, the
-hyper-parameters llama.cpp reads for the family, the tokenizer (BPE, as llama.cpp's ``gpt2``
-model), and each quantized layer's SignRound codes and scales as ggml blocks of 32 weights:
+hyper-parameters llama.cpp reads for the family, the tokenizer (byte-level BPE, as llama.cpp's
+``gpt2`` model; other kinds are left out with a warning), and each quantized layer's SignRound codes and scales as ggml blocks of 32 weights:
 
 | type | our grid (group_size 32) | block (bytes) | dequantization (ggml) |
 |---|---|---|---|
@@ -21,6 +21,7 @@ SignRound's fp16 group scales do not map onto them without re-quantizing the sca
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -83,14 +84,16 @@ def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _add_tokenizer(writer: Any, tokenizer: Any) -> None:
+def _add_tokenizer(writer: Any, tokenizer: Any) -> bool:
+    """Write a byte-level BPE tokenizer as llama.cpp's ``gpt2`` model; False (nothing written) for
+    any other kind (SentencePiece, byte-fallback BPE, word-level)."""
     import json
 
     gguf = _gguf()
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    model = spec.get("model", {})
-    if model.get("type") != "BPE":
-        raise ValueError(f"GGUF export writes BPE tokenizers (llama.cpp's gpt2 model); this one is {model.get('type')}")
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    model = json.loads(backend.to_str()).get("model", {}) if backend is not None else {}
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        return False
     vocab = tokenizer.get_vocab()
     size = max(vocab.values()) + 1
     tokens = [f"[PAD{i}]" for i in range(size)]
@@ -114,6 +117,7 @@ def _add_tokenizer(writer: Any, tokenizer: Any) -> None:
             setter(int(value))
     if getattr(tokenizer, "chat_template", None):
         writer.add_chat_template(tokenizer.chat_template)
+    return True
 
 
 def write_gguf(model: nn.Module, qweights: Mapping[str, QuantizedWeight], path: Path, fmt: str,
@@ -146,8 +150,10 @@ def write_gguf(model: nn.Module, qweights: Mapping[str, QuantizedWeight], path: 
     writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
     writer.add_vocab_size(cfg.vocab_size)
     writer.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{main.upper()}"))
-    if tokenizer is not None:
-        _add_tokenizer(writer, tokenizer)
+    if tokenizer is not None and not _add_tokenizer(writer, tokenizer):
+        warnings.warn(f"{path.name}: the tokenizer ({type(tokenizer).__name__}) is not a byte-level BPE, so no "
+                      "tokenizer metadata was written: llama.cpp needs it to load the file (transformers' gguf "
+                      "loader reads the weights without it)", stacklevel=4)
     names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), cfg.num_hidden_layers)
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     for key, tensor in model.state_dict().items():

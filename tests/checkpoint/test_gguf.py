@@ -101,3 +101,25 @@ def test_grids_without_a_gguf_type_are_refused_before_any_work() -> None:
     assert check(view, [LLAMA_CPP])[LLAMA_CPP].loads
     view = export_view(model, rtn_state(model, CASES["q4_1"]), "auto_round", ["model.layers"])
     assert not check(view, [LLAMA_CPP])[LLAMA_CPP].loads
+
+
+def test_cli_writes_gguf_and_a_tokenizer_it_cannot_write_is_left_out(tmp_path: Path) -> None:
+    from checkpoint_helpers import tiny_tokenizer
+    from typer.testing import CliRunner
+
+    from signround.cli import app
+
+    model = tiny_text_model("qwen2")
+    model.save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")  # qwen2's tokenizer class reads it back as a BPE
+    res = CliRunner().invoke(app, ["quantize", str(tmp_path / "m"), "-o", str(tmp_path / "q"), "--recipe", "rtn",
+                                   "--group-size", "32", "--format", "gguf:q8_0", "--bits", "8"])
+    assert res.exit_code == 0, res.output
+    reader = gguf.GGUFReader(str(tmp_path / "q" / "model-q8_0.gguf"))
+    assert {t.tensor_type for t in reader.tensors if t.name.startswith("blk.0.ffn_") and "norm" not in t.name} == {
+        gguf.GGMLQuantizationType.Q8_0}
+    assert bytes(reader.fields["tokenizer.ggml.model"].parts[-1]).decode() == "gpt2"
+    model = tiny_text_model("qwen2")  # a word-level tokenizer: llama.cpp has no such model, it is left out
+    with pytest.warns(UserWarning, match="no tokenizer metadata was written"):
+        save_quantized(model, rtn_state(model, CASES["q8_0"]), tmp_path / "w", format="gguf:q8_0",
+                       tokenizer=tiny_tokenizer(), inplace=False)
