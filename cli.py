@@ -323,8 +323,12 @@ def quantize(
         checks.check_output_dir(output, overwrite=overwrite, protect=[model_path], inputs=inputs)
     if report_json is not None:
         checks.check_report_path(report_json)
+    from signround.adapters.engine import env as signround_env
+
     with contextlib.ExitStack() as held:
-        if not dry_run:  # a second run on the same output or resume store stops here
+        # A second run on the same output or resume store stops here. Under torchrun only rank 0
+        # writes, so only rank 0 holds the locks (the other ranks of this run would find them held).
+        if not dry_run and signround_env.read().rank == 0:
             assert output is not None
             held.enter_context(dir_lock(output))
             clean_stale_temporaries(output)

@@ -308,7 +308,9 @@ class AutoRound:
         if dp is not None:
             runtime.check_ranks(cfg.recipe, dp.world)
         show = cfg.progress and (dp is None or dp.is_main)
-        lock = contextlib.nullcontext() if cfg.resume_dir is None else dir_lock(cfg.resume_dir, "resume_dir")
+        # Only the rank that writes holds the resume store's lock (every rank of a torchrun run reads it).
+        writer = dp is None or dp.is_main
+        lock = dir_lock(cfg.resume_dir, "resume_dir") if cfg.resume_dir is not None and writer else contextlib.nullcontext()
         with lock:
             batches, calibration = self._calibrate()
             settings = self.settings(calibration)
