@@ -23,8 +23,7 @@ from torch import Tensor, nn
 from signround.adapters.checkpoint.config import build_quantization_config, in_blocks
 from signround.adapters.checkpoint.files import LayerQuant, atomic_dir, recover_codes, to_checkpoint_namer, write_safetensors
 from signround.adapters.checkpoint.formats import (COMPRESSED_METHOD, DEFAULT_FORMAT, GGUF_METHOD, PACKED_TENSORS,
-                                                  Packing,
-                                                  choose_packing, get_format, parse_formats)
+                                                  Packing, choose_packing, get_format, parse_formats)
 from signround.adapters.checkpoint.targets import plan_view, require_loadable
 from signround.adapters.checkpoint.qlinear import QuantLinear
 from signround.rounding.recipe import Recipe

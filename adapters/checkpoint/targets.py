@@ -150,13 +150,14 @@ def checkpoint_view(info: Mapping[str, Any]) -> CheckpointView:
         packing = get_packing(info["packing"])
     blocks = [p for p in str(info.get("block_name_to_quantize") or "").split(",") if p]
     layers: list[LayerView] = []
+    def inside(name: str) -> bool:  # no block list (compressed-tensors): all but the embeddings and the head
+        return _under(name, blocks) if blocks else not re.search(r"(^|\.)(lm_head|embed_tokens|wte|output)$", name)
+
     for name, v in info.get("layers", {}).items():
         spec = None if v.get("bits") is None else QuantSpec(v["bits"], v["group_size"], v["sym"])
-        layers.append(LayerView(name, v.get("in_features") or 0, v.get("out_features") or 0, spec,
-                                _under(name, blocks) if blocks else True))
+        layers.append(LayerView(name, v.get("in_features") or 0, v.get("out_features") or 0, spec, inside(name)))
     for name, (out, inn) in info.get("full_precision_shapes", {}).items():
-        # no block list (compressed-tensors): every fp 2-D weight but the output head may sit in a block
-        if _under(name, blocks) if blocks else not re.search(r"(^|\.)(lm_head|embed_tokens|wte|output)$", name):
+        if inside(name):
             layers.append(LayerView(name, inn, out, None, True))
     return CheckpointView(fmt, packing, tuple(layers), tied_lm_head=bool(info.get("tied_lm_head")))
 
@@ -331,8 +332,9 @@ def _vllm(view: CheckpointView) -> Verdict:
                 problems.append(f"{layer.name}: vLLM pads the vocabulary ({layer.out_features}) to a multiple of "
                                 f"{VLLM_VOCAB_PADDING}, and the packed lm_head does not fit the padded parameter")
                 continue
-            notes.append(f"{layer.name}: quantized lm_head loads through vLLM's ParallelLMHead "
-                         + ("(gptq: the config's lm_head flag)" if fmt == "auto_gptq" else "(inc: its extra_config entry)"))
+            how = ("gptq: the config's lm_head flag" if fmt == "auto_gptq" else
+                   "compressed-tensors: a config group's target" if ct else "inc: its extra_config entry")
+            notes.append(f"{layer.name}: quantized lm_head loads through vLLM's ParallelLMHead ({how})")
         if ct:
             problem = None  # CompressedTensorsWNA16: 2-8 bits, sym or asym, group or channel (measured: loads)
         elif fmt == "auto_gptq":
@@ -391,9 +393,6 @@ def require_loadable(view: CheckpointView, targets: Iterable[str]) -> dict[str, 
                                                            else "") for v in failing))
     return verdicts
 
-
-def lm_head_names(names: Iterable[str]) -> list[str]:
-    return [n for n in names if re.search(r"(^|\.)lm_head$", n)]
 
 
 @attrs.frozen
