@@ -250,8 +250,8 @@ class Kernel:
         if reason is None and auto and target.dtype not in self.auto_dtypes:
             names = "/".join(str(d).removeprefix("torch.") for d in self.auto_dtypes)
             reason = (f"chosen for {names} compute only (torch's {target.device.type} kernel for "
-                      f"{str(target.dtype).removeprefix('torch.')} is no faster than the reference); "
-                      f"load in {names} to use it, or ask for it by name")
+                      f"{str(target.dtype).removeprefix('torch.')} is not vectorised: slower than dequantizing "
+                      f"from ~8 rows on, see spec/performance.md); load in {names} to use it, or ask for it by name")
         return reason
 
 

@@ -109,7 +109,7 @@ def rtn_checkpoint(model: Any, tokenizer: Any, out: Path, bits: int, group_size:
                 m.weight.copy_(qw.dequantize(m.weight.dtype))
             results[name] = LayerQuant(spec, qw.scale.cpu(), qw.zero.cpu())
     model.to("cpu")
-    save_quantized(model, results, out, inplace=False, tokenizer=tokenizer)
+    save_quantized(model, results, out, inplace=False, tokenizer=tokenizer, overwrite=True)
     return len(results)
 
 
