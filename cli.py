@@ -252,7 +252,14 @@ def quantize(
                                            help="Run the model directory's own Python code to load it (off)."),
     low_gpu_mem_usage: bool = typer.Option(False, help="Keep calibration activations on the CPU."),
     cache: str = typer.Option("auto", help="Where calibration activations live: auto (pinned host memory on CUDA, "
-                              "streamed ahead), device, host."),
+                              "streamed ahead), device, host, disk (memory-mapped files in TMPDIR)."),
+    stream_from_disk: bool = typer.Option(False, "--stream-from-disk", help="Read each block from the model's "
+                                          "safetensors when its turn comes and write it out as it finishes: the model "
+                                          "need not fit in RAM."),
+    max_gpu_memory: Optional[str] = typer.Option(None, help="Accelerator memory budget (24GiB, 80GB, or auto): "
+                                                 "settings that fit are chosen, or the run is refused before work."),
+    max_cpu_memory: Optional[str] = typer.Option(None, help="CPU RAM budget (64GiB, or auto): may stream the model "
+                                                 "from disk and put the cache on disk."),
     format: List[Format] = typer.Option([Format(DEFAULT_FORMAT)], "--format", help="Checkpoint format (repeatable, "
                                         "or a comma list)."),
     target: List[Target] = typer.Option([], "--target", help="Runtime that must load the checkpoint (repeatable): "
@@ -337,24 +344,33 @@ def quantize(
         if trust_remote_code:
             typer.secho(f"warning: --trust-remote-code: loading {model_path} runs the Python code in that directory "
                         "with your permissions; use it only for a model you trust", err=True, fg=typer.colors.YELLOW)
-        loaded = load_model(model_path, dtype=load_dtype, trust_remote_code=trust_remote_code)
+        loaded = load_model(model_path, dtype=load_dtype, trust_remote_code=trust_remote_code,
+                            stream=stream_from_disk or max_cpu_memory is not None)  # a skeleton: blocks stay on disk
         # -- the loaded model: layer_config keys, what is left to quantize, the weights -----------
         quantizer = build_quantizer(
             loaded, bits=spec.bits, group_size=spec.group_size, sym=spec.sym, recipe=recipe, dataset=data,
             extra_data_dir=extra_data_dir, template=tmpl, quant_nontext_module=quant_nontext_module,
             layer_config=layers or None, to_quant_block_names=to_quant_block_names, device=device,
             low_gpu_mem_usage=low_gpu_mem_usage, cache=cache, skip_bad_samples=skip_bad_samples,
-            resume_dir=resume_dir, target=[t.value for t in target], format=formats, **overrides)
+            resume_dir=resume_dir, target=[t.value for t in target], format=formats, stream_from_disk=stream_from_disk,
+            max_gpu_memory=max_gpu_memory, max_cpu_memory=max_cpu_memory, **overrides)
         if dry_run:
             print_plan(quantizer.plan())
             print_settings(quantizer.settings())
+            typer.echo("\n".join(quantizer.memory_plan().describe()))
             typer.echo("dry run: every check passed; nothing was tuned or written")
             return
-        report = quantizer.quantize()
         assert output is not None
-        _state.update(output=output.resolve(), output_id=_identity(output))
-        paths = quantizer.save_quantized(output, format=formats if len(formats) > 1 else formats[0],
-                                         overwrite=overwrite, max_shard_size=max_shard_size)
+        if quantizer.config.stream:  # blocks are written as they finish
+            _state.update(output=output.resolve(), output_id=_identity(output))
+            paths = quantizer.quantize_and_save(output, format=formats if len(formats) > 1 else formats[0],
+                                                overwrite=overwrite, max_shard_size=max_shard_size)
+            report = quantizer.report
+        else:
+            report = quantizer.quantize()
+            _state.update(output=output.resolve(), output_id=_identity(output))
+            paths = quantizer.save_quantized(output, format=formats if len(formats) > 1 else formats[0],
+                                             overwrite=overwrite, max_shard_size=max_shard_size)
         _state.update(output=None)
         if report_json is not None:
             report_json.parent.mkdir(parents=True, exist_ok=True)

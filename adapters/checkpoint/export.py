@@ -89,9 +89,11 @@ def _pack(model: nn.Module, layer_results: Mapping[str, HasGrid], packing: Packi
     return packed
 
 
-def _packed_state_dict(model: nn.Module, packed: Mapping[str, QuantLinear]) -> dict[str, Tensor]:
-    """The model's state dict with each packed layer's weight/bias replaced by its buffers."""
-    state = model.state_dict()
+def _packed_state_dict(model: nn.Module, packed: Mapping[str, QuantLinear],
+                       state: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """The model's state dict (or the part of it given as `state`) with each packed layer's
+    weight/bias replaced by its buffers."""
+    state = model.state_dict() if state is None else dict(state)
     for name, ql in packed.items():
         state.pop(f"{name}.weight", None)
         state.pop(f"{name}.bias", None)
@@ -178,6 +180,32 @@ def _write_config(model: nn.Module, tmp: Path, qc: dict[str, Any], fmt: str) -> 
             warnings.warn(f"generation_config.json not written: {e}", stacklevel=3)
 
 
+def quantization_config_of(model: nn.Module, layer_results: Mapping[str, HasGrid], fmt: str, spec: QuantSpec,
+                           block_prefixes: Sequence[str], recipe: Recipe | None,
+                           extra_info: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The `quantization_config` of `fmt` for these layers (fp Linears inside the blocks listed)."""
+    # fp layers inside the blocks: every Linear under a block prefix that has no result
+    fp_in_blocks = [n for n, m in model.named_modules()
+                    if isinstance(m, nn.Linear) and n not in layer_results and in_blocks(n, block_prefixes)]
+    namer = to_checkpoint_namer(model)
+    ckpt_prefixes = list(dict.fromkeys(namer(f"{p}.0.weight")[0].rsplit(".0.weight", 1)[0] for p in block_prefixes))
+    return build_quantization_config(fmt, spec, {n: r.spec for n, r in layer_results.items()}, fp_in_blocks,
+                                     block_prefixes, ckpt_prefixes, recipe, extra_info)
+
+
+def checkpoint_tensors(model: nn.Module, state: dict[str, Tensor], packed: Mapping[str, QuantLinear],
+                       fmt: str) -> dict[str, Tensor]:
+    """`state` (module keys, packed layers' buffers in place of their weights; all of the model or
+    a part of it) as `fmt` stores it: dtypes the format declares, checkpoint key names."""
+    quantized_keys = {f"{n}.{k}" for n, ql in packed.items() for k in ql.state_dict()}
+    declared = get_format(fmt).declared_dtype
+    if declared is not None:  # float32 tensors follow the declared dtype (bf16 ones are kept, as the reference does)
+        target = getattr(torch, declared)
+        state = {k: (v.to(target) if v.dtype == torch.float32 and k not in quantized_keys else v)
+                 for k, v in state.items()}
+    return _checkpoint_state(model, state, quantized_keys)
+
+
 def _export_compressed(model: nn.Module, layer_results: Mapping[str, HasGrid], tmp: Path, fmt: str, *,
                        max_shard_size: int | str, side_files: tuple[Any, Any, Any]
                        ) -> tuple[dict[str, QuantLinear], dict[str, Any]]:
@@ -226,21 +254,8 @@ def _export_one(model: nn.Module, layer_results: Mapping[str, HasGrid], tmp: Pat
     if get_format(fmt).quant_method == GGUF_METHOD:
         return _export_gguf(model, layer_results, tmp, fmt, side_files=side_files)
     packed = _pack(model, layer_results, choose_packing(fmt, spec, [r.spec for r in layer_results.values()]))
-    quantized_keys = {f"{n}.{k}" for n, ql in packed.items() for k in ql.state_dict()}
-    # fp layers inside the blocks: every Linear under a block prefix that has no result
-    fp_in_blocks = [n for n, m in model.named_modules()
-                    if isinstance(m, nn.Linear) and n not in layer_results and in_blocks(n, block_prefixes)]
-    namer = to_checkpoint_namer(model)
-    ckpt_prefixes = list(dict.fromkeys(namer(f"{p}.0.weight")[0].rsplit(".0.weight", 1)[0] for p in block_prefixes))
-    qc = build_quantization_config(fmt, spec, {n: r.spec for n, r in layer_results.items()}, fp_in_blocks,
-                                   block_prefixes, ckpt_prefixes, recipe, extra_info)
-    state = _packed_state_dict(model, packed)
-    declared = get_format(fmt).declared_dtype
-    if declared is not None:  # float32 tensors follow the declared dtype (bf16 ones are kept, as the reference does)
-        target = getattr(torch, declared)
-        state = {k: (v.to(target) if v.dtype == torch.float32 and k not in quantized_keys else v)
-                 for k, v in state.items()}
-    state = _checkpoint_state(model, state, quantized_keys)
+    qc = quantization_config_of(model, layer_results, fmt, spec, block_prefixes, recipe, extra_info)
+    state = checkpoint_tensors(model, _packed_state_dict(model, packed), packed, fmt)
     write_safetensors(state, tmp, max_shard_size)
     _write_config(model, tmp, qc, fmt)
     _save_side_files(tmp, *side_files)

@@ -15,8 +15,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
+import os
 import resource
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import attrs
@@ -63,7 +67,8 @@ class Accelerator:
     host by default, in pinned memory, with each step's rows copied ahead of use on a side stream
     (see `CACHE_PLACES`). autocast_dtype: bf16 on accelerators with amp, None (fp32) on the CPU.
     cache_dtype: dtype of cached hidden states. after_step: called at every step boundary (HPU
-    mark_step), or None.
+    mark_step), or None. cache_dir: the cache lives in memory-mapped files in this directory
+    (placement "disk"; store_device is then the CPU), or None.
     """
 
     device: torch.device
@@ -71,6 +76,7 @@ class Accelerator:
     autocast_dtype: Optional[torch.dtype] = None
     cache_dtype: Optional[torch.dtype] = None
     after_step: Optional[Callable[[], None]] = None
+    cache_dir: Optional[Path] = None
 
     @property
     def is_accelerator(self) -> bool:
@@ -79,23 +85,48 @@ class Accelerator:
     @property
     def pinned_cache(self) -> bool:
         """The cache lives in page-locked host memory, so rows reach the GPU by asynchronous DMA."""
-        return self.store_device.type == "cpu" and self.device.type == "cuda"
+        return self.store_device.type == "cpu" and self.device.type == "cuda" and self.cache_dir is None
 
     def empty_cache(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """An uninitialised cache tensor where the cache lives (pinned when on the host for CUDA)."""
+        """An uninitialised cache tensor where the cache lives (pinned when on the host for CUDA,
+        memory-mapped from a file with a disk cache)."""
+        if self.cache_dir is not None:
+            return mapped_empty(shape, dtype, self.cache_dir)
         return torch.empty(shape, dtype=dtype, device=self.store_device, pin_memory=self.pinned_cache)
 
 
+def mapped_empty(shape: tuple[int, ...], dtype: torch.dtype, directory: Path) -> torch.Tensor:
+    """An uninitialised CPU tensor backed by a new file in `directory` (a shared mapping: its pages
+    are the kernel's page cache, written back to the file under memory pressure rather than held as
+    process memory). The file is unlinked at once, so its space returns when the tensor is freed,
+    whatever way the process ends."""
+    numel = math.prod(shape)
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix="signround-cache-", suffix=".bin", dir=directory)
+    os.close(fd)
+    try:
+        raw = torch.from_file(name, shared=True, size=nbytes, dtype=torch.uint8)
+    finally:
+        os.unlink(name)
+    return raw.view(dtype).view(shape)
+
+
 #: where the activation cache may live: "auto" (the host for CUDA, where pinned rows stream to the
-#: GPU ahead of use at little cost; the device elsewhere), "device", "host"
-CACHE_PLACES = ("auto", "device", "host")
+#: GPU ahead of use at little cost; the device elsewhere), "device", "host", "disk" (memory-mapped
+#: files, for caches larger than RAM; rows are read from the page cache or the disk at each step)
+CACHE_PLACES = ("auto", "device", "host", "disk")
 
 
 def resolve(device: torch.device | str | None = None, *, amp: bool = True,
-            low_gpu_mem_usage: bool = False, cache: str = "auto") -> Accelerator:
+            low_gpu_mem_usage: bool = False, cache: str = "auto",
+            cache_dir: str | os.PathLike | None = None) -> Accelerator:
     """An Accelerator for `device` ("cuda", "cuda:1", "xpu", "hpu", "cpu", or None = auto).
 
-    cache: see `CACHE_PLACES`; low_gpu_mem_usage=True means "host"."""
+    cache: see `CACHE_PLACES`; low_gpu_mem_usage=True means "host". cache_dir: where a "disk"
+    cache's files go (default: the system's temporary directory)."""
     if cache not in CACHE_PLACES:
         raise ValueError(f"cache placement must be one of {CACHE_PLACES}, got {cache!r}")
     dev = torch.device(device) if device is not None else default_device()
@@ -108,9 +139,47 @@ def resolve(device: torch.device | str | None = None, *, amp: bool = True,
         core = _habana_core()
         after_step = core.mark_step
     dtype = torch.bfloat16 if (accel and amp) else None
-    host = low_gpu_mem_usage or cache == "host" or (cache == "auto" and dev.type == "cuda")
+    disk = cache == "disk"
+    host = disk or low_gpu_mem_usage or cache == "host" or (cache == "auto" and dev.type == "cuda")
     store = torch.device("cpu") if host else dev
-    return Accelerator(device=dev, store_device=store, autocast_dtype=dtype, cache_dtype=dtype, after_step=after_step)
+    folder = Path(cache_dir if cache_dir is not None else tempfile.gettempdir()) if disk else None
+    return Accelerator(device=dev, store_device=store, autocast_dtype=dtype, cache_dtype=dtype, after_step=after_step,
+                       cache_dir=folder)
+
+
+def release_host_memory() -> None:
+    """Give freed heap memory back to the system (glibc's `malloc_trim`; nothing elsewhere). glibc
+    keeps freed blocks of up to 32 MiB in its heap for reuse, so a streamed run that frees a block
+    would otherwise hold on to the memory of the largest blocks it has seen."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018 - raises AttributeError where it is not glibc
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC: Any = None
+#: glibc's mallopt parameters and the values a streamed run sets (see `bound_host_heap`)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+HEAP_MMAP_THRESHOLD = 256 * 2**10
+
+
+def bound_host_heap() -> None:
+    """For a run whose RAM must stay near what it holds (streaming from disk): allocations of
+    `HEAP_MMAP_THRESHOLD` and more get pages of their own that go back to the system when freed.
+    glibc otherwise raises that threshold to the largest block freed so far (up to 32 MiB) and keeps
+    what is freed below it, which on the CPU held twice the tuning's live memory (spec/performance.md).
+    Process-wide and kept after the run; nothing outside glibc."""
+    release_host_memory()
+    if _LIBC:
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD)
+        _LIBC.mallopt(_M_TRIM_THRESHOLD, 4 * HEAP_MMAP_THRESHOLD)
 
 
 def synchronize(device: torch.device) -> None:

@@ -11,21 +11,29 @@ The work on a block returns data, a `BlockResult`, made by one function per case
 (calibration data; RTN with data is tuning with 0 iterations), `rounded_block` (RTN without data),
 `not_called_block` (the model never ran the block on the calibration data) and, for a block a
 resume store holds, `replayed_block`. One place, `_finish`, applies a result to the model (writes
-its weights), stores it for resume and hands its report to `on_block`. The library prints nothing:
-front ends pass a progress bar as `on_block` and print the summary themselves.
+its weights), stores it for resume, hands the block to a streaming export (`sink`) and its report
+to `on_block`. The library prints nothing: front ends pass a progress bar as `on_block` and print
+the summary themselves.
+
+Streaming (`stream`, a `BlockSource` such as `hf.streaming.StreamedWeights`): the model's blocks
+hold no weights until their turn; block 0 is read before the inputs are captured (capture runs it
+once), each later block when the loop reaches it, and each is released after its result is written
+out, so the model never needs to fit in RAM. Nothing else changes: a streamed run computes what an
+in-RAM run computes, block for block.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterable, Mapping, Optional
+from typing import Callable, Iterable, Mapping, Optional, Protocol
 
 import attrs
 import torch
 from torch import Tensor, nn
 
 from signround.adapters.engine import runtime
-from signround.adapters.engine.device import Accelerator, peak_memory, reset_peak_memory, resolve, synchronize
+from signround.adapters.engine.device import (Accelerator, bound_host_heap, peak_memory, release_host_memory,
+                                              reset_peak_memory, resolve, synchronize)
 from signround.adapters.engine.distributed import DataParallel
 from signround.adapters.engine.report import BlockReport, BlockResult, LayerResult, QuantReport
 from signround.adapters.engine.resume import ResumeStore
@@ -36,6 +44,21 @@ from signround.adapters.hf.pure import PureBlock, as_pure, call_block, weight_na
 from signround.rounding import BlockInputs, QuantizedWeight, QuantSpec, Recipe, masked_mse, quantize_weight
 
 OnBlock = Callable[[BlockReport], None]
+
+
+class BlockSource(Protocol):
+    """Where a streamed model's block weights come from (`hf.streaming.StreamedWeights`)."""
+
+    def load(self, block: nn.Module, name: Optional[str] = None) -> None: ...
+
+    def release(self, block: nn.Module, name: Optional[str] = None) -> None: ...
+
+
+class BlockSink(Protocol):
+    """Takes each finished block (its weights already quantized) as it completes: the streaming
+    export (`checkpoint.stream_writer.StreamWriter`)."""
+
+    def write_block(self, name: str, block: nn.Module, result: BlockResult) -> None: ...
 
 
 @torch.no_grad()
@@ -168,17 +191,21 @@ def _fp_targets(fn: PureBlock, weights: Mapping[str, Tensor], inputs_fp: BlockIn
 
 
 def _finish(block: nn.Module, result: BlockResult, started: float, accel: Accelerator,
-            store: Optional[ResumeStore], on_block: Optional[OnBlock]) -> BlockResult:
+            store: Optional[ResumeStore], on_block: Optional[OnBlock], sink: Optional[BlockSink] = None) -> BlockResult:
     """The one place a BlockResult touches the world: its weights go into the block, a newly tuned
-    block goes into the resume store, its report (with this run's wall time) to `on_block`."""
+    block goes into the resume store, the block to the streaming export, its report (with this
+    run's wall time) to `on_block`. Returns the result without its weights (the block holds them):
+    the run keeps every block's grids and report, never a second copy of its weights."""
     write_back(block, result.weights)
     synchronize(accel.device)
     result = attrs.evolve(result, report=attrs.evolve(result.report, seconds=time.perf_counter() - started))
     if store is not None and result.report.source == "tuned":
         store.save(result)
+    if sink is not None:
+        sink.write_block(result.name, block, result)
     if on_block is not None:
         on_block(result.report)
-    return result
+    return attrs.evolve(result, weights={})
 
 
 def quantize_model(model: nn.Module, batches: Optional[Iterable[Batch]], spec: QuantSpec, recipe: Recipe, *,
@@ -187,7 +214,8 @@ def quantize_model(model: nn.Module, batches: Optional[Iterable[Batch]], spec: Q
                    device: torch.device | str | Accelerator | None = None, low_gpu_mem_usage: bool = False,
                    cache: str = "auto",
                    on_block: Optional[OnBlock] = None, resume: Optional[ResumeStore] = None,
-                   data_parallel: Optional[DataParallel] = None) -> tuple[nn.Module, QuantReport]:
+                   data_parallel: Optional[DataParallel] = None, stream: Optional[BlockSource] = None,
+                   sink: Optional[BlockSink] = None) -> tuple[nn.Module, QuantReport]:
     """Quantize the blocks of `model` in place with SignRound (or RTN when recipe.iters == 0).
 
     batches: calibration batches (dicts of model inputs or input_ids tensors, all of the same
@@ -197,7 +225,9 @@ def quantize_model(model: nn.Module, batches: Optional[Iterable[Batch]], spec: Q
     (a progress bar). resume: a ResumeStore; blocks it holds are replayed instead of tuned, and
     every newly tuned block is added to it. data_parallel: split every tuning step's batch across
     ranks (see engine/distributed.py); the recipe is unchanged, and the result equals one process
-    that cuts each step batch into gradient_accumulate_steps × world sub-batches.
+    that cuts each step batch into gradient_accumulate_steps × world sub-batches. stream: the
+    blocks' weights are read from it one block at a time (the model's blocks are on the meta device
+    until then) and released after. sink: each finished block is handed to it (a streaming export).
 
     Returns the model (weights fixed to their quantized values) and a QuantReport, whose `layers`
     hold every quantized layer's grid for export. Nothing is written onto the modules besides their
@@ -217,17 +247,24 @@ def quantize_model(model: nn.Module, batches: Optional[Iterable[Batch]], spec: Q
     was_training = model.training
     model.eval()
     reset_peak_memory(accel.device)
-    check_materialized(model)
+    check_materialized(model, streamed=prefixes if stream is not None else ())
+    if stream is not None and len(prefixes) > 1:
+        raise ValueError(f"streaming from disk quantizes one block list per run, got {prefixes}; with vision blocks "
+                         "(quant_nontext_module) load the model in RAM")
+    if stream is not None:
+        bound_host_heap()
     moved = []
     try:
         moved = move_outside(model, prefixes, accel.device)
         for prefix in prefixes:
             blocks = blocks_of(model, prefix)
             captured: Optional[CapturedInputs] = None
+            if stream is not None and blocks:
+                stream.load(blocks[0], f"{prefix}.0")  # capture runs block 0 once
             if batches is not None:
                 captured = capture_inputs(model, batches, prefix, nsamples=recipe.nsamples,
                                           store_device=accel.store_device, dtype=accel.cache_dtype,
-                                          shared_device=accel.device)
+                                          shared_device=accel.device, alloc=accel.empty_cache)
                 x_fp = x_q = captured.hidden
                 # The engine owns the activations from here on (they are overwritten block by
                 # block): the captured record keeps no reference to them.
@@ -237,6 +274,8 @@ def quantize_model(model: nn.Module, batches: Optional[Iterable[Batch]], spec: Q
                 name = f"{prefix}.{i}"
                 specs, names = _block_specs(plan, name)
                 call = None if captured is None else captured.calls[i]
+                if stream is not None and i > 0:
+                    stream.load(block, name)
                 with on_device(block, accel.device):
                     if captured is None:
                         _, weights = as_pure(block)
@@ -265,7 +304,10 @@ def quantize_model(model: nn.Module, batches: Optional[Iterable[Batch]], spec: Q
                                            out=x_q if recipe.enable_quanted_input else None)
                         x_fp = targets
                         del qweights, weights, fn
-                results.append(_finish(block, result, started, accel, store, on_block))
+                results.append(_finish(block, result, started, accel, store, on_block, sink))
+                if stream is not None:
+                    stream.release(block, name)
+                    release_host_memory()
     finally:
         restore(moved)
         model.train(was_training)
@@ -279,5 +321,5 @@ def quantize_model(model: nn.Module, batches: Optional[Iterable[Batch]], spec: Q
     return model, report
 
 
-__all__ = ["OnBlock", "not_called_block", "quantize_model", "replayed_block", "rounded_block", "run_block",
+__all__ = ["BlockSink", "BlockSource", "OnBlock", "not_called_block", "quantize_model", "replayed_block", "rounded_block", "run_block",
            "tuned_block"]

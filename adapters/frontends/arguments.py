@@ -323,11 +323,12 @@ def check_model_dir(path: str | Path) -> Path:
 
 
 def check_finite_weights(model: nn.Module, plan: LayerPlan) -> None:
-    """NaN/Inf in a weight to be quantized would poison its scale: refuse before any work."""
+    """NaN/Inf in a weight to be quantized would poison its scale: refuse before any work. Weights on
+    the meta device are streamed from disk and checked as each block is read (`hf/streaming.py`)."""
     modules = dict(model.named_modules())
     for name in plan.quantize:
         weight = getattr(modules[name], "weight", None)
-        if isinstance(weight, torch.Tensor) and not bool(torch.isfinite(weight).all()):
+        if isinstance(weight, torch.Tensor) and weight.device.type != "meta" and not bool(torch.isfinite(weight).all()):
             bad = int((~torch.isfinite(weight)).sum())
             raise ValueError(f"layer {name!r} has {bad} NaN/Inf weight value(s); the model file is damaged or was "
                              "loaded in a dtype that overflows (try dtype=float32/bfloat16), or keep the layer "

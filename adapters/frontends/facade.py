@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from signround.adapters.engine import distributed, runtime
-from signround.adapters.engine.device import CACHE_PLACES, resolve
+from signround.adapters.engine import planner as memory
+from signround.adapters.engine.device import CACHE_PLACES, default_device, resolve
 from signround.adapters.engine.distributed import DataParallel
 from signround.adapters.engine.loop import quantize_model
 from signround.adapters.engine.progress import BlockProgress, print_settings, print_summary
@@ -124,6 +125,8 @@ class QuantizeConfig:
     targets: tuple[str, ...] = ()
     formats: tuple[str, ...] = (DEFAULT_FORMAT,)
     outside: Mapping[str, QuantSpec] = attrs.field(factory=dict)  # named layers outside the blocks (lm_head): RTN
+    stream: bool = False  # blocks are read from the model's checkpoint one at a time (quantize_and_save)
+    memory: Optional[memory.MemoryPlan] = None  # the memory plan the budgets chose (None: no budget given)
 
     def plan(self, model: nn.Module) -> LayerPlan:
         return select_layers(model, self.block_names, self.spec, self.layer_config)
@@ -155,8 +158,13 @@ class AutoRound:
     target: runtimes that must load the checkpoint ("vllm", "transformers", "signround",
     "llama.cpp"): an unloadable plan fails here, before any work, and vLLM's fused q/k/v and gate/up
     groups are given their strictest member's scheme (with a warning); format: the export format(s)
-    `save_quantized` writes by default, checked against the targets. The checked arguments are
-    `self.config`.
+    `save_quantized` writes by default, checked against the targets. stream_from_disk: `model` is
+    the skeleton `load_model(path, stream=True)` gives; each block is read from its checkpoint when
+    its turn comes and written out as it finishes (`quantize_and_save`), so the model need not fit
+    in RAM. max_gpu_memory / max_cpu_memory ("24GiB", bytes, or "auto": what the machine has): the
+    memory planner picks settings that fit (cache placement, streaming when `model` is a skeleton,
+    gradient accumulation with the same samples per step) or refuses, naming what would fit
+    (`self.config.memory`, `memory_plan()`). The checked arguments are `self.config`.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any = None, *, bits: int = 4, group_size: int = 128,
@@ -171,7 +179,9 @@ class AutoRound:
                  to_quant_block_names: Union[str, Sequence[str], None] = None,
                  skip_bad_samples: bool = False, resume_dir: str | Path | None = None,
                  progress: bool = True, multimodal: Optional[Multimodal] = None,
-                 target: Union[str, Sequence[str]] = (), format: Union[str, Sequence[str]] = DEFAULT_FORMAT) -> None:
+                 target: Union[str, Sequence[str]] = (), format: Union[str, Sequence[str]] = DEFAULT_FORMAT,
+                 stream_from_disk: bool = False, max_gpu_memory: Union[int, str, None] = None,
+                 max_cpu_memory: Union[int, str, None] = None) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch nn.Module (a Hugging Face model), got {type(model).__name__}")
         mm = multimodal or Multimodal()
@@ -194,6 +204,13 @@ class AutoRound:
         outside = outside_layers(model, blocks, spec, checked_layers)
         checked_layers = _fit_targets(model, blocks, spec, checked_layers, targets, formats, outside)
         data = load_calibration_dataset(dataset, recipe_value, mm.extra_data_dir, bool(skip_bad_samples))
+        self._stream, memory_plan, recipe_value, cache = _plan_memory(
+            model, blocks, select_layers(model, blocks, spec, checked_layers), recipe_value, checked_device,
+            "host" if low_gpu_mem_usage and cache == "auto" else cache, bool(stream_from_disk), max_gpu_memory,
+            max_cpu_memory)
+        if self._stream is not None and isinstance(data, SelfGenerated):
+            raise ValueError("dataset='self' generates text with the whole model, which a run streamed from disk "
+                             "never holds; use a dataset (or the built-in one), or load the model in RAM")
         conversations = isinstance(data, ConversationDataset)
         template = mm.template
         if template is None and conversations:  # rendered to text with the family's preset
@@ -211,7 +228,8 @@ class AutoRound:
             spec=spec, recipe=recipe_value, block_names=blocks, layer_config=checked_layers,
             quant_nontext_module=mm.quant_nontext_module, device=checked_device,
             low_gpu_mem_usage=bool(low_gpu_mem_usage), cache=cache, resume_dir=resume, progress=bool(progress),
-            inputs=inputs, targets=targets, formats=formats, outside=outside,
+            inputs=inputs, targets=targets, formats=formats, outside=outside, stream=self._stream is not None,
+            memory=memory_plan,
             data=CalibrationData(dataset=data, template=template if conversations else None, images=images,
                                  image_seqlen=recipe_value.seqlen if seqlen is not None else MLLM_DEFAULT_SEQLEN,
                                  max_pixels=mm.max_pixels, skip_bad_samples=bool(skip_bad_samples)))
@@ -293,7 +311,9 @@ class AutoRound:
                        "other_weights_in_blocks": fp["other_in_blocks"], "blocks": ", ".join(cfg.block_names)},
             "device": {"device": str(accel.device),
                        "autocast": None if accel.autocast_dtype is None else str(accel.autocast_dtype).split(".")[-1],
-                       "cache": str(accel.store_device) + (" (pinned, streamed ahead)" if accel.pinned_cache else "")},
+                       "cache": (f"disk (memory-mapped files in {accel.cache_dir})" if accel.cache_dir is not None
+                                 else str(accel.store_device) + (" (pinned, streamed ahead)" if accel.pinned_cache else "")),
+                       "weights": "streamed from disk, one block at a time" if cfg.stream else "in memory"},
         }
 
     def quantize(self) -> QuantReport:
@@ -301,12 +321,21 @@ class AutoRound:
 
         Under torchrun the process group starts here, and a step batch too small to split over the
         ranks is refused before any data is read. The resume store is locked while tuning."""
+        if self.config.stream:
+            raise ValueError("a run streamed from disk writes its checkpoint as the blocks finish: call "
+                             "quantize_and_save(output_dir) instead of quantize() and save_quantized()")
+        return self._quantize()
+
+    def _quantize(self, sink: Any = None) -> QuantReport:
+        """`quantize`, handing each finished block to `sink` (a streaming export) when given."""
         if self.report is not None:
             raise ValueError("this model is already quantized; build a new AutoRound for another run")
         cfg = self.config
         dp = self._data_parallel = distributed.from_env()
         if dp is not None:
             runtime.check_ranks(cfg.recipe, dp.world)
+            if cfg.stream:
+                raise ValueError("streaming from disk runs in one process; under torchrun load the model in RAM")
         show = cfg.progress and (dp is None or dp.is_main)
         # Only the rank that writes holds the resume store's lock (every rank of a torchrun run reads it).
         writer = dp is None or dp.is_main
@@ -328,7 +357,8 @@ class AutoRound:
                                                block_names=cfg.block_names,
                                                quant_nontext_module=cfg.quant_nontext_module, device=device,
                                                low_gpu_mem_usage=cfg.low_gpu_mem_usage, cache=cfg.cache,
-                                               on_block=bar.done if show else None, resume=resume, data_parallel=dp)
+                                               on_block=bar.done if show else None, resume=resume, data_parallel=dp,
+                                               stream=self._stream, sink=sink)
             except torch.OutOfMemoryError as err:
                 r = cfg.recipe
                 hints = [] if cfg.low_gpu_mem_usage else ["low_gpu_mem_usage=True keeps calibration activations "
@@ -389,6 +419,91 @@ class AutoRound:
         if dp is not None:
             dp.barrier()
         return path
+
+    def quantize_and_save(self, output_dir: str | Path, format: Union[str, Sequence[str], None] = None,
+                          inplace: bool = True, overwrite: bool = False,
+                          max_shard_size: Union[int, str] = "5GB") -> Union[Path, dict[str, Path]]:
+        """`quantize()` then `save_quantized(...)`; a run streamed from disk instead writes each block
+        as it finishes (one shard per block, `checkpoint/stream_writer.py`), into a temporary folder
+        that becomes `output_dir` when the run is complete: a failed run leaves no partial output."""
+        if not self.config.stream:
+            self.quantize()
+            return self.save_quantized(output_dir, format=format, inplace=inplace, overwrite=overwrite,
+                                       max_shard_size=max_shard_size)
+        from signround.adapters.checkpoint.export import format_dirname
+        from signround.adapters.checkpoint.stream_writer import open_stream
+
+        source = Path(self.model.config._name_or_path)
+        check_output_dir(output_dir, overwrite=overwrite, protect=[source], inputs=self.config.inputs)
+        formats = parse_formats(self.config.formats if format is None else format)
+        specs = {**self.plan().quantize, **self.config.outside}
+        with open_stream(output_dir, self.model, formats, specs, self.config.block_names, overwrite=overwrite) as writer:
+            report = self._quantize(writer)
+            writer.finish(report, recipe=self.config.recipe, extra_info=self._recorded_settings(),
+                          tokenizer=self.tokenizer, processor=self.processor, image_processor=self.image_processor)
+        out = Path(output_dir).resolve()
+        return out if len(formats) == 1 else {f: out / format_dirname(f) for f in formats}
+
+    def memory_plan(self) -> memory.MemoryPlan:
+        """The memory plan of this run: the one the budgets chose, else the estimate of the settings
+        as they are (no budget), for `--dry-run`."""
+        if self.config.memory is not None:
+            return self.config.memory
+        cfg = self.config
+        return _plan_memory_of(self.model, cfg.block_names, self.plan(), cfg.recipe, cfg.device, cfg.cache,
+                               self._stream is not None, None, None)
+
+
+def _plan_memory_of(model: nn.Module, blocks: Sequence[str], plan: LayerPlan, recipe: Recipe, device: Optional[str],
+                    cache: str, stream: bool, max_gpu: Union[int, str, None],
+                    max_cpu: Union[int, str, None]) -> memory.MemoryPlan:
+    """The planner's choice for this model (a skeleton may stream) on `device` under the budgets."""
+    dev = torch.device(device) if device is not None else default_device()
+    budgets = [memory.parse_size(max_gpu), memory.parse_size(max_cpu)]
+    if "auto" in budgets:
+        machine = memory.machine_budgets(dev)
+        budgets = [machine[k] if b == "auto" else b for k, b in enumerate(budgets)]
+    skeleton = any(p.device.type == "meta" for p in model.parameters())
+    return memory.choose(memory.ModelShape.of(model, blocks, plan), recipe, device_type=dev.type,
+                         max_device=budgets[0], max_host=budgets[1], cache=cache,
+                         stream=True if stream else (None if skeleton else False), can_stream=skeleton,
+                         amp=recipe.amp, baseline=memory.current_rss(), model_in_baseline=not skeleton)
+
+
+def _plan_memory(model: nn.Module, blocks: Sequence[str], plan: LayerPlan, recipe: Recipe, device: Optional[str],
+                 cache: str, stream_from_disk: bool, max_gpu: Union[int, str, None],
+                 max_cpu: Union[int, str, None]) -> tuple[Any, Optional[memory.MemoryPlan], Recipe, str]:
+    """(the streamed weights or None, the memory plan or None, the recipe and cache placement to run).
+
+    A skeleton (weights on the meta device) has its checkpoint checked here, before any work: every
+    shard present and whole, every tensor there. It streams when asked, or when the budgets need it;
+    otherwise it is read into RAM whole (the model `from_pretrained` would have given)."""
+    from signround.adapters.checkpoint.files import from_checkpoint_namer
+    from signround.adapters.hf.streaming import StreamedWeights
+
+    skeleton = any(p.device.type == "meta" for p in model.parameters())
+    if stream_from_disk and not skeleton:
+        raise ValueError("stream_from_disk=True reads each block from the model's checkpoint: pass the skeleton "
+                         "load_model(path, stream=True) returns, not a model already loaded in memory")
+    weights = None
+    if skeleton:
+        source = getattr(getattr(model, "config", None), "_name_or_path", None)
+        if not source or not Path(source).is_dir():
+            raise ValueError("this model's weights are on the meta device and it names no checkpoint directory to "
+                             "read them from; build it with load_model(path, stream=True)")
+        weights = StreamedWeights.open(source, model, blocks, namer=from_checkpoint_namer)
+        weights.load_outside()
+    chosen = None
+    if max_gpu is not None or max_cpu is not None:
+        chosen = _plan_memory_of(model, blocks, plan, recipe, device, cache, stream_from_disk, max_gpu, max_cpu)
+        st = chosen.settings
+        recipe = attrs.evolve(recipe, batch_size=st.batch_size, gradient_accumulate_steps=st.gradient_accumulate_steps)
+        cache = st.cache if cache == "auto" else cache
+        stream_from_disk = st.stream
+    if weights is not None and not stream_from_disk:
+        weights.load_all()
+        weights = None
+    return weights, chosen, recipe, cache
 
 
 class AutoRoundMLLM(AutoRound):

@@ -16,7 +16,7 @@ Blocks the model never called (Mllama's cross-attention layers on text-only inpu
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator, Mapping, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Union
 
 import contextlib
 
@@ -36,6 +36,8 @@ DROPPED_KWARGS = ("cache", "past_key_values", "past_key_value", "use_cache")
 ARG_PREFIX = "__arg"  # extra positional arguments are stored under __arg1, __arg2, …
 
 Batch = Union[Mapping[str, Any], Tensor]
+#: allocates an uninitialised tensor where the cache lives: alloc(shape, dtype)
+Alloc = Callable[[tuple[int, ...], torch.dtype], Tensor]
 
 
 class _StopForward(Exception):
@@ -198,9 +200,11 @@ def _same(values: list[Any]) -> bool:
 class _Store:
     """Turns per-batch argument values into stored leaves, sharing work across blocks by identity."""
 
-    def __init__(self, sizes: list[int], store_device: Optional[torch.device], shared_device: Optional[torch.device]):
+    def __init__(self, sizes: list[int], store_device: Optional[torch.device], shared_device: Optional[torch.device],
+                 alloc: Optional[Alloc] = None):
         self.sizes = sizes
         self.store_device = store_device
+        self.alloc = alloc
         self.shared_device = shared_device
         self.per_sample: dict[str, Tensor] = {}
         self.shared: dict[str, Any] = {}
@@ -244,15 +248,19 @@ class _Store:
         except RuntimeError as err:
             raise ValueError(f"block argument {name!r} has different shapes across calibration batches "
                              f"({[tuple(v.shape) for v in values]}); pad every batch to the same seqlen") from err
-        self.per_sample[key] = _stored(stacked, self.store_device)
+        self.per_sample[key] = _stored(stacked, self.store_device, alloc=self.alloc)
         return Leaf(key, dim)
 
 
-def _stored(t: Tensor, device: Optional[torch.device], dtype: Optional[torch.dtype] = None) -> Tensor:
-    """`t` where the cache lives: in page-locked memory when that is the host and a GPU is present,
-    so that the engine's row copies to the GPU are asynchronous."""
+def _stored(t: Tensor, device: Optional[torch.device], dtype: Optional[torch.dtype] = None,
+            alloc: Optional[Alloc] = None) -> Tensor:
+    """`t` where the cache lives: from `alloc` when given (the engine's placement: pinned host
+    memory, the device, a memory-mapped file), else in page-locked memory when that is the host and
+    a GPU is present, so that the engine's row copies to the GPU are asynchronous."""
     device = device or t.device
     dtype = dtype or t.dtype
+    if alloc is not None:
+        return alloc(tuple(t.shape), dtype).copy_(t)
     if device.type == "cpu" and torch.cuda.is_available():
         out = torch.empty(t.shape, dtype=dtype, device=device, pin_memory=True)
         return out.copy_(t)
@@ -262,24 +270,25 @@ def _stored(t: Tensor, device: Optional[torch.device], dtype: Optional[torch.dty
 @torch.no_grad()
 def capture_inputs(model: nn.Module, batches: Iterable[Batch], prefix: str, *, nsamples: Optional[int] = None,
                    store_device: Optional[torch.device | str] = None, dtype: Optional[torch.dtype] = None,
-                   shared_device: Optional[torch.device | str] = None) -> CapturedInputs:
+                   shared_device: Optional[torch.device | str] = None, alloc: Optional[Alloc] = None) -> CapturedInputs:
     """Run `batches` (dicts of model inputs, or input_ids tensors) through `model` and record the
     arguments of every block in the list at `prefix`, until `nsamples` samples are collected.
 
     store_device/dtype: where and in which dtype hidden states and per-sample arguments are kept
     (default: as produced). shared_device: where shared tensors are kept (default: as produced).
+    alloc: allocates the stored tensors (the engine's cache placement; default: on store_device).
     The model runs with use_cache=False; blocks do no work during capture.
     """
     batches = list(batches)
     try:
-        return _capture(model, batches, prefix, nsamples, store_device, dtype, shared_device)
+        return _capture(model, batches, prefix, nsamples, store_device, dtype, shared_device, alloc)
     except _MixedMasks:
         with _materialized_masks():
-            return _capture(model, batches, prefix, nsamples, store_device, dtype, shared_device)
+            return _capture(model, batches, prefix, nsamples, store_device, dtype, shared_device, alloc)
 
 
 def _capture(model: nn.Module, batches: list[Batch], prefix: str, nsamples: Optional[int], store_device: Any,
-             dtype: Optional[torch.dtype], shared_device: Any) -> CapturedInputs:
+             dtype: Optional[torch.dtype], shared_device: Any, alloc: Optional[Alloc] = None) -> CapturedInputs:
     blocks = blocks_of(model, prefix)
     device, model_dtype = _input_device_dtype(model)
     records: list[list[Any]] = []
@@ -346,27 +355,47 @@ def _capture(model: nn.Module, batches: list[Batch], prefix: str, nsamples: Opti
                 block.forward = fwd
     if not hidden:
         raise ValueError("no calibration batches were given")
-    return _assemble(prefix, hidden, masks, records, nsamples, store_device, dtype, shared_device)
+    return _assemble(prefix, hidden, masks, records, nsamples, store_device, dtype, shared_device, alloc)
+
+
+def _gather(hidden: list[Tensor], n: int, store_device: Optional[torch.device], dtype: Optional[torch.dtype],
+            alloc: Optional[Alloc]) -> Tensor:
+    """The first `n` captured rows in one stored tensor, copied batch by batch (no concatenated copy
+    of every batch's hidden states beside the stored one)."""
+    shapes = {tuple(h.shape[1:]) for h in hidden}
+    if len(shapes) != 1:
+        raise ValueError(f"calibration batches have different shapes {[tuple(h.shape) for h in hidden]}; "
+                         "pad or truncate every batch to the same seqlen")
+    first = hidden[0]
+    shape, dtype = (n, *first.shape[1:]), dtype or first.dtype
+    if alloc is not None:
+        out = alloc(shape, dtype)
+    else:
+        device = store_device or first.device
+        pin = device.type == "cpu" and torch.cuda.is_available()
+        out = torch.empty(shape, dtype=dtype, device=device, pin_memory=pin)
+    pos = 0
+    for h in hidden:
+        k = min(h.shape[0], n - pos)
+        if k > 0:
+            out[pos:pos + k].copy_(h[:k])
+        pos += k
+    return out
 
 
 def _assemble(prefix: str, hidden: list[Tensor], masks: list[Optional[Tensor]], records: list[list[Any]],
               nsamples: Optional[int], store_device: Any, dtype: Optional[torch.dtype],
-              shared_device: Any) -> CapturedInputs:
+              shared_device: Any, alloc: Optional[Alloc] = None) -> CapturedInputs:
     sizes = [h.shape[0] for h in hidden]
     n = sum(sizes) if nsamples is None else min(nsamples, sum(sizes))
     store_device = torch.device(store_device) if store_device is not None else None
     shared_device = torch.device(shared_device) if shared_device is not None else None
-    try:
-        h_all = torch.cat(hidden, dim=0)[:n]
-    except RuntimeError as err:
-        raise ValueError(f"calibration batches have different shapes {[tuple(h.shape) for h in hidden]}; "
-                         "pad or truncate every batch to the same seqlen") from err
-    h_all = _stored(h_all, store_device, dtype)
+    h_all = _gather(hidden, n, store_device, dtype, alloc)
     loss_mask = None
     if all(m is not None for m in masks):
         m_all = torch.cat([m.to(h_all.device) for m in masks], dim=0)[:n]
         loss_mask = None if bool(m_all.all()) else m_all.to(torch.float32)
-    store = _Store(sizes, store_device, shared_device)
+    store = _Store(sizes, store_device, shared_device, alloc)
     calls: list[Optional[BlockCall]] = []
     for b in range(len(records[0])):
         per_batch = [rec[b] for rec in records]

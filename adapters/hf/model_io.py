@@ -35,11 +35,14 @@ def is_multimodal_config(config: Any) -> bool:
     return any(getattr(config, k, None) is not None for k in ("vision_config", "audio_config"))
 
 
-def load_model(path: str | Path, *, dtype: Optional[torch.dtype] = None, trust_remote_code: bool = False) -> LoadedModel:
+def load_model(path: str | Path, *, dtype: Optional[torch.dtype] = None, trust_remote_code: bool = False,
+               stream: bool = False) -> LoadedModel:
     """Load model + tokenizer (+ processor for VLMs) from a local Hugging Face directory.
 
     Only local files are read (`local_files_only=True`): a path that is not a model directory is an
-    error that says so, never a silent download attempt.
+    error that says so, never a silent download attempt. stream=True: the model is a skeleton
+    without weights (`hf.streaming.skeleton`), read from the directory's safetensors when quantized
+    with `stream_from_disk=True`.
     """
     from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor,
                               AutoTokenizer)
@@ -57,7 +60,11 @@ def load_model(path: str | Path, *, dtype: Optional[torch.dtype] = None, trust_r
         raise ValueError(f"cannot read the model config in {str(p)!r}: {err}") from err
     multimodal = is_multimodal_config(config)
     load_kw = dict(kw, dtype=dtype if dtype is not None else "auto")
-    if multimodal:
+    if stream:
+        from signround.adapters.hf.streaming import skeleton
+
+        model = skeleton(p, dtype=dtype, trust_remote_code=trust_remote_code)
+    elif multimodal:
         model = AutoModelForImageTextToText.from_pretrained(p, **load_kw)
     else:
         model = AutoModelForCausalLM.from_pretrained(p, **load_kw)

@@ -53,11 +53,13 @@ def restore(moved: Placement) -> None:
             module._buffers[key] = module._buffers[key].to(device)
 
 
-def check_materialized(model: nn.Module) -> None:
+def check_materialized(model: nn.Module, streamed: Iterable[str] = ()) -> None:
     """Weights offloaded by accelerate (on the meta device, read from disk/CPU by hooks) cannot be
-    tuned in place: say so before any work is done."""
+    tuned in place: say so before any work is done. streamed: block-list prefixes whose weights
+    are read block by block from the checkpoint (`hf.streaming`), on the meta device by design."""
+    inside = tuple(p + "." for p in streamed)
     for name, p in model.named_parameters():
-        if p.device.type == "meta":
+        if p.device.type == "meta" and not (inside and name.startswith(inside)):
             raise ValueError(f"parameter {name!r} is on the meta device (offloaded by accelerate's device_map / "
                              "offload_folder); load the model without disk offload (device_map=None or 'cpu', "
                              "blocks then move to the GPU one at a time) to quantize it")

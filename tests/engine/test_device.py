@@ -65,8 +65,10 @@ def test_cuda_settings_are_bf16_and_the_cache_lives_on_the_host_by_default() -> 
     assert resolve("cuda").store_device == torch.device("cpu")  # auto: pinned host memory, rows streamed ahead
     assert resolve("cuda", cache="device").store_device == torch.device("cuda")
     assert resolve("cpu").store_device == torch.device("cpu") and not resolve("cpu").pinned_cache
+    disk = resolve("cuda", cache="disk", cache_dir="/somewhere")  # memory-mapped files, not pinned
+    assert disk.store_device == torch.device("cpu") and str(disk.cache_dir) == "/somewhere" and not disk.pinned_cache
     with pytest.raises(ValueError, match="cache placement must be one of"):
-        resolve("cuda", cache="disk")
+        resolve("cuda", cache="nvme")
 
 
 def test_hpu_contract_with_a_stand_in(fake_habana: types.SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:

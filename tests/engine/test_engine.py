@@ -194,3 +194,26 @@ def test_each_block_report_goes_to_on_block_and_nothing_is_printed(capsys: pytes
     assert all(b.source == "tuned" and b.seconds > 0 for b in seen)
     out = capsys.readouterr()
     assert out.out == "" and out.err == ""
+
+
+def test_finished_blocks_keep_no_copy_of_their_weights() -> None:
+    """The loop holds each block's grids and report, never its dequantized weights once they are in
+    the block (they used to stay on the device for the whole run: one block's weights per block)."""
+    import gc
+    import weakref
+
+    refs: list[list[weakref.ref]] = []
+    alive_at_save: list[int] = []
+
+    class Watch:  # a resume store that stores nothing and watches what earlier blocks left alive
+        def has(self, name: str) -> bool:
+            return False
+
+        def save(self, result) -> None:
+            gc.collect()
+            alive_at_save.append(sum(r() is not None for block in refs for r in block))
+            refs.append([weakref.ref(w) for w in result.weights.values()])
+
+    model = tiny_text_model("llama", num_hidden_layers=4)
+    quantize_model(model, random_batches(2, 4, 32), SPEC, _recipe(iters=2), resume=Watch())  # type: ignore[arg-type]
+    assert len(refs) == 4 and all(refs) and alive_at_save == [0, 0, 0, 0]

@@ -41,7 +41,7 @@ def _model(tok, family="llama"):
     (dict(dataset=[1, 2]), "list of strings"),
     (dict(device="cuda:7"), "CUDA"),
     (dict(device="tpu"), "device"),
-    (dict(cache="disk"), "cache must be one of auto, device, host"),
+    (dict(cache="nvme"), "cache must be one of auto, device, host, disk"),
 ])
 def test_bad_arguments_fail_in_the_constructor(tok, kwargs, match):
     model = _model(tok)
