@@ -1,30 +1,24 @@
 #!/usr/bin/env bash
-# Issue 13's table in one or two device calls: `signround bench` at real block dimensions, ours vs
-# auto-round 0.16.1 in the same process. Run from the repo root:
+# The GPU measurements of issues 13, 16 and 18 in three device calls (each under the 10-minute limit),
+# ours vs auto-round 0.16.1 in the same process. Run from the repo root:
 #
-#   bash tests/bench/gpu_scale.sh a      # 2b and 8b, plus the profile of one 8b block (prof-8b/)
-#   bash tests/bench/gpu_scale.sh b      # 70b
-#   bash tests/bench/gpu_scale.sh tiny   # a dry run on a CPU (no wheels; uses $PYTHON, default python3)
+#   bash tests/bench/gpu_scale.sh a   # 2b (vs auto-round); 2b again with warm compile caches; 2b with the
+#                                     # block compiled, cold then warm; SmolLM2-135M block dims (vs auto-round,
+#                                     # profiled)                                                        ~6.5 min
+#   bash tests/bench/gpu_scale.sh b   # 8b (vs auto-round, profiled), 70b (vs auto-round)                 ~7.5 min
+#   bash tests/bench/gpu_scale.sh c   # issue 16: an 8-block 8B-shaped model quantized in RAM and streamed
+#                                     # from disk, the two checkpoints compared, the 70B plan; issue 18: CUDA
+#                                     # kernel tests, decode/prefill of a Qwen2-1.5B-shaped model, per-layer
+#                                     # GEMMs                                                           ~5.5 min
+#   bash tests/bench/gpu_scale.sh tiny  # a dry run on a CPU (no wheels; uses $PYTHON, default python3)
 #
-# On the device machine: carry `.whl` (orjson, auto-round 0.16.1 and the auto-round needs the
-# image lacks) and name the commit, e.g.
-#   SIGNROUND_COMMIT=<hash> bash tests/bench/gpu_scale.sh a
-# Environment: OUT (default /tmp/gpu_scale-out), BENCH_ARGS (added to every bench call, e.g.
-# "--reference-low-mem"), PYTHON.
+# On the device machine: carry `.whl` (orjson, auto-round 0.16.1 and the auto-round needs the image lacks)
+# and name the commit, e.g. SIGNROUND_COMMIT=<hash> bash tests/bench/gpu_scale.sh a
+# Environment: OUT (default /tmp/gpu_scale-out), BENCH_ARGS (added to every bench call), PYTHON.
 #
-# Written to $OUT: gpu_scale-PART.log (everything), bench-SIZE.json (every number), performance-PART.json
-# (the spec/performance.json records of this part), prof-8b/{ops.txt,memory_snapshot.pickle}: six files
-# at most per part, inside the device tool's eight.
-#
-# Time estimate on an H200, from issue 13's numbers (ours 2.7 / 9.8 / 33.7 s per block steady,
-# auto-round 4.4 / 11.6 / 35.9, first block +12-32 s each) plus ~20 s of imports per size, the model
-# built on the CPU and moved, capture and scoring (a few s):
-#   a: install ~10 s; 2b ~20 + 3 + ours 4x2.7+22 (~35) + auto-round ~10+4x4.4+20 (~50) + scoring ~5 = ~115 s;
-#      8b ~20 + 8 + ours 3x9.8+12 (~45) + auto-round ~10+3x11.6+15 (~60) + scoring ~8 + profile ~30 = ~170 s;
-#      part a ~5 min (~7 with BENCH_ARGS=--reference-low-mem).
-#   b: install ~10 s; 70b ~20 + build ~25 + ours 2x33.7+32 (~100) + auto-round ~10+2x35.9+32 (~115)
-#      + scoring ~10 = ~4.5 min (~6.5 with --reference-low-mem).
-# Each size runs under its own timeout (below) so that one stuck size leaves the others' files.
+# Written to $OUT: gpu_scale-PART.log (everything printed), performance-PART.json (the spec/performance.json
+# records of this part's bench runs) and raw-PART.tgz (every JSON, profile table and memory snapshot).
+# Each run has its own timeout so that one stuck run leaves the others' numbers.
 set -uo pipefail
 
 PART=${1:?usage: bash tests/bench/gpu_scale.sh a|b|tiny}
@@ -72,26 +66,57 @@ EOF
 } 2>&1 | tee -a "$LOG"
 
 FAILED=()
-run() {  # run SIZE SECONDS [extra bench flags...]
-  local size=$1 limit=$2
-  shift 2
-  echo "== bench --dims $size (limit ${limit}s)  $(date -u +%T)" | tee -a "$LOG"
+RAW=$OUT/raw
+mkdir -p "$RAW"
+run() {  # run NAME SIZE SECONDS [extra bench flags...]; env assignments before `run` apply to it
+  local name=$1 size=$2 limit=$3
+  shift 3
+  echo "== $name: bench --dims $size $* (limit ${limit}s)  $(date -u +%T)" | tee -a "$LOG"
   # shellcheck disable=SC2086 # BENCH_ARGS is a list of flags
   (cd /tmp && timeout --kill-after=15 "$limit" "$PY" -m signround bench --dims "$size" \
-      --json "$OUT/bench-$size.json" "$@" ${BENCH_ARGS:-}) 2>&1 | grep -v '^RESULT ' | tee -a "$LOG"
+      --json "$RAW/bench-$name.json" "$@" ${BENCH_ARGS:-}) 2>&1 | grep -v '^RESULT ' | tee -a "$LOG"
   local rc=${PIPESTATUS[0]}
-  [ "$rc" = 0 ] || { FAILED+=("$size (exit $rc)"); echo "== $size FAILED: exit $rc" | tee -a "$LOG"; }
+  [ "$rc" = 0 ] || { FAILED+=("$name (exit $rc)"); echo "== $name FAILED: exit $rc" | tee -a "$LOG"; }
 }
+step() {  # step NAME SECONDS command...: any other measurement, its output in the log
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name: $* (limit ${limit}s)  $(date -u +%T)" | tee -a "$LOG"
+  (cd /tmp && timeout --kill-after=15 "$limit" "$@") 2>&1 | tail -n 60 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  [ "$rc" = 0 ] || { FAILED+=("$name (exit $rc)"); echo "== $name FAILED: exit $rc" | tee -a "$LOG"; }
+}
+# SmolLM2-135M's block dimensions (the issue's whole-model row: 30 such blocks; 6 measured), its calibration
+# shape in spec/accuracy.md (128 x 512, batch 8, G64).
+SMOL=(--layers 6 --hidden 576 --intermediate 1536 --heads 9 --kv-heads 3 --vocab 49152 --model-type llama
+      --seqlen 512 --group-size 64)
 
 case $PART in
-  a) echo "== gpu_check (compiled vs eager, host cache, host syncs)" | tee -a "$LOG"
-     (cd /tmp && timeout 150 "$PY" "$REPO/tests/bench/gpu_check.py" --json "$OUT/check.json") >>"$LOG" 2>&1 \
-       || echo "== gpu_check FAILED" | tee -a "$LOG"
-     run 2b 220
-     run 8b 300 --profile "$OUT/prof-8b" ;;
-  b) run 70b 540 ;;
-  tiny) run tiny 300 --device cpu --profile "$OUT/prof-tiny" ;;
-  *) echo "unknown part $PART (a, b or tiny)" >&2; exit 2 ;;
+  a) run 2b 2b 200
+     run 2b-warm 2b 90 --no-reference          # first-block overhead with the compile caches warm
+     SIGNROUND_COMPILE_BLOCK=1 run 2b-cblock-cold 2b 120 --no-reference
+     SIGNROUND_COMPILE_BLOCK=1 run 2b-cblock-warm 2b 90 --no-reference
+     run smol 2b 170 "${SMOL[@]}" --profile "$RAW/prof-smol" ;;
+  b) run 8b 8b 240 --profile "$RAW/prof-8b"
+     run 70b 70b 330 ;;
+  c) S=$REPO/tests/bench/stream_gpu.py
+     step stream-build 120 "$PY" "$S" build --dir /tmp/m8b --layers 8
+     step stream-ram 120 "$PY" "$S" ram --dir /tmp/m8b --out "$RAW" --layers 8
+     step stream-stream 120 "$PY" "$S" stream --dir /tmp/m8b --out "$RAW" --layers 8
+     step stream-compare 60 "$PY" "$S" compare --dir /tmp/m8b --out "$RAW"
+     step stream-plan70b 60 "$PY" "$S" plan70b --out "$RAW"
+     rm -rf "$RAW/q-ram" "$RAW/q-stream" "$RAW/calib.txt"
+     step kernels-cuda 60 "$PY" -m pytest -q -p no:cacheprovider "$REPO/tests/checkpoint/test_kernels.py" -k cuda
+     step decode-qwen2 150 "$PY" "$REPO/tests/bench/decode_bench.py" --model qwen2-1.5b --device cuda \
+       --paths bf16,ours,ours:dequant,ours:dequant-cached,auto-round --json "$RAW/decode-qwen2-1.5b.json"
+     step decode-layers 90 "$PY" "$REPO/tests/bench/decode_bench.py" --device cuda --group-size 128 \
+       --layers 1536x1536,8960x1536,1536x8960,4096x4096,14336x4096 --layer-rows 1,8,64,512,2048 --repeats 20 \
+       --json "$RAW/layers-cuda.json" ;;
+  tiny) run tiny tiny 300 --device cpu --profile "$RAW/prof-tiny"
+        S=$REPO/tests/bench/stream_gpu.py
+        step stream-build 120 "$PY" "$S" build --dir /tmp/m-tiny --layers 2 --tiny
+        step stream-stream 120 "$PY" "$S" stream --dir /tmp/m-tiny --out "$RAW" --layers 2 --tiny --device cpu --iters 2 ;;
+  *) echo "unknown part $PART (a, b, c or tiny)" >&2; exit 2 ;;
 esac
 
 # The table last: one row per size, and this part's spec/performance.json records.
@@ -101,19 +126,20 @@ from pathlib import Path
 
 out, part = Path(sys.argv[1]), sys.argv[2]
 order = {"2b": 0, "8b": 1, "70b": 2}
-rows = sorted((json.loads(p.read_text()) for p in out.glob("bench-*.json")), key=lambda r: order.get(r["dims"], 9))
+rows = sorted(((p.stem[6:], json.loads(p.read_text())) for p in (out / "raw").glob("bench-*.json")),
+              key=lambda nr: (order.get(nr[1]["dims"], 9), nr[0]))
 f = lambda x, d=2: "-" if x is None else f"{x:.{d}f}"  # noqa: E731
 g = lambda b: "-" if b is None else f"{b / 2**30:.2f}"  # noqa: E731
-print(f"{'dims':6}{'ours s':>8}{'ref s':>8}{'speedup':>8}{'ours+1st':>9}{'ref+1st':>8}{'ours GiB':>9}{'ref GiB':>8}"
+print(f"{'run':15}{'ours s':>8}{'ref s':>8}{'speedup':>8}{'ours+1st':>9}{'ref+1st':>8}{'ours GiB':>9}{'ref GiB':>8}"
       f"{'ratio':>6}{'ours net':>9}{'ref net':>8}{'model':>7}{'loss':>7}  ref_low_mem s / GiB")
 records = {}
-for r in rows:
+for name, r in rows:
     s, a, lm = r["signround"], r.get("auto_round") or {}, r.get("auto_round_low_mem") or {}
-    records[r["dims"]] = r["summary"]
+    records[name] = r["summary"]
     low = f"{f(lm.get('steady_seconds_per_block'))} / {g(lm.get('peak_memory_bytes'))}" if lm else "-"
     if "error" in a:
         low += f"   auto-round: {a['error'][:80]}"
-    print(f"{r['dims']:6}{f(s['steady_seconds_per_block']):>8}{f(a.get('steady_seconds_per_block')):>8}"
+    print(f"{name:15}{f(s['steady_seconds_per_block']):>8}{f(a.get('steady_seconds_per_block')):>8}"
           f"{f(r.get('speedup_steady')):>8}{f(s.get('first_block_overhead_seconds'), 1):>9}"
           f"{f(a.get('first_block_overhead_seconds'), 1):>8}{g(s['peak_memory_bytes']):>9}{g(a.get('peak_memory_bytes')):>8}"
           f"{f(r.get('peak_ratio')):>6}{g(s.get('peak_net_bytes')):>9}{g(a.get('peak_net_bytes')):>8}"
@@ -130,6 +156,9 @@ print("(s = steady seconds per block; +1st = first-block overhead; net = peak mi
 (out / f"performance-{part}.json").write_text(json.dumps(records, indent=1, sort_keys=True) + "\n")
 print(f"records for spec/performance.json: {out / f'performance-{part}.json'}")
 EOF
+
+# Everything measured travels back as one archive (the device tool returns at most eight files).
+tar czf "$OUT/raw-$PART.tgz" -C "$RAW" . && rm -rf "$RAW"
 
 if [ ${#FAILED[@]} -gt 0 ]; then
   echo "== failed: ${FAILED[*]}" | tee -a "$LOG"

@@ -32,6 +32,8 @@ from pathlib import Path
 
 DIMS_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                vocab_size=128256)
+DIMS_TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                 vocab_size=4096)  # `--tiny`: a CPU dry run of every phase in seconds
 DIMS_70B = dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
                 vocab_size=128256)
 
@@ -42,7 +44,8 @@ def build(args: argparse.Namespace) -> dict:
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     cfg = AutoConfig.for_model("llama", num_hidden_layers=args.layers, max_position_embeddings=8192,
-                               tie_word_embeddings=False, bos_token_id=0, eos_token_id=1, pad_token_id=2, **DIMS_8B)
+                               tie_word_embeddings=False, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+                               **(DIMS_TINY if args.tiny else DIMS_8B))
     torch.manual_seed(0)
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
@@ -58,10 +61,12 @@ def build(args: argparse.Namespace) -> dict:
 def _quantize(args: argparse.Namespace, mode: str) -> dict:
     out = Path(args.out) / f"q-{mode}"
     report = Path(args.out) / f"report-{mode}.json"
-    words = " ".join(f"w{(i * 7919) % 128000 + 3}" for i in range(200_000))
+    vocab = (DIMS_TINY if args.tiny else DIMS_8B)["vocab_size"]
+    words = " ".join(f"w{(i * 7919) % (vocab - 3) + 3}" for i in range(200_000))
     data = Path(args.out) / "calib.txt"
     data.write_text(words)
-    common = ["--device", "cuda", "--iters", str(args.iters), "--dataset", str(data), "--overwrite"]
+    common = ["--device", args.device, "--iters", str(args.iters), "--dataset", str(data), "--overwrite",
+              *(["--nsamples", "8", "--seqlen", "64", "--batch-size", "4"] if args.tiny else [])]
     extra = ["--stream-from-disk"] if mode == "stream" else []
     plan = subprocess.run([sys.executable, "-m", "signround", "quantize", args.dir, "--dry-run", *common, *extra],
                           capture_output=True, text=True)
@@ -118,6 +123,8 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/stream-out")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="tiny dims and recipe: a CPU dry run of the phases")
     args = ap.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if args.phase == "build":
