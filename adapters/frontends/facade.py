@@ -36,6 +36,7 @@ from signround.adapters.checkpoint.files import dir_lock
 from signround.adapters.checkpoint.formats import DEFAULT_FORMAT, parse_formats
 from signround.adapters.checkpoint.targets import check_targets, fit_plan
 from signround.adapters.hf.blocks import LayerPlan, blocks_of, linear_shape, select_layers
+from signround.adapters.hf.experts import unfuse_experts
 from signround.adapters.frontends.arguments import (Dataset, check_device, check_layer_config, check_model,
                                                   check_output_dir, check_resume_dir, load_calibration_dataset,
                                                   read_layer_config, resolve_recipe)
@@ -198,6 +199,7 @@ class AutoRound:
                              f"got {cache!r}")
         resume = None if resume_dir is None else check_resume_dir(resume_dir)
         blocks = tuple(block_lists(model, to_quant_block_names, mm.quant_nontext_module))
+        unfuse_experts(model, blocks)  # fused MoE experts: one Linear per expert matrix from here on
         check_model(model, blocks, spec, checked_layers, select_layers(model, blocks, spec, checked_layers))
         targets = check_targets([target] if isinstance(target, str) else target)
         formats = parse_formats(format)
@@ -528,8 +530,6 @@ class AutoRoundMLLM(AutoRound):
         if extra_data_dir is not None and not Path(extra_data_dir).is_dir():
             raise FileNotFoundError(f"extra_data_dir {str(extra_data_dir)!r} is not a directory")
         family = model_type(model)
-        if quant_nontext_module:
-            check_vision_blocks(family)
         multimodal = Multimodal(processor=processor, image_processor=image_processor,
                                 extra_data_dir=None if extra_data_dir is None else Path(extra_data_dir),
                                 template=load_template(template, family),
@@ -537,6 +537,8 @@ class AutoRoundMLLM(AutoRound):
         if quant_nontext_module and kwargs.get("dataset") is None:
             kwargs["dataset"] = "embedded"
         super().__init__(model, tokenizer, multimodal=multimodal, **kwargs)
+        if quant_nontext_module:
+            check_vision_blocks(family, self.config.block_names)
         images = self.config.data.images
         if quant_nontext_module and not images:
             raise ValueError("quant_nontext_module=True tunes the vision blocks, which needs image-text data: "

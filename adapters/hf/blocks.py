@@ -58,7 +58,8 @@ def _module_lists(model: nn.Module) -> dict[str, nn.ModuleList]:
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0}
 
 
-def _is_vision_name(name: str) -> bool:
+def is_vision_name(name: str) -> bool:
+    """A module name that looks like a vision tower's (vision, visual, image, img)."""
     low = name.lower()
     return any(marker in low for marker in VISION_MARKERS)
 
@@ -76,10 +77,10 @@ def generic_block_lists(model: nn.Module, quant_nontext_module: bool = False) ->
     lists = {n: m for n, m in _module_lists(model).items()
              if len({type(b) for b in m}) <= 2 and any(is_quantizable(x) for x in m[0].modules())}
     top = [n for n in lists if not any(n != o and n.startswith(o + ".") for o in lists)]
-    text = sorted((n for n in top if not _is_vision_name(n)), key=lambda n: -_numel(lists[n]))
+    text = sorted((n for n in top if not is_vision_name(n)), key=lambda n: -_numel(lists[n]))
     found = text[:1]
     if quant_nontext_module:
-        found = [n for n in top if _is_vision_name(n)] + found
+        found = [n for n in top if is_vision_name(n)] + found
     return found
 
 
@@ -282,7 +283,7 @@ def check_layer_config_keys(model: nn.Module, block_prefixes: Iterable[str],
                              f"the layers inside {', '.join(prefixes)}, and one outside only when named "
                              f"exactly (e.g. {'lm_head'!r})" +
                              ("; the vision blocks need quant_nontext_module=True" if any(
-                                 _is_vision_name(n) for n in out_hits) else ""))
+                                 is_vision_name(n) for n in out_hits) else ""))
         short = sorted({n.split(".", len(n.split(".")) - 2)[-1] for n in inside} | {n.rsplit(".", 1)[-1] for n in inside})
         near = difflib.get_close_matches(key, short + inside, n=3, cutoff=0.5)
         raise ValueError(f"layer_config key {key!r} matches no layer of the model"

@@ -12,6 +12,8 @@ Splitting rule (nothing model-specific): a tensor argument with a dimension of t
 every batch, in which case it is stored once (narrowed to size 1 on that dimension so it
 broadcasts over any mini-batch). Everything else must be equal across batches and is shared.
 Blocks the model never called (Mllama's cross-attention layers on text-only input) get no call.
+Packed vision towers (Qwen2-VL's hidden states [patches, D] with `cu_seqlens`) are split into one
+sample per image instead (`hf/vision.py`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from signround.adapters.hf.blocks import blocks_of
+from signround.adapters.hf.vision import is_packed_call, packed_capture
 from signround.rounding import BlockInputs
 
 try:
@@ -99,6 +102,10 @@ class CallLayout:
             return tuple(_value(s, inputs) for s in self.positional), kwargs
         return (inputs.hidden, *(_value(s, inputs) for s in self.positional)), kwargs
 
+    def finish(self, output: Tensor, inputs: BlockInputs) -> Tensor:
+        """The block's output as the samples' rows (as it is: one row per sample already)."""
+        return output
+
 
 def _value(spec: Any, inputs: BlockInputs) -> Any:
     """One argument rebuilt from its Leaf (or tuple of Leafs). A module-level function on purpose:
@@ -117,7 +124,7 @@ class BlockCall:
 
     per_sample: Mapping[str, Tensor]
     shared: Mapping[str, Any]
-    layout: CallLayout
+    layout: Any  # CallLayout, or vision.PackedLayout for a packed vision tower
 
 
 @attrs.frozen
@@ -346,7 +353,9 @@ def _capture(model: nn.Module, batches: list[Batch], prefix: str, nsamples: Opti
             masks.append(mask if isinstance(mask, Tensor) and mask.dim() == 2 and tuple(mask.shape) == tuple(h.shape[:2])
                          else None)
             records.append(list(current))
-            collected += h.shape[0]
+            # a packed vision tower's hidden states are [patches, D]: count the batch's samples
+            collected += inputs["input_ids"].shape[0] if is_packed_call(h, current[0][2]) and "input_ids" in inputs \
+                else h.shape[0]
     finally:
         for block, fwd in zip(blocks, own_forward):
             if fwd is None:
@@ -355,7 +364,16 @@ def _capture(model: nn.Module, batches: list[Batch], prefix: str, nsamples: Opti
                 block.forward = fwd
     if not hidden:
         raise ValueError("no calibration batches were given")
+    if is_packed_call(records[0][0][0], records[0][0][2]):
+        if any(r is None for rec in records for r in rec):
+            raise ValueError(f"the model did not call every block of {prefix!r} on every calibration batch")
+        store = _Store([h.shape[0] for h in hidden], _device(store_device), _device(shared_device), alloc)
+        return packed_capture(prefix, records, store, dtype)
     return _assemble(prefix, hidden, masks, records, nsamples, store_device, dtype, shared_device, alloc)
+
+
+def _device(d: Any) -> Optional[torch.device]:
+    return torch.device(d) if d is not None else None
 
 
 def _gather(hidden: list[Tensor], n: int, store_device: Optional[torch.device], dtype: Optional[torch.dtype],

@@ -2,7 +2,7 @@
 
     block_lists(model, None)                      # discovered (registry by model_type, else generic)
     block_lists(model, "model.layers,vision")     # comma-separated names or regexes of ModuleLists
-    check_vision_blocks(model_type)               # quant_nontext_module on this family?
+    check_vision_blocks(model_type, block_names)  # quant_nontext_module: a vision list to tune?
     check_image_calibration(model_type)           # image-text calibration on this family?
 
 Each check raises ValueError with what is not supported and what to do instead.
@@ -16,11 +16,8 @@ from typing import Any, Optional, Sequence, Union
 
 from torch import nn
 
-from signround.adapters.hf.blocks import BLOCK_REGISTRY, blocks_of, find_block_lists
+from signround.adapters.hf.blocks import BLOCK_REGISTRY, blocks_of, find_block_lists, is_vision_name
 
-# Vision towers that take all images' patches packed into one sequence (no per-sample batch
-# dimension, cu_seqlens boundaries): their blocks cannot be tuned on sampled mini-batches yet.
-PACKED_VISION_TOWERS = ("qwen2_vl", "qwen2_5_vl")
 # Families whose decoder blocks take image features without a per-sample batch dimension.
 PACKED_CROSS_ATTENTION = ("mllama",)
 
@@ -30,12 +27,15 @@ def model_type(model: Any) -> Optional[str]:
     return getattr(getattr(model, "config", None), "model_type", None)
 
 
-def check_vision_blocks(family: Optional[str]) -> None:
-    """Refuse quant_nontext_module for families whose vision blocks cannot be split into samples."""
-    if family in PACKED_VISION_TOWERS:
-        raise ValueError(f"quant_nontext_module is not supported for {family}: its vision blocks take every "
-                         "image's patches packed into one sequence, which block-wise tuning cannot split into "
-                         "samples yet; quantize the text decoder only (the default)")
+def check_vision_blocks(family: Optional[str], block_names: Sequence[str]) -> None:
+    """quant_nontext_module needs a vision block list among the lists to quantize (a family whose
+    vision tower has no registered or recognisable block list is refused before any tuning)."""
+    vision = [n for n in block_names if is_vision_name(n)]
+    if not vision:
+        raise ValueError(f"quant_nontext_module=True, but signround finds no vision block list to tune in this "
+                         f"{family or 'model'} (block lists: {', '.join(block_names) or '-'}); name the vision "
+                         "tower's list with to_quant_block_names (e.g. 'model.vision_tower.encoder.layers,"
+                         "model.language_model.layers'), or quantize the text decoder only (the default)")
 
 
 def check_image_calibration(family: Optional[str]) -> None:
@@ -84,5 +84,5 @@ def block_lists(model: nn.Module, names: Union[str, Sequence[str], None], quant_
     return out
 
 
-__all__ = ["PACKED_CROSS_ATTENTION", "PACKED_VISION_TOWERS", "block_lists", "check_image_calibration",
+__all__ = ["PACKED_CROSS_ATTENTION", "block_lists", "check_image_calibration",
            "check_vision_blocks", "model_type"]

@@ -8,7 +8,7 @@ as a name → tensor mapping, which is what `signround.rounding.tune_block` driv
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -16,6 +16,7 @@ from torch.func import functional_call
 
 from signround.adapters.hf.blocks import Conv1D
 from signround.adapters.hf.capture import CallLayout
+from signround.adapters.hf.vision import PackedLayout
 from signround.rounding import BlockInputs
 
 PureBlock = Callable[[Mapping[str, Tensor], BlockInputs], Tensor]
@@ -43,15 +44,16 @@ def call_block(block: nn.Module, params: Mapping[str, Tensor], args: tuple, kwar
 BlockCall = Callable[[nn.Module, Mapping[str, Tensor], tuple, dict], Tensor]
 
 
-def as_pure(block: nn.Module, layout: Optional[CallLayout] = None, *,
+def as_pure(block: nn.Module, layout: Optional[Union[CallLayout, PackedLayout]] = None, *,
             autocast_dtype: Optional[torch.dtype] = None,
             call: BlockCall = call_block) -> tuple[PureBlock, dict[str, Tensor]]:
     """(fn, weights): `fn(weights, inputs)` runs `block` with `weights` on `inputs` and returns its
     output (the first element when the block returns a tuple).
 
     weights: every parameter and buffer of the block, detached (Conv1D weights as [out, in]).
-    layout: how BlockInputs map onto the block's arguments (from capture); default: hidden states
-    positionally plus `inputs.shared` and `inputs.per_sample` as keywords.
+    layout: how BlockInputs map onto the block's arguments and its output back onto rows (from
+    capture); default: hidden states positionally plus `inputs.shared` and `inputs.per_sample` as
+    keywords.
     autocast_dtype: run under torch.autocast with this dtype on the block's device (None = off).
     call: how the block is called (`call_block`, or a compiled version the engine's runtime gives).
     """
@@ -68,7 +70,8 @@ def as_pure(block: nn.Module, layout: Optional[CallLayout] = None, *,
         ctx = (torch.autocast(inputs.hidden.device.type, dtype=autocast_dtype) if autocast_dtype is not None
                else contextlib.nullcontext())
         with ctx:
-            return call(block, params, args, kwargs)
+            out = call(block, params, args, kwargs)
+        return out if layout is None else layout.finish(out, inputs)
 
     return fn, weights
 

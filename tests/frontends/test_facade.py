@@ -136,10 +136,11 @@ def test_mllm_text_default_then_image_text_calibration():
     assert tuned and sum(b.loss_tuned for b in tuned) < sum(b.loss_rtn for b in tuned)
 
 
-def test_packed_vision_towers_are_refused_clearly():
+def test_vision_quantization_without_a_vision_block_list_is_refused():
     model, tok, proc = qwen2_vl_with_processor()
-    with pytest.raises(ValueError, match="qwen2_vl"):
-        AutoRoundMLLM(model, tok, processor=proc, quant_nontext_module=True, **SMALL)
+    with pytest.raises(ValueError, match="no vision block list to tune in this qwen2_vl"):
+        AutoRoundMLLM(model, tok, processor=proc, quant_nontext_module=True,
+                      to_quant_block_names="model.language_model.layers", **SMALL)
 
 
 def test_quant_nontext_module_tunes_vision_blocks(tmp_path):

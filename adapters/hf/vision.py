@@ -1,0 +1,188 @@
+"""Packed vision towers (Qwen2-VL, Qwen2.5-VL): their block calls split into per-image units.
+
+These blocks take every image's patches of a forward as one sequence `hidden [P, D]`, with
+`cu_seqlens` cutting it into the segments attention runs within (one per image and frame, or the
+windows of Qwen2.5-VL's window-attention blocks) and per-patch rotary tables
+`position_embeddings = (cos, sin)`, each [P, d]. Nothing crosses a segment boundary except through
+attention inside a segment, so a unit (the coarsest cut every block of the list shares: an image,
+or a frame) is computed exactly the same alone as packed with the others.
+
+`packed_capture` turns the recorded calls into `CapturedInputs` over units: hidden [N, L, D] padded
+with zeros to the longest unit L, `loss_mask` [N, L] (1 = a real patch), and per block a
+`PackedLayout` whose per-sample inputs are the unit's rotary rows and the block's segment starts.
+`PackedLayout.build` packs a mini-batch back into one sequence (each unit's padding is a segment of
+its own, so it is never attended by a real patch) and `finish` unpacks the output to [B, L, D].
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Sequence
+
+import attrs
+import torch
+from torch import Tensor
+
+from signround.rounding import BlockInputs
+
+SEQLENS = "cu_seqlens"
+MAX_SEQLEN = "max_seqlen"  # recomputed from the packed mini-batch
+VALID = "patch_mask"  # per-sample: 1 = a real patch of the unit
+
+
+def is_packed_call(hidden: Any, kwargs: Mapping[str, Any]) -> bool:
+    """A block call of a packed vision tower: 2-D hidden states [P, D] and `cu_seqlens`."""
+    return isinstance(hidden, Tensor) and hidden.dim() == 2 and isinstance(kwargs.get(SEQLENS), Tensor)
+
+
+@attrs.frozen
+class PackedLayout:
+    """How to call a packed block on a mini-batch of units [B, L, D].
+
+    starts: per-sample key of the block's segment starts [N, L] (bool); per_patch: keyword → key
+    (or tuple of keys) of per-patch tensors stored [N, L, ...]; shared: keyword → shared key."""
+
+    starts: str
+    per_patch: Mapping[str, Any]
+    shared: Mapping[str, str]
+
+    def build(self, inputs: BlockInputs) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        h = inputs.hidden
+        b, length = h.shape[:2]
+        valid = inputs.per_sample[VALID].bool()
+        starts = inputs.per_sample[self.starts].bool()
+        # a unit's padding starts a segment of its own: real patches never attend to it
+        pad_start = ~valid & torch.cat([torch.ones_like(valid[:, :1]), valid[:, :-1]], dim=1)
+        marks = (starts | pad_start).reshape(-1)
+        marks[::length] = True
+        cu = torch.cat([marks.nonzero().flatten(), torch.tensor([b * length], device=h.device)]).to(torch.int32)
+        kwargs: dict[str, Any] = {k: inputs.shared[v] for k, v in self.shared.items()}
+        for k, v in self.per_patch.items():
+            kwargs[k] = _flat(v, inputs)
+        kwargs[SEQLENS] = cu
+        kwargs[MAX_SEQLEN] = int((cu[1:] - cu[:-1]).max())
+        return (h.reshape(b * length, *h.shape[2:]),), kwargs
+
+    def finish(self, output: Tensor, inputs: BlockInputs) -> Tensor:
+        """The packed output [B·L, D] as [B, L, D]."""
+        return output.reshape(inputs.hidden.shape[0], inputs.hidden.shape[1], *output.shape[1:])
+
+
+def _flat(spec: Any, inputs: BlockInputs) -> Any:
+    if isinstance(spec, tuple):
+        return tuple(_flat(s, inputs) for s in spec)
+    t = inputs.per_sample[spec]
+    return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
+
+
+def _boundaries(cu: Tensor) -> set[int]:
+    return {int(x) for x in cu.tolist()}
+
+
+def _units(records: Sequence[Any]) -> list[tuple[int, int]]:
+    """[(start, end)] of the units of one forward: the cuts every block of the list makes."""
+    total = records[0][0].shape[0]
+    cuts = set.intersection(*(_boundaries(r[2][SEQLENS]) for r in records)) | {0, total}
+    points = sorted(c for c in cuts if 0 <= c <= total)
+    return [(s, e) for s, e in zip(points, points[1:]) if e > s]
+
+
+def _pad_rows(rows: list[Tensor], length: int) -> Tensor:
+    out = rows[0].new_zeros((len(rows), length, *rows[0].shape[1:]))
+    for i, r in enumerate(rows):
+        out[i, :r.shape[0]] = r
+    return out
+
+
+def packed_capture(prefix: str, records: list[list[Any]], store: Any, dtype: Optional[torch.dtype]) -> Any:
+    """CapturedInputs over the per-image units of every batch's packed block calls.
+
+    records: per batch, per block (hidden, extra positionals, kwargs, hidden keyword) as capture
+    recorded them. store: capture's `_Store` (where tensors are kept; shared values, checked equal
+    across batches). dtype: the hidden states' cache dtype (None = as produced)."""
+    from signround.adapters.hf.capture import BlockCall, CapturedInputs, _stored
+
+    def stored(t: Tensor, dt: Optional[torch.dtype] = None) -> Tensor:
+        return _stored(t, store.store_device, dt, store.alloc)
+
+    n_blocks = len(records[0])
+    units = [_units(rec) for rec in records]  # per batch
+    lengths = [e - s for us in units for s, e in us]
+    length = max(lengths)
+    h = _pad_rows([rec[0][0][s:e] for rec, us in zip(records, units) for s, e in us], length)
+    valid = torch.zeros(len(lengths), length, dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        valid[i, :n] = True
+    per_sample: dict[str, Tensor] = {VALID: stored(valid)}
+    memo: dict[tuple[int, ...], Any] = {}
+    calls = []
+    for b in range(n_blocks):
+        per_batch = [rec[b] for rec in records]
+        if any(r[1] for r in per_batch):
+            raise ValueError(f"{prefix}.{b}: a packed vision block called with extra positional arguments "
+                             "cannot be split into images")
+        total = [r[0].shape[0] for r in per_batch]
+        starts_key = _starts(per_batch, units, length, per_sample, memo, stored)
+        per_patch: dict[str, Any] = {}
+        shared: dict[str, str] = {}
+        for k in per_batch[0][2]:
+            if k in (SEQLENS, MAX_SEQLEN):
+                continue
+            values = [r[2][k] for r in per_batch]
+            spec = _per_patch(k, values, total, units, length, per_sample, memo, stored)
+            if spec is not None:
+                per_patch[k] = spec
+            else:
+                leaf = store.leaf(k, values)
+                if isinstance(leaf, tuple) or leaf.batch_dim is not None:
+                    raise ValueError(f"{prefix}.{b}: argument {k!r} of a packed vision block is neither per patch "
+                                     "nor the same for every batch")
+                shared[k] = leaf.key
+        layout = PackedLayout(starts=starts_key, per_patch=per_patch, shared=shared)
+        keys = {starts_key, VALID, *[x for v in per_patch.values() for x in (v if isinstance(v, tuple) else (v,))]}
+        calls.append(BlockCall(per_sample={k: per_sample[k] for k in keys},
+                               shared={v: store.shared[v] for v in shared.values()}, layout=layout))
+    hidden = stored(h, dtype)
+    mask = valid.to(torch.float32)
+    return CapturedInputs(prefix=prefix, hidden=hidden, loss_mask=None if bool(valid.all()) else mask.to(hidden.device),
+                          calls=tuple(calls))
+
+
+def _starts(per_batch: list[Any], units: list[list[tuple[int, int]]], length: int, per_sample: dict[str, Tensor],
+            memo: dict[tuple[int, ...], Any], stored: Any) -> str:
+    ids = tuple(id(r[2][SEQLENS]) for r in per_batch)
+    if ids in memo:
+        return memo[ids]
+    rows = []
+    for r, us in zip(per_batch, units):
+        cuts = sorted(_boundaries(r[2][SEQLENS]))
+        for s, e in us:
+            row = torch.zeros(length, dtype=torch.bool)
+            row[[c - s for c in cuts if s <= c < e]] = True
+            rows.append(row)
+    key = f"segment_starts#{len(memo)}"
+    per_sample[key] = stored(torch.stack(rows))
+    memo[ids] = key
+    return key
+
+
+def _per_patch(name: str, values: list[Any], total: list[int], units: list[list[tuple[int, int]]], length: int,
+               per_sample: dict[str, Tensor], memo: dict[tuple[int, ...], Any], stored: Any) -> Optional[Any]:
+    """Keys of a per-patch argument (a tensor, or a tuple of them, whose dim 0 is P) split into
+    padded units; None when the argument is not per patch."""
+    if all(isinstance(v, (tuple, list)) for v in values) and len({len(v) for v in values}) == 1:
+        parts = [_per_patch(f"{name}.{i}", [v[i] for v in values], total, units, length, per_sample, memo, stored)
+                 for i in range(len(values[0]))]
+        return tuple(parts) if all(p is not None for p in parts) else None
+    if not all(isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == p for v, p in zip(values, total)):
+        return None
+    ids = tuple(id(v) for v in values)
+    if ids in memo:
+        return memo[ids]
+    rows = [v[s:e] for v, us in zip(values, units) for s, e in us]
+    key = f"{name}#{len(memo)}"
+    per_sample[key] = stored(_pad_rows(rows, length))
+    memo[ids] = key
+    return key
+
+
+__all__ = ["PackedLayout", "is_packed_call", "packed_capture"]
