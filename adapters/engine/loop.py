@@ -3,9 +3,11 @@
     model, report = quantize_model(model, batches, QuantSpec(bits=4, group_size=128), preset("default"))
 
 Per block list (vision lists first when included, then the text decoder): capture the inputs of
-every block once; then for each block compute its full-precision outputs B_fp(X_fp) once (the
-targets, and the next block's fp inputs), find the quantized weights of its layers on X_q (the
-quantized chain, `enable_quanted_input`) or X_fp, and feed B_q(X_q) to the next block.
+every block once (a later list's full-precision inputs X_fp before any block is quantized, its
+X_q when its turn comes: from the quantized vision tower); then for each block compute its
+full-precision outputs B_fp(X_fp) once (the targets, and the next block's fp inputs), find the
+quantized weights of its layers on X_q (the quantized chain, `enable_quanted_input`) or X_fp,
+and feed B_q(X_q) to the next block.
 
 The work on a block returns data, a `BlockResult`, made by one function per case: `tuned_block`
 (calibration data; RTN with data is tuning with 0 iterations), `rounded_block` (RTN without data),
@@ -256,16 +258,23 @@ def quantize_model(model: nn.Module, batches: Optional[Iterable[Batch]], spec: Q
     moved = []
     try:
         moved = move_outside(model, prefixes, accel.device)
+        capture = dict(nsamples=recipe.nsamples, store_device=accel.store_device, dtype=accel.cache_dtype,
+                       shared_device=accel.device, alloc=accel.empty_cache)
+        # With vision lists first, a later list's full-precision inputs (the targets' chain) are
+        # captured before any block changes; its quantized inputs after the earlier lists are
+        # quantized (the quantized-input chain carries across towers).
+        fp_hidden = {p: capture_inputs(model, batches, p, **capture).hidden for p in prefixes[1:]} \
+            if batches is not None and recipe.enable_quanted_input and stream is None else {}
         for prefix in prefixes:
             blocks = blocks_of(model, prefix)
             captured: Optional[CapturedInputs] = None
             if stream is not None and blocks:
                 stream.load(blocks[0], f"{prefix}.0")  # capture runs block 0 once
             if batches is not None:
-                captured = capture_inputs(model, batches, prefix, nsamples=recipe.nsamples,
-                                          store_device=accel.store_device, dtype=accel.cache_dtype,
-                                          shared_device=accel.device, alloc=accel.empty_cache)
+                captured = capture_inputs(model, batches, prefix, **capture)
                 x_fp = x_q = captured.hidden
+                if prefix in fp_hidden:
+                    x_fp = fp_hidden.pop(prefix)
                 # The engine owns the activations from here on (they are overwritten block by
                 # block): the captured record keeps no reference to them.
                 captured = attrs.evolve(captured, hidden=captured.hidden.new_empty((0,)))
