@@ -40,6 +40,7 @@ from signround.adapters.hf.experts import unfuse_experts
 from signround.adapters.frontends.arguments import (Dataset, check_device, check_layer_config, check_model,
                                                   check_output_dir, check_resume_dir, load_calibration_dataset,
                                                   read_layer_config, resolve_recipe)
+from signround.adapters.frontends import mixed
 from signround.adapters.hf.outside import outside_layers, round_outside
 from signround.adapters.hf.families import block_lists, check_image_calibration, check_vision_blocks, model_type
 from signround.rounding import QuantSpec, Recipe
@@ -128,6 +129,7 @@ class QuantizeConfig:
     outside: Mapping[str, QuantSpec] = attrs.field(factory=dict)  # named layers outside the blocks (lm_head): RTN
     stream: bool = False  # blocks are read from the model's checkpoint one at a time (quantize_and_save)
     memory: Optional[memory.MemoryPlan] = None  # the memory plan the budgets chose (None: no budget given)
+    mixed: Optional[mixed.MixedRequest] = None  # target_bits: the plan is chosen when tuning starts (`mixed_plan`)
 
     def plan(self, model: nn.Module) -> LayerPlan:
         return select_layers(model, self.block_names, self.spec, self.layer_config)
@@ -165,7 +167,13 @@ class AutoRound:
     in RAM. max_gpu_memory / max_cpu_memory ("24GiB", bytes, or "auto": what the machine has): the
     memory planner picks settings that fit (cache placement, streaming when `model` is a skeleton,
     gradient accumulation with the same samples per step) or refuses, naming what would fit
-    (`self.config.memory`, `memory_plan()`). The checked arguments are `self.config`.
+    (`self.config.memory`, `memory_plan()`). target_bits (e.g. 3.0: stored bits per weight of the
+    quantized layers, scales and zero points counted as `signround inspect` counts them),
+    candidates (grids such as "W2G64", "W4G128", default `mixed.DEFAULT_CANDIDATES`), fuse_groups
+    (vLLM's q/k/v and gate/up take one grid, default on): choose each layer's grid for the lowest
+    estimated loss within the budget (spec/mixed-precision.md); an unreachable budget fails here,
+    the search runs on the calibration data when tuning starts, or at `mixed_plan()`.
+    The checked arguments are `self.config`.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any = None, *, bits: int = 4, group_size: int = 128,
@@ -182,7 +190,8 @@ class AutoRound:
                  progress: bool = True, multimodal: Optional[Multimodal] = None,
                  target: Union[str, Sequence[str]] = (), format: Union[str, Sequence[str]] = DEFAULT_FORMAT,
                  stream_from_disk: bool = False, max_gpu_memory: Union[int, str, None] = None,
-                 max_cpu_memory: Union[int, str, None] = None) -> None:
+                 max_cpu_memory: Union[int, str, None] = None, target_bits: Optional[float] = None,
+                 candidates: Union[str, Sequence[Any], None] = None, fuse_groups: bool = True) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch nn.Module (a Hugging Face model), got {type(model).__name__}")
         mm = multimodal or Multimodal()
@@ -205,6 +214,8 @@ class AutoRound:
         formats = parse_formats(format)
         outside = outside_layers(model, blocks, spec, checked_layers)
         checked_layers = _fit_targets(model, blocks, spec, checked_layers, targets, formats, outside)
+        request, self._priced = _mixed_request(model, blocks, spec, checked_layers, outside, targets, formats,
+                                               target_bits, candidates, fuse_groups, bool(stream_from_disk))
         data = load_calibration_dataset(dataset, recipe_value, mm.extra_data_dir, bool(skip_bad_samples))
         self._stream, memory_plan, recipe_value, cache = _plan_memory(
             model, blocks, select_layers(model, blocks, spec, checked_layers), recipe_value, checked_device,
@@ -231,12 +242,14 @@ class AutoRound:
             quant_nontext_module=mm.quant_nontext_module, device=checked_device,
             low_gpu_mem_usage=bool(low_gpu_mem_usage), cache=cache, resume_dir=resume, progress=bool(progress),
             inputs=inputs, targets=targets, formats=formats, outside=outside, stream=self._stream is not None,
-            memory=memory_plan,
+            memory=memory_plan, mixed=request,
             data=CalibrationData(dataset=data, template=template if conversations else None, images=images,
                                  image_seqlen=recipe_value.seqlen if seqlen is not None else MLLM_DEFAULT_SEQLEN,
                                  max_pixels=mm.max_pixels, skip_bad_samples=bool(skip_bad_samples)))
         self.report: Optional[QuantReport] = None
         self._data_parallel: Optional[DataParallel] = None
+        self._mixed_plan: Optional[mixed.MixedPlan] = None
+        self._calibrated: Optional[tuple[Any, dict[str, Any]]] = None  # batches the search read, reused to tune
 
     @property
     def block_names(self) -> list[str]:
@@ -246,6 +259,33 @@ class AutoRound:
     def plan(self) -> LayerPlan:
         """Which layers would be quantized with which grid, and which stay in full precision (and why)."""
         return self.config.plan(self.model)
+
+    def mixed_plan(self) -> Optional[mixed.MixedPlan]:
+        """With target_bits: score the candidates on the calibration data, solve the budget, and make
+        the plan this run's layer_config (its most common grid the global one); None without
+        target_bits. Computed once; `quantize()` calls it first."""
+        request = self.config.mixed
+        if request is None or self._mixed_plan is not None:
+            return self._mixed_plan
+        assert self._priced is not None
+        if self._calibrated is None:
+            self._calibrated = self._calibrate()
+        batches = self._calibrated[0]
+        if batches is None:
+            raise ValueError("target_bits scores the layers on calibration data, and this run has none (plain RTN "
+                             "without a dataset): pass dataset= (e.g. 'builtin')")
+        cfg = self.config
+        device = cfg.device if cfg.device is not None else str(default_device())
+        plan = mixed.choose(self.model, batches, self._priced, request, device=device)
+        before = self.plan().quantize
+        chosen = plan.specs
+        # every quantized layer pinned to its grid, so the new global grid changes none of them
+        layers = {**cfg.layer_config, **{n: chosen.get(n, s) for n, s in before.items()}}
+        fitted = _fit_targets(self.model, cfg.block_names, plan.global_spec, layers, cfg.targets, cfg.formats,
+                              cfg.outside)
+        self.config = attrs.evolve(cfg, spec=plan.global_spec, layer_config=fitted)
+        self._mixed_plan = plan
+        return plan
 
     def calibration(self) -> Optional[list[dict[str, torch.Tensor]]]:
         """Calibration batches for the model's forward (None for RTN without data)."""
@@ -302,7 +342,7 @@ class AutoRound:
         dp = self._data_parallel
         accel = resolve(cfg.device if cfg.device is not None or dp is None else dp.device(), amp=r.amp,
                         low_gpu_mem_usage=cfg.low_gpu_mem_usage, cache=cfg.cache)
-        return {
+        out = {
             "calibration": dict(calibration if calibration is not None else self._calibrate(generate=False)[1]),
             "recipe": {"iters": r.iters, "lr": r.resolved_lr, "minmax_lr": r.resolved_minmax_lr,
                        "batch_size": r.batch_size, "gradient_accumulate_steps": r.gradient_accumulate_steps,
@@ -317,6 +357,12 @@ class AutoRound:
                                  else str(accel.store_device) + (" (pinned, streamed ahead)" if accel.pinned_cache else "")),
                        "weights": "streamed from disk, one block at a time" if cfg.stream else "in memory"},
         }
+        if cfg.mixed is not None:
+            out["mixed_precision"] = (self._mixed_plan.summary() if self._mixed_plan is not None else
+                                      {"target_bits": cfg.mixed.target_bits, "candidates": ", ".join(
+                                          mixed.scheme_name(c) for c in cfg.mixed.candidates),
+                                       "fuse_groups": cfg.mixed.fuse_groups, "plan": "chosen when tuning starts"})
+        return out
 
     def quantize(self) -> QuantReport:
         """Tune every block (or round, for the `rtn` recipe); the model's weights become quantized.
@@ -332,6 +378,7 @@ class AutoRound:
         """`quantize`, handing each finished block to `sink` (a streaming export) when given."""
         if self.report is not None:
             raise ValueError("this model is already quantized; build a new AutoRound for another run")
+        self.mixed_plan()  # target_bits: the plan becomes the run's layer_config before anything reads it
         cfg = self.config
         dp = self._data_parallel = distributed.from_env()
         if dp is not None:
@@ -343,7 +390,7 @@ class AutoRound:
         writer = dp is None or dp.is_main
         lock = dir_lock(cfg.resume_dir, "resume_dir") if cfg.resume_dir is not None and writer else contextlib.nullcontext()
         with lock:
-            batches, calibration = self._calibrate()
+            batches, calibration = self._calibrated if self._calibrated is not None else self._calibrate()
             settings = self.settings(calibration)
             if show:
                 print_settings(settings)
@@ -560,6 +607,31 @@ def _fit_targets(model: nn.Module, blocks: Sequence[str], spec: QuantSpec, layer
     for message in fit.messages:
         warnings.warn(message, stacklevel=3)
     return {**layer_config, **{n: {"bits": 16} if s is None else s for n, s in fit.changes.items()}}
+
+
+def _mixed_request(model: nn.Module, blocks: Sequence[str], spec: QuantSpec, layer_config: Mapping[str, Any],
+                   outside: Mapping[str, QuantSpec], targets: Sequence[str], formats: Sequence[str],
+                   target_bits: Optional[float], candidates: Union[str, Sequence[Any], None], fuse_groups: bool,
+                   stream: bool) -> tuple[Optional[mixed.MixedRequest], Optional[mixed.Priced]]:
+    """The checked mixed-precision request and its prices (None, None without target_bits); an
+    unreachable budget, a candidate the format refuses or a layer no candidate fits fail here."""
+    if target_bits is None:
+        if candidates is not None or not fuse_groups:
+            raise ValueError("candidates= and fuse_groups= choose grids at a bit budget: pass target_bits= too "
+                         "(e.g. target_bits=3.0)")
+        return None, None
+    request = mixed.MixedRequest.of(target_bits, candidates, fuse_groups)
+    if stream or any(p.device.type == "meta" for p in model.parameters()):
+        raise ValueError("target_bits scores every layer with the whole model in memory, so it cannot run on a "
+                         "model streamed from disk; load the model in RAM, or pass the plan of an earlier run as "
+                         "layer_config")
+    if "vllm" in targets and not request.fuse_groups:
+        raise ValueError("fuse_groups=False lets q/k/v and gate/up take different grids, which vLLM cannot load "
+                         "(target='vllm'); keep fuse_groups=True or drop the vllm target")
+    priced = mixed.price(model, blocks, select_layers(model, blocks, spec, layer_config), layer_config, outside,
+                         request, formats[0])
+    mixed.check_reachable(priced, request)
+    return request, priced
 
 
 def build_quantizer(loaded: Any, **kwargs: Any) -> AutoRound:
