@@ -61,3 +61,23 @@ def test_packed_vision_blocks_quantize_reload_generate(family, build, tmp_path):
     assert a.shape[1] == inputs["input_ids"].shape[1] + 4 and torch.equal(a, b)
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).logits, reloaded(**inputs).logits, rtol=0, atol=1e-4)
+
+
+def test_transformers_with_auto_round_loads_quantized_qwen2_vl_vision_blocks(tmp_path):
+    pytest.importorskip("auto_round", reason="the auto-round package (test extra) is not installed")
+    import transformers
+
+    torch.manual_seed(0)
+    model, tok, proc = qwen2_vl_with_processor()
+    ar = AutoRoundMLLM(model, tok, processor=proc, quant_nontext_module=True, **{**SMALL, "iters": 2})
+    ar.quantize()
+    out = ar.save_quantized(tmp_path / "q", inplace=False)
+    theirs = transformers.Qwen2VLForConditionalGeneration.from_pretrained(str(out), device_map="cpu",
+                                                                          local_files_only=True).eval()
+    assert "QuantLinear" in type(theirs.model.visual.blocks[0].attn.qkv).__name__
+    assert "QuantLinear" not in type(theirs.model.visual.merger.mlp[0]).__name__
+    inputs = proc(text=["<|vision_start|><|image_pad|><|vision_end|>a red circle"], images=[_image()],
+                  return_tensors="pt")
+    half = {**inputs, "pixel_values": inputs["pixel_values"].to(theirs.dtype)}  # auto-round runs it in fp16
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(**half).logits.float(), model(**inputs).logits, rtol=0, atol=2e-3)
