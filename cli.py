@@ -55,9 +55,10 @@ _CLI_OPTION = {name: "--" + name.replace("_", "-") for name in (
     "overwrite", "low_gpu_mem_usage", "skip_bad_samples", "quant_nontext_module", "trust_remote_code", "batch_size",
     "gradient_accumulate_steps", "nsamples", "seqlen", "iters", "lr", "minmax_lr", "group_size", "bits", "seed",
     "layer_config", "resume_dir", "dataset", "device", "to_quant_block_names", "cache", "extra_data_dir", "template",
-    "recipe", "format", "target", "dtype")}
+    "recipe", "format", "target", "dtype", "target_bits", "candidates", "fuse_groups")}
 _API_VALUE = re.compile(r"\b(" + "|".join(_CLI_OPTION) + r")=(\{.*?\}\}|\{[^}]*\}|'[^']*'|\"[^\"]*\"|[\w.:/-]+)")
-_BARE = re.compile(r"\b(resume_dir|layer_config|extra_data_dir|to_quant_block_names|quant_nontext_module)\b(?!=)")
+_BARE = re.compile(r"\b(resume_dir|layer_config|extra_data_dir|to_quant_block_names|quant_nontext_module|target_bits)"
+                   r"\b(?!=)")
 
 
 def cli_terms(message: str) -> str:
@@ -269,10 +270,21 @@ def quantize(
     skip_bad_samples: bool = typer.Option(False, help="Skip dataset samples with missing images instead of failing."),
     overwrite: bool = typer.Option(False, help="Replace a previous quantized checkpoint at the output (never other "
                                    "files)."),
-    dry_run: bool = typer.Option(False, help="Run every check, print the plan and the settings, tune nothing."),
+    dry_run: bool = typer.Option(False, help="Run every check, print the plan and the settings, tune nothing "
+                                 "(with --target-bits the search runs: it reads the calibration data)."),
     report_json: Optional[Path] = typer.Option(None, help="Also write the run report as JSON here."),
     resume_dir: Optional[Path] = typer.Option(None, help="Keep each finished block here; rerun with the same "
                                               "arguments to continue after a crash."),
+    target_bits: Optional[float] = typer.Option(None, help="Mixed precision: choose each layer's grid among "
+                                                "--candidates so the average stored bits per weight (scales and zero "
+                                                "points counted, as `signround inspect` reports) is at most this, "
+                                                "with the lowest estimated loss."),
+    candidates: Optional[str] = typer.Option(None, help="Comma-separated grids for --target-bits (default "
+                                             "W2G64,W3G64,W4G128,W8G128; W4G128asym for asym)."),
+    fuse_groups: bool = typer.Option(True, "--fuse-groups/--no-fuse-groups", help="With --target-bits: q/k/v and "
+                                     "gate/up (fused by vLLM) take one grid together (default on)."),
+    plan_out: Optional[Path] = typer.Option(None, help="With --target-bits: write the chosen plan here as a "
+                                            "layer_config JSON (edit it and pass it back with --layer-config)."),
 ) -> None:
     """Quantize MODEL_PATH and save the checkpoint.
 
@@ -330,6 +342,15 @@ def quantize(
         checks.check_output_dir(output, overwrite=overwrite, protect=[model_path], inputs=inputs)
     if report_json is not None:
         checks.check_report_path(report_json)
+    if plan_out is not None:
+        if target_bits is None:
+            raise ValueError("--plan-out writes the plan --target-bits chooses: pass --target-bits too")
+        if plan_out.is_dir():
+            raise IsADirectoryError(f"--plan-out {str(plan_out)!r} is a directory; give a file path such as plan.json")
+        if output is not None and (plan_out.resolve() == output.resolve() or output.resolve() in plan_out.resolve().parents):
+            raise ValueError(f"--plan-out {str(plan_out)!r} lies in the output {str(output)!r}, which the save replaces "
+                             "whole; write the plan elsewhere")
+        checks.check_creatable(plan_out, "--plan-out")
     from signround.adapters.engine import env as signround_env
 
     with contextlib.ExitStack() as held:
@@ -353,7 +374,15 @@ def quantize(
             layer_config=layers or None, to_quant_block_names=to_quant_block_names, device=device,
             low_gpu_mem_usage=low_gpu_mem_usage, cache=cache, skip_bad_samples=skip_bad_samples,
             resume_dir=resume_dir, target=[t.value for t in target], format=formats, stream_from_disk=stream_from_disk,
-            max_gpu_memory=max_gpu_memory, max_cpu_memory=max_cpu_memory, **overrides)
+            max_gpu_memory=max_gpu_memory, max_cpu_memory=max_cpu_memory, target_bits=target_bits,
+            candidates=candidates, fuse_groups=fuse_groups, **overrides)
+        mixed_plan = quantizer.mixed_plan() if target_bits is not None else None  # scores and solves; tunes nothing
+        if mixed_plan is not None:
+            typer.echo("\n".join(mixed_plan.describe()))
+            if plan_out is not None:
+                plan_out.parent.mkdir(parents=True, exist_ok=True)
+                plan_out.write_bytes(mixed_plan.to_json())
+                typer.echo(f"plan written to {plan_out} (pass it back with --layer-config {plan_out})")
         if dry_run:
             print_plan(quantizer.plan())
             print_settings(quantizer.settings())
