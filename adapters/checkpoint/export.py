@@ -184,13 +184,40 @@ def quantization_config_of(model: nn.Module, layer_results: Mapping[str, HasGrid
                            block_prefixes: Sequence[str], recipe: Recipe | None,
                            extra_info: Mapping[str, Any] | None) -> dict[str, Any]:
     """The `quantization_config` of `fmt` for these layers (fp Linears inside the blocks listed)."""
-    # fp layers inside the blocks: every Linear under a block prefix that has no result
+    # fp layers inside the blocks: every Linear under a block prefix that has no result, and the
+    # MoE routers (vLLM builds Qwen3-MoE's gate with the quant config, so it must be told bits 16)
     fp_in_blocks = [n for n, m in model.named_modules()
-                    if isinstance(m, nn.Linear) and n not in layer_results and in_blocks(n, block_prefixes)]
+                    if (isinstance(m, nn.Linear) or _is_router(m)) and n not in layer_results
+                    and in_blocks(n, block_prefixes)]
     namer = to_checkpoint_namer(model)
     ckpt_prefixes = list(dict.fromkeys(namer(f"{p}.0.weight")[0].rsplit(".0.weight", 1)[0] for p in block_prefixes))
-    return build_quantization_config(fmt, spec, {n: r.spec for n, r in layer_results.items()}, fp_in_blocks,
-                                     block_prefixes, ckpt_prefixes, recipe, extra_info)
+    name = _config_namer(namer, block_prefixes)
+    return build_quantization_config(fmt, spec, {name(n): r.spec for n, r in layer_results.items()},
+                                     [name(n) for n in fp_in_blocks], block_prefixes, ckpt_prefixes, recipe, extra_info)
+
+
+def _is_router(module: nn.Module) -> bool:
+    """A MoE router (transformers 5: `…TopKRouter`, a 2D weight, not an nn.Linear)."""
+    weight = getattr(module, "weight", None)
+    return "router" in type(module).__name__.lower() and isinstance(weight, Tensor) and weight.dim() == 2
+
+
+def _config_namer(namer: Any, block_prefixes: Sequence[str]) -> Any:
+    """The name a layer has in `extra_config`: its module name, unless transformers renames it
+    inside its block (Mixtral: ``.block_sparse_moe.`` ↔ ``.mlp.``), where the checkpoint's name is
+    written, since vLLM matches extra_config against modules named as the checkpoint is. Renamed
+    block prefixes alone (Qwen2-VL's ``model.language_model.layers``) keep the module name, which
+    vLLM's own mapper translates."""
+    pairs = [(p, namer(f"{p}.0.weight")[0].rsplit(".0.weight", 1)[0]) for p in block_prefixes]
+
+    def name(module_name: str) -> str:
+        ckpt = namer(f"{module_name}.weight")[0].removesuffix(".weight")
+        for p, cp in pairs:
+            if module_name.startswith(p + ".") and ckpt.startswith(cp + "."):
+                return ckpt if module_name[len(p):] != ckpt[len(cp):] else module_name
+        return module_name
+
+    return name
 
 
 def checkpoint_tensors(model: nn.Module, state: dict[str, Tensor], packed: Mapping[str, QuantLinear],

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from signround.adapters.checkpoint.config import parse_quantization_config, read_quantization_config
-from signround.adapters.checkpoint.files import checkpoint_keys, from_checkpoint_namer, iter_tensors
+from signround.adapters.checkpoint.files import checkpoint_keys, from_checkpoint_namer, iter_tensors, to_checkpoint_namer
 from signround.adapters.checkpoint.kernels import check_kernel_name, prepare_model
 from signround.adapters.checkpoint import compressed
 from signround.adapters.checkpoint.formats import COMPRESSED_METHOD
@@ -70,6 +70,27 @@ def _model_class(config: Any) -> type:
                      f"(architectures {getattr(config, 'architectures', None)}); pass model_class=")
 
 
+def _unfuse_stored_experts(model: nn.Module, keys: list[str]) -> list[str]:
+    """Swap each stacked experts module for one Linear per expert matrix (`hf.experts`) when the
+    checkpoint stores that module per expert ("….experts.0.w1.qweight", as `save_quantized` writes
+    MoE models); modules stored as 3D tensors stay as they are. Returns the unfused names."""
+    from signround.adapters.hf.experts import expert_leaf_names, is_stacked_experts, unfused_from
+
+    stacked = [n for n, m in model.named_modules() if is_stacked_experts(m)]
+    if not stacked:
+        return []
+    leaves = expert_leaf_names(model)
+    to_ckpt = to_checkpoint_namer(model)
+    stored = tuple(keys)
+    out = []
+    for name in stacked:
+        head = to_ckpt(f"{name}.0.{leaves.gate}.weight")[0].removesuffix("weight")  # "….experts.0.w1."
+        if any(k.startswith(head) for k in stored):
+            model.set_submodule(name, unfused_from(model.get_submodule(name), leaves))
+            out.append(name)
+    return out
+
+
 def load_quantized(
     path: str | Path,
     *,
@@ -109,14 +130,19 @@ def load_quantized(
         model = cls._from_config(config, dtype=dtype) if hasattr(cls, "_from_config") else cls(config)
 
     keys = checkpoint_keys(path)
+    unfused = _unfuse_stored_experts(model, keys)
     tensors = lambda: iter_tensors(path)  # noqa: E731
     if str(qc.get("quant_method", "")).lower() == COMPRESSED_METHOD:  # read as the native packing
         keys, tensors = compressed.native_keys(keys), lambda: compressed.native_tensors(iter_tensors(path), plan.spec)
     module_keys = model.state_dict().keys()
     namer = from_checkpoint_namer(model, module_keys)
+    # per-expert tensors of unfused experts: named by reversing the save-side renaming, because on
+    # load transformers would route their fp ".weight"s into its merge of the 3D parameters
+    to_ckpt = to_checkpoint_namer(model)
+    experts = {to_ckpt(k)[0]: k for k in module_keys if any(k.startswith(n + ".") for n in unfused)}
     key_map: dict[str, str] = {}
     for k in keys:
-        new, converted = namer(k)
+        new, converted = (experts[k], False) if k in experts else namer(k)
         if converted and k.endswith((".qweight", ".qzeros", ".scales")):
             raise NotImplementedError(f"{k}: transformers converts this tensor on load; not supported for packed layers")
         key_map[k] = new

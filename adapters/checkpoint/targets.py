@@ -163,17 +163,30 @@ def checkpoint_view(info: Mapping[str, Any]) -> CheckpointView:
 
 
 # -- fused groups -----------------------------------------------------------------------------
+#: an unfused MoE expert's matrix ("model.layers.0.mlp.experts.3.w1", `hf/experts.py`): vLLM loads all
+#: experts of one module into one FusedMoE layer (`INCConfig` config_parser: "Fused MoE layer … requires
+#: consistent quant config for all sub-layers")
+_EXPERT = re.compile(r"^(?P<owner>.+\.experts)\.\d+\.[^.]+$")
+
+
 def fused_groups(names: Iterable[str]) -> list[tuple[str, list[str]]]:
     """(fused name, member layer names) for every q/k/v and gate/up set present, e.g.
-    ("model.layers.0.self_attn.qkv_proj", [".q_proj", ".k_proj", ".v_proj"])."""
+    ("model.layers.0.self_attn.qkv_proj", [".q_proj", ".k_proj", ".v_proj"]), and every MoE
+    experts module with all its expert matrices ("model.layers.0.mlp.experts", [….experts.0.w1, …])."""
     by_parent: dict[tuple[str, str], list[str]] = {}
+    experts: dict[str, list[str]] = {}
     for name in names:
+        moe = _EXPERT.match(name)
+        if moe:
+            experts.setdefault(moe["owner"], []).append(name)
+            continue
         parent, _, leaf = name.rpartition(".")
         for fused, members in FUSED_GROUPS.items():
             if leaf in members:
                 by_parent.setdefault((parent, fused), []).append(name)
     return [(f"{parent}.{fused}" if parent else fused, sorted(found, key=lambda n: FUSED_GROUPS[fused].index(
-        n.rpartition(".")[2]))) for (parent, fused), found in by_parent.items() if len(found) > 1]
+        n.rpartition(".")[2]))) for (parent, fused), found in by_parent.items() if len(found) > 1] + \
+        [(owner, found) for owner, found in experts.items() if len(found) > 1]
 
 
 def _strictness(spec: QuantSpec | None, in_features: int) -> tuple[int, int, int]:
@@ -203,10 +216,16 @@ def harmonize_fused(layers: Mapping[str, QuantSpec | None], in_features: Mapping
         for n in changed:
             out[n] = spec
         what = "full precision" if spec is None else _describe(spec)
-        messages.append(f"{fused}: vLLM fuses {', '.join(n.rpartition('.')[2] for n in members)} into one "
-                        f"parameter, so {', '.join(n.rpartition('.')[2] for n in changed)} now use {what} "
-                        f"(as {chosen.rpartition('.')[2]})")
+        messages.append(f"{fused}: vLLM fuses {_members(fused, members)} into one "
+                        f"parameter, so {_members(fused, changed)} now use {what} "
+                        f"(as {_members(fused, [chosen])})")
     return out, messages
+
+
+def _members(fused: str, names: Sequence[str], most: int = 6) -> str:
+    """Member names short: the leaf (q_proj), or the expert and leaf under an experts module (3.w1)."""
+    short = [n[len(fused) + 1:] if n.startswith(fused + ".") else n.rpartition(".")[2] for n in names]
+    return ", ".join(short[:most]) + (f" (+{len(short) - most} more)" if len(short) > most else "")
 
 
 def _describe(spec: QuantSpec) -> str:
@@ -348,8 +367,10 @@ def _vllm(view: CheckpointView) -> Verdict:
     by_name = {layer.name: layer.spec for layer in view.layers}
     for fused, members in fused_groups(layer.name for layer in view.layers if layer.in_blocks):
         if len({by_name[m] for m in members}) > 1:
-            schemes = ", ".join(f"{m.rpartition('.')[2]}={'fp' if by_name[m] is None else _describe(by_name[m])}"
-                                for m in members)
+            by_scheme: dict[str, list[str]] = {}
+            for m in members:
+                by_scheme.setdefault("fp" if by_name[m] is None else _describe(by_name[m]), []).append(m)
+            schemes = "; ".join(f"{_members(fused, ms, 3)}: {scheme}" for scheme, ms in by_scheme.items())
             problems.append(f"{fused}: fused module requires one quant config for its members ({schemes})")
     if any(not layer.spec.sym for layer in view.quantized if layer.spec is not None):  # type: ignore[union-attr]
         notes.append("vLLM copies fp16 scales into the model dtype (bf16 models: up to 0.39 % relative change)")

@@ -41,6 +41,7 @@ from signround.adapters.engine.report import BlockReport, BlockResult, LayerResu
 from signround.adapters.engine.resume import ResumeStore
 from signround.adapters.hf.blocks import LayerOverride, LayerPlan, blocks_of, find_block_lists, select_layers
 from signround.adapters.hf.capture import Batch, CapturedInputs, capture_inputs
+from signround.adapters.hf.experts import count_routed, experts_modules, not_routed_layers, unfuse_experts
 from signround.adapters.hf.placement import check_materialized, move_outside, on_device, restore
 from signround.adapters.hf.pure import PureBlock, as_pure, call_block, weight_name, write_back
 from signround.rounding import BlockInputs, QuantizedWeight, QuantSpec, Recipe, masked_mse, quantize_weight
@@ -239,6 +240,7 @@ def quantize_model(model: nn.Module, batches: Optional[Iterable[Batch]], spec: Q
     accel = device if isinstance(device, Accelerator) else resolve(device, amp=recipe.amp,
                                                                     low_gpu_mem_usage=low_gpu_mem_usage, cache=cache)
     prefixes = list(block_names) if block_names else find_block_lists(model, quant_nontext_module)
+    unfuse_experts(model, prefixes)  # fused MoE experts become one Linear per matrix (hf/experts.py)
     plan = select_layers(model, prefixes, spec, layer_config)
     if batches is None and not recipe.is_rtn:
         raise ValueError("SignRound tuning needs calibration batches; pass batches, or use the 'rtn' recipe")
@@ -305,8 +307,14 @@ def quantize_model(model: nn.Module, batches: Optional[Iterable[Batch]], spec: Q
                             block_recipe = attrs.evolve(recipe, seed=recipe.seed + len(results))
                             if specs:  # low-bit blocks of long runs take the reference's larger lr
                                 block_recipe = block_recipe.for_bits(min(s.bits for s in specs.values()))
-                            result = tuned_block(name, fn, weights, specs, names, inputs_q, targets, block_recipe,
-                                                 accel, data_parallel)
+                            with count_routed(block, name) as routed:
+                                result = tuned_block(name, fn, weights, specs, names, inputs_q, targets,
+                                                     block_recipe, accel, data_parallel)
+                            # experts no token reached while tuning got no gradient: they kept their RTN rounding
+                            not_routed = not_routed_layers(routed, {f"{name}.{n}": m for n, m in
+                                                                    experts_modules(block).items()})
+                            if not_routed:
+                                result = attrs.evolve(result, report=attrs.evolve(result.report, not_routed=not_routed))
                         qweights = {k: v.to(device=weights[k].device, dtype=weights[k].dtype)
                                     for k, v in result.weights.items()}
                         x_q, _ = run_block(fn, {**weights, **qweights}, inputs_q, accel, recipe.batch_size,

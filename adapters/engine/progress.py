@@ -103,6 +103,10 @@ def print_summary(report: QuantReport, console: Optional[Console] = None) -> Non
     table.add_row("blocks", f"{len(report.blocks)} in {', '.join(report.block_name_to_quantize)}")
     fp = report.kept_fp()
     table.add_row("layers", f"{len(report.layers)} quantized, {fp['layers']} kept in full precision")
+    moe = report.experts()
+    if moe["quantized"] or moe["kept_in_full_precision"]:
+        table.add_row("MoE experts", f"{moe['quantized']} expert layer(s) quantized, {moe['kept_in_full_precision']} "
+                      f"kept in full precision, {moe['not_routed']} of experts no calibration token reached (RTN)")
     if fp["other_in_blocks"]:
         first = next(n for n, why in report.other_weights.items() if not why.startswith("outside"))
         table.add_row("not quantized", f"{fp['other_in_blocks']} other weight(s) inside the blocks, kept in full "

@@ -4,6 +4,7 @@ per-layer grids for exporters, per-block losses, timings."""
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Literal, Mapping, Optional
 
 import attrs
@@ -42,6 +43,8 @@ class BlockReport:
     kept_rtn: tuning ended above RTN's loss on all samples (the best iterate is chosen on
     mini-batch losses), so the block kept its RTN weights (`Recipe.use_best`); loss_tuned is then
     RTN's loss. source: see BlockSource (a replayed block's losses are those of the run that tuned it).
+    not_routed: MoE expert layers ("….experts.3.w1") of experts that no calibration token was routed
+    to while the block was tuned: they got no gradient and kept their round-to-nearest weights.
     """
 
     name: str
@@ -52,6 +55,7 @@ class BlockReport:
     iters: int = 0
     kept_rtn: bool = False
     source: BlockSource = "tuned"
+    not_routed: tuple[str, ...] = attrs.field(default=(), converter=tuple)
 
     @property
     def loss_kept(self) -> Optional[float]:
@@ -74,6 +78,10 @@ class BlockResult:
     layers: Mapping[str, LayerResult]
     report: BlockReport
     skipped: Mapping[str, str] = attrs.field(factory=dict)
+
+
+#: an unfused MoE expert's matrix (`hf/experts.py`): "model.layers.0.mlp.experts.3.w1"
+_EXPERT = re.compile(r"\.experts\.\d+\.[^.]+$")
 
 
 def _num(x: Optional[float]) -> Optional[float]:
@@ -113,6 +121,14 @@ class QuantReport:
         return {"layers": len(self.skipped), "other_in_blocks": len(self.other_weights) - outside,
                 "outside_blocks": outside}
 
+    def experts(self) -> dict[str, Any]:
+        """MoE expert layers ("….experts.{e}.{leaf}", `hf/experts.py`): how many are quantized, how
+        many stay in full precision, and those of experts no calibration token reached (RTN)."""
+        not_routed = [n for b in self.blocks for n in b.not_routed]
+        return {"quantized": sum(1 for n in self.layers if _EXPERT.search(n)),
+                "kept_in_full_precision": sum(1 for n in self.skipped if _EXPERT.search(n)),
+                "not_routed": len(not_routed), "not_routed_layers": not_routed}
+
     def extra_config(self) -> dict[str, dict[str, Any]]:
         """Per-layer entries that differ from the global spec (skipped layers as bits 16), the
         shape of `quantization_config["extra_config"]`."""
@@ -140,12 +156,13 @@ class QuantReport:
             "layers_skipped": dict(self.skipped),
             "kept_in_full_precision": self.kept_fp(),
             "other_weights_not_quantized": dict(self.other_weights),
+            "moe_experts": self.experts(),
             "settings": dict(self.settings),
             "mean_loss_rtn": (sum(b.loss_rtn for b in tuned) / len(tuned)) if tuned else None,
             "mean_loss_tuned": (sum(b.loss_tuned for b in tuned) / len(tuned)) if tuned else None,
             "blocks": [{"name": b.name, "layers": len(b.layers), "loss_rtn": _num(b.loss_rtn),
                         "loss_tuned": _num(b.loss_tuned), "seconds": b.seconds, "iters": b.iters,
-                        "kept_rtn": b.kept_rtn, "source": b.source}
+                        "kept_rtn": b.kept_rtn, "source": b.source, "not_routed": len(b.not_routed)}
                        for b in self.blocks],
             "extra_config": self.extra_config(),
         }

@@ -38,7 +38,7 @@ class FamilyBlocks:
 _TEXT = FamilyBlocks(("model.layers",))
 BLOCK_REGISTRY: dict[str, FamilyBlocks] = {
     "llama": _TEXT, "qwen2": _TEXT, "qwen3": _TEXT, "gemma3_text": _TEXT, "mistral": _TEXT, "phi3": _TEXT,
-    "mixtral": _TEXT, "qwen2_moe": _TEXT, "qwen3_moe": _TEXT,  # fused experts stay fp (counted in the report)
+    "mixtral": _TEXT, "qwen2_moe": _TEXT, "qwen3_moe": _TEXT,  # fused experts: one Linear each (hf/experts.py)
     "qwen2_vl": FamilyBlocks(("model.language_model.layers",), ("model.visual.blocks",)),
     "qwen2_5_vl": FamilyBlocks(("model.language_model.layers",), ("model.visual.blocks",)),
     "llava": FamilyBlocks(("model.language_model.layers",), ("model.vision_tower.encoder.layers",)),
@@ -182,6 +182,10 @@ def _other_weights(model: nn.Module, block_prefixes: Iterable[str]) -> dict[str,
         elif name not in layer_weights:
             owner = owners.get(name.rsplit(".", 1)[0])
             kind = type(owner).__name__ if owner is not None else "module"
+            if "router" in kind.lower():  # vLLM builds the gate unquantized (GateLinear / ReplicatedLinear)
+                out[name] = f"the MoE router ({kind}) {list(p.shape)}: kept in full precision"
+                continue
+            # fused experts reach here only in a layout hf/experts.py does not unfuse
             what = "fused MoE expert weights" if "expert" in name.lower() or "expert" in kind.lower() else \
                 f"a {kind} weight"
             out[name] = f"{what} {list(p.shape)}: not a Linear layer, not quantized"

@@ -1,5 +1,5 @@
 """AutoRound with unusual inputs (issue 14): layer_config keys that match nothing, weights that are
-not quantized (MoE experts), GPT-2 Conv1D, self-generated data, what save_quantized may replace."""
+not quantized (MoE routers), GPT-2 Conv1D, self-generated data, what save_quantized may replace."""
 
 from __future__ import annotations
 
@@ -38,19 +38,27 @@ def test_keys_that_keep_layers_fp_may_name_layers_outside_the_blocks(tok) -> Non
     assert len(ar.plan().quantize) == 14
 
 
-def test_moe_experts_are_counted_as_kept_in_full_precision(tok, capsys) -> None:
-    # Mixtral's fused experts were saved fp32 while the summary said "0 kept in full precision" (issue 14)
+def test_moe_experts_are_quantized_and_the_routers_counted_as_full_precision(tok, capsys) -> None:
+    # issue 14: Mixtral's fused experts were saved fp32 while the summary said "0 kept in full
+    # precision"; issue 17: they are quantized, one Linear per expert matrix (hf/experts.py)
     cfg = AutoConfig.for_model("mixtral", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok), num_local_experts=4)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg).eval()
     report = AutoRound(model, tok, recipe="rtn", group_size=32).quantize()
-    experts = [n for n, why in report.other_weights.items() if "expert" in why]
-    assert sorted(experts) == [f"model.layers.{i}.mlp.experts.{w}" for i in (0, 1) for w in ("down_proj", "gate_up_proj")]
-    assert report.kept_fp()["other_in_blocks"] == 6  # experts and the routers
-    assert report.summary()["kept_in_full_precision"] == {"layers": 0, "other_in_blocks": 6, "outside_blocks": 2}
+    experts = sorted(n for n in report.layers if ".experts." in n)
+    assert experts == sorted(f"model.layers.{i}.mlp.experts.{e}.{w}" for i in (0, 1) for e in range(4)
+                             for w in ("w1", "w2", "w3"))
+    assert not any(p.dim() == 3 for p in model.parameters())  # no stacked expert weights left
+    routers = [n for n, why in report.other_weights.items() if "router" in why]
+    assert routers == [f"model.layers.{i}.mlp.gate.weight" for i in (0, 1)]
+    assert report.kept_fp()["other_in_blocks"] == 2  # the routers
+    summary = report.summary()
+    assert summary["kept_in_full_precision"] == {"layers": 0, "other_in_blocks": 2, "outside_blocks": 2}
+    assert summary["moe_experts"] == {"quantized": 24, "kept_in_full_precision": 0, "not_routed": 0,
+                                      "not_routed_layers": []}
     err = " ".join(capsys.readouterr().err.split())
-    assert "not quantized" in err and "6 other weight(s)" in err
+    assert "24 expert layer(s) quantized" in err and "2 other weight(s)" in err and "MoE router" in err
 
 
 def test_gpt2_conv1d_is_refused_before_tuning(tok) -> None:
