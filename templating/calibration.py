@@ -122,11 +122,13 @@ def text_calibration(
 
 @attrs.frozen
 class CalibrationSet:
-    """Processed samples ready for `collate`, plus what was dropped and why."""
+    """Processed samples ready for `collate`, plus what was dropped and why; padded_keys: image
+    tensors `collate.pad_samples` pads across the whole set (the processor's)."""
 
     samples: tuple[dict[str, torch.Tensor], ...]
     flat_keys: frozenset[str]
     dropped: tuple[str, ...] = ()
+    padded_keys: frozenset[str] = frozenset()
 
     def batches(self, batch_size: int, *, pad_token_id: int = 0, padding_side: str = "right") -> list[dict[str, torch.Tensor]]:
         """Collate consecutive samples into batches of `batch_size` (the last may be smaller)."""
@@ -210,4 +212,4 @@ def conversation_calibration(
         raise DatasetError(f"{dataset.source}: no calibration samples left ({len(dropped)} dropped)")
     if len(samples) < nsamples:
         warnings.warn(f"{dataset.source}: only {len(samples)} of {nsamples} requested samples available", stacklevel=2)
-    return CalibrationSet(tuple(samples), proc.flat_keys, tuple(dropped))
+    return CalibrationSet(tuple(samples), proc.flat_keys, tuple(dropped), proc.padded_keys)

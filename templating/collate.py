@@ -86,23 +86,39 @@ def collate(
     return out
 
 
-def pad_samples(samples: Sequence[Mapping[str, torch.Tensor]], pad_token_id: int) -> list[dict[str, torch.Tensor]]:
+def pad_samples(samples: Sequence[Mapping[str, torch.Tensor]], pad_token_id: int,
+                padded_keys: Iterable[str] = ()) -> list[dict[str, torch.Tensor]]:
     """Right-pad every sample's sequence tensors to the longest sample, so all batches share one
     length (block inputs are stacked across batches); `input_ids` with `pad_token_id`, `labels`
     with -100, masks with 0, so padding is masked out of the loss.
 
     Sequence tensors are [L] or [1, L] (padded on the last dim) or [1, L, ...] (padded on dim 1).
+    `padded_keys` (Mllama's pixel_values, aspect_ratio_ids/mask, cross_attention_mask) are
+    zero-padded in every dim to the largest in the set, and given as zeros to a sample without
+    them, so every batch has the same images layout (padded images are masked out by the model).
     """
     longest = max(s["input_ids"].shape[-1] for s in samples)
+    shapes = {}
+    for k in padded_keys:
+        present = [s[k] for s in samples if k in s]
+        if present:
+            dims = [max(t.shape[d] for t in present) for d in range(present[0].dim())]
+            if k in SEQUENCE_KEYS:
+                dims[1] = longest
+            shapes[k] = (dims, present[0].dtype)
     out = []
     for s in samples:
         extra = longest - s["input_ids"].shape[-1]
         row = {}
         for k, v in s.items():
-            if k in SEQUENCE_KEYS and extra:
+            if k in shapes:
+                v = _pad_to(v, shapes[k][0], 0)
+            elif k in SEQUENCE_KEYS and extra:
                 value = pad_token_id if k == "input_ids" else (-100 if k == "labels" else 0)
                 pads = [0, extra] if v.dim() <= 2 else [0, 0] * (v.dim() - 2) + [0, extra]
                 v = F.pad(v, pads, value=value)
             row[k] = v
+        for k, (dims, dtype) in shapes.items():
+            row.setdefault(k, torch.zeros(dims, dtype=dtype))
         out.append(row)
     return out

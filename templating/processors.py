@@ -14,8 +14,11 @@ Returns one sample with a leading batch dimension of 1 on per-sample tensors (`i
 
 `flat_keys` names tensors whose first dimension counts images, not samples (Qwen2-VL
 `pixel_values` [patches, 1176], `image_grid_thw` [images, 3]); `collate` concatenates them and
-skips samples that lack them. `image_tokens` are the token strings that make up an image's span
-in `input_ids`; truncation never cuts inside or before such a span (see `truncate`).
+skips samples that lack them. `padded_keys` (Mllama's image tensors) are zero-padded in every
+dimension to the largest across the whole calibration set, a sample without images getting zeros
+(`collate.pad_samples`): a padded image is masked out by the model. `image_tokens` are the token
+strings that make up an image's span in `input_ids`; truncation never cuts inside or before such a
+span (see `truncate`).
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ class RegisteredProcessor:
     fn: ProcessorFn
     flat_keys: frozenset[str] = frozenset()
     image_tokens: tuple[str, ...] = ()
+    padded_keys: frozenset[str] = frozenset()
 
     def __call__(
         self,
@@ -87,14 +91,15 @@ class ImageTokensCut(ValueError):
 
 
 def register_processor(
-    name: str, *, flat_keys: Iterable[str] = (), image_tokens: Iterable[str] = (), overwrite: bool = False
+    name: str, *, flat_keys: Iterable[str] = (), image_tokens: Iterable[str] = (), padded_keys: Iterable[str] = (),
+    overwrite: bool = False,
 ) -> Callable[[ProcessorFn], ProcessorFn]:
     """Decorator: register `fn` under `name` (refuses to replace one unless `overwrite`)."""
 
     def deco(fn: ProcessorFn) -> ProcessorFn:
         if name in PROCESSORS and not overwrite:
             raise ValueError(f"processor {name!r} is already registered (pass overwrite=True to replace it)")
-        PROCESSORS[name] = RegisteredProcessor(name, fn, frozenset(flat_keys), tuple(image_tokens))
+        PROCESSORS[name] = RegisteredProcessor(name, fn, frozenset(flat_keys), tuple(image_tokens), frozenset(padded_keys))
         return fn
 
     return deco
@@ -186,7 +191,8 @@ def _text_only(name: str, text: str, images: Sequence[Image.Image], tokenizer: A
     return _tokenize(tokenizer, text)
 
 
-def _family(name: str, image_tokens: tuple[str, ...], flat_keys: tuple[str, ...] = (), *, negative: bool = False) -> None:
+def _family(name: str, image_tokens: tuple[str, ...], flat_keys: tuple[str, ...] = (), *, negative: bool = False,
+            padded_keys: tuple[str, ...] = ()) -> None:
     """Register a processor that calls the HF processor with bounded images, then truncates."""
 
     def fn(text, images, *, tokenizer, processor, seqlen, truncation, max_pixels):  # type: ignore[no-untyped-def]
@@ -200,7 +206,7 @@ def _family(name: str, image_tokens: tuple[str, ...], flat_keys: tuple[str, ...]
 
     fn.__name__ = f"{name}_processor"
     fn.__doc__ = f"{name}: HF processor call on bounded images; image spans {image_tokens or 'negative ids'}."
-    register_processor(name, flat_keys=flat_keys, image_tokens=image_tokens)(fn)
+    register_processor(name, flat_keys=flat_keys, image_tokens=image_tokens, padded_keys=padded_keys)(fn)
 
 
 # --------------------------------------------------------------------------------------- built-ins
@@ -220,7 +226,10 @@ _family("hf", ())  # generic: whatever the model's processor returns; no known i
 _family("qwen2_vl", ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>"), ("pixel_values", "image_grid_thw"))
 _family("llava", ("<image>",), ("pixel_values", "image_sizes"))
 _family("gemma3", ("<start_of_image>", "<image_soft_token>", "<end_of_image>"), ("pixel_values",))
-_family("mllama", ("<|image|>",))
+# Mllama's image tensors are padded to the set's most images (all-zero images, masked out of the
+# cross-attention) so every batch calls the cross-attention layers with one layout.
+_family("mllama", ("<|image|>",), padded_keys=("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask",
+                                               "cross_attention_mask"))
 _IDEFICS3_TOKENS = ("<fake_token_around_image>", "<image>", "<global-img>") + tuple(
     f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)
 )

@@ -42,7 +42,7 @@ from signround.adapters.frontends.arguments import (Dataset, check_device, check
                                                   read_layer_config, resolve_recipe)
 from signround.adapters.frontends import mixed
 from signround.adapters.hf.outside import outside_layers, round_outside
-from signround.adapters.hf.families import block_lists, check_image_calibration, check_vision_blocks, model_type
+from signround.adapters.hf.families import block_lists, check_vision_blocks, model_type
 from signround.rounding import QuantSpec, Recipe
 from signround.templating import (
     ConversationDataset,
@@ -310,8 +310,8 @@ class AutoRound:
                         distinct_tokens=sum(lengths), shorter=sum(n < max(lengths) for n in lengths),
                         dropped=len(calib.dropped))
             pad_id = _pad_token_id(self.tokenizer)
-            return calibration_batches(pad_samples(calib.samples, pad_id), recipe.batch_size, pad_token_id=pad_id,
-                                       flat_keys=calib.flat_keys), info
+            return calibration_batches(pad_samples(calib.samples, pad_id, calib.padded_keys), recipe.batch_size,
+                                       pad_token_id=pad_id, flat_keys=calib.flat_keys), info
         if self.tokenizer is None:
             raise ValueError("calibration needs the model's tokenizer; pass tokenizer=")
         info.update(kind="text", samples=recipe.nsamples, seqlen=recipe.seqlen)
@@ -590,8 +590,6 @@ class AutoRoundMLLM(AutoRound):
         if quant_nontext_module and not images:
             raise ValueError("quant_nontext_module=True tunes the vision blocks, which needs image-text data: "
                              "pass a llava JSON dataset with images (or no dataset for the built-in set)")
-        if images:
-            check_image_calibration(family)
         if images and processor is None:
             raise ValueError("this dataset has images, which need the model's processor: pass processor= "
                              "(e.g. AutoProcessor.from_pretrained(path))")

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from signround.adapters.hf.blocks import blocks_of
-from signround.adapters.hf.vision import is_packed_call, packed_capture
+from signround.adapters.hf.vision import fold_per_sample, image_rows, is_packed_call, packed_capture
 from signround.rounding import BlockInputs
 
 try:
@@ -302,6 +302,7 @@ def _capture(model: nn.Module, batches: list[Batch], prefix: str, nsamples: Opti
     hidden: list[Tensor] = []
     masks: list[Optional[Tensor]] = []
     current: list[Any] = []  # per block: (hidden, extra args, kwargs, hidden keyword) of this batch
+    folded: dict[int, Any] = {}  # this batch's regrouped per-sample arguments (vision.fold_per_sample)
     output_template: list[Any] = []
     last = len(blocks) - 1
 
@@ -313,7 +314,8 @@ def _capture(model: nn.Module, batches: list[Batch], prefix: str, nsamples: Opti
                       if k not in DROPPED_KWARGS and not (Cache and isinstance(v, Cache))}
             hidden_kwarg = None if args else "hidden_states"
             h = args[0] if args else kwargs[hidden_kwarg]
-            current[index] = (h, args[1:], {k: v for k, v in kwargs.items() if k != hidden_kwarg}, hidden_kwarg)
+            stored = fold_per_sample({k: v for k, v in kwargs.items() if k != hidden_kwarg}, h.shape[0], folded)
+            current[index] = (h, args[1:], stored, hidden_kwarg)
             if index == 0 and not output_template:  # learn the block's output structure once
                 # The block may still sit on the CPU while inputs live on the accelerator (blocks
                 # move to the device one at a time): run this one call where the inputs are.
@@ -340,6 +342,7 @@ def _capture(model: nn.Module, batches: list[Batch], prefix: str, nsamples: Opti
             if nsamples is not None and collected >= nsamples:
                 break
             current[:] = [None] * len(blocks)
+            folded.clear()
             inputs = _to_model(batch, device, model_dtype)
             try:
                 model(**inputs, use_cache=False)
@@ -348,10 +351,16 @@ def _capture(model: nn.Module, batches: list[Batch], prefix: str, nsamples: Opti
             if current[0] is None:
                 raise RuntimeError(f"the model never called the first block of {prefix!r} on this batch")
             h = current[0][0]
-            hidden.append(h)
             mask = inputs.get("attention_mask")
-            masks.append(mask if isinstance(mask, Tensor) and mask.dim() == 2 and tuple(mask.shape) == tuple(h.shape[:2])
-                         else None)
+            mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 and tuple(mask.shape) == tuple(h.shape[:2]) \
+                else None
+            rows = image_rows(model, prefix, inputs, h)
+            if rows is not None:  # padded image slots (Mllama) are no samples; padded tiles/patches no loss
+                keep, mask = rows
+                current[:] = _keep_rows(current, keep, h.shape[0])
+                mask, h = mask[keep], current[0][0]
+            hidden.append(h)
+            masks.append(mask)
             records.append(list(current))
             # a packed vision tower's hidden states are [patches, D]: count the batch's samples
             collected += inputs["input_ids"].shape[0] if is_packed_call(h, current[0][2]) and "input_ids" in inputs \
@@ -370,6 +379,25 @@ def _capture(model: nn.Module, batches: list[Batch], prefix: str, nsamples: Opti
         store = _Store([h.shape[0] for h in hidden], _device(store_device), _device(shared_device), alloc)
         return packed_capture(prefix, records, store, dtype)
     return _assemble(prefix, hidden, masks, records, nsamples, store_device, dtype, shared_device, alloc)
+
+
+def _keep_rows(records: list[Any], keep: Tensor, rows: int) -> list[Any]:
+    """Every block's record with only the `keep` rows of each tensor whose dim 0 has `rows` rows
+    (one selected copy per tensor, so blocks keep sharing their arguments)."""
+    idx = keep.nonzero().flatten()
+    memo: dict[int, Any] = {}
+
+    def pick(v: Any) -> Any:
+        if isinstance(v, (tuple, list)):
+            return type(v)(pick(x) for x in v)
+        if not isinstance(v, Tensor) or v.dim() == 0 or v.shape[0] != rows:
+            return v
+        if id(v) not in memo:
+            memo[id(v)] = (v, v.index_select(0, idx.to(v.device)))
+        return memo[id(v)][1]
+
+    return [None if r is None else (pick(r[0]), tuple(pick(a) for a in r[1]), {k: pick(v) for k, v in r[2].items()}, r[3])
+            for r in records]
 
 
 def _device(d: Any) -> Optional[torch.device]:

@@ -3,7 +3,6 @@
     block_lists(model, None)                      # discovered (registry by model_type, else generic)
     block_lists(model, "model.layers,vision")     # comma-separated names or regexes of ModuleLists
     check_vision_blocks(model_type, block_names)  # quant_nontext_module: a vision list to tune?
-    check_image_calibration(model_type)           # image-text calibration on this family?
 
 Each check raises ValueError with what is not supported and what to do instead.
 """
@@ -18,8 +17,6 @@ from torch import nn
 
 from signround.adapters.hf.blocks import BLOCK_REGISTRY, blocks_of, find_block_lists, is_vision_name
 
-# Families whose decoder blocks take image features without a per-sample batch dimension.
-PACKED_CROSS_ATTENTION = ("mllama",)
 
 
 def model_type(model: Any) -> Optional[str]:
@@ -36,14 +33,6 @@ def check_vision_blocks(family: Optional[str], block_names: Sequence[str]) -> No
                          f"{family or 'model'} (block lists: {', '.join(block_names) or '-'}); name the vision "
                          "tower's list with to_quant_block_names (e.g. 'model.vision_tower.encoder.layers,"
                          "model.language_model.layers'), or quantize the text decoder only (the default)")
-
-
-def check_image_calibration(family: Optional[str]) -> None:
-    """Refuse image-text calibration for families whose decoder blocks cannot be split into samples."""
-    if family in PACKED_CROSS_ATTENTION:
-        raise ValueError(f"image-text calibration is not supported for {family} yet: its cross-attention "
-                         "states are packed per image tile, which block-wise tuning cannot split into samples; "
-                         "calibrate on text (the default: no dataset, or a text file)")
 
 
 def block_lists(model: nn.Module, names: Union[str, Sequence[str], None], quant_nontext_module: bool = False,
@@ -84,5 +73,5 @@ def block_lists(model: nn.Module, names: Union[str, Sequence[str], None], quant_
     return out
 
 
-__all__ = ["PACKED_CROSS_ATTENTION", "block_lists", "check_image_calibration",
+__all__ = ["block_lists",
            "check_vision_blocks", "model_type"]

@@ -185,4 +185,52 @@ def _per_patch(name: str, values: list[Any], total: list[int], units: list[list[
     return key
 
 
-__all__ = ["PackedLayout", "is_packed_call", "packed_capture"]
+# ------------------------------------------------------------------ Mllama: tiles and cross-attention
+
+# Mllama passes its cross-attention states as [B·images·tiles, patches, H] and the layer reads them
+# as k_proj(states).view(B, -1, heads, head_dim): stored as that per-sample [B, images·tiles·patches, H].
+FOLDED_KWARGS = ("cross_attention_states",)
+
+
+def fold_per_sample(kwargs: Mapping[str, Any], batch: int, memo: dict[int, Any]) -> dict[str, Any]:
+    """`kwargs` with each FOLDED_KWARGS tensor whose dim 0 is a multiple of `batch` regrouped to
+    [batch, -1, H] (memo: one regrouped tensor per original, so blocks keep sharing it)."""
+    out = dict(kwargs)
+    for k in FOLDED_KWARGS:
+        v = out.get(k)
+        if isinstance(v, Tensor) and v.dim() == 3 and batch and v.shape[0] != batch and v.shape[0] % batch == 0:
+            if id(v) not in memo:
+                memo[id(v)] = (v, v.reshape(batch, -1, v.shape[-1]))
+            out[k] = memo[id(v)][1]
+    return out
+
+
+def _mllama_rows(model: Any, prefix: str, inputs: Mapping[str, Any], hidden: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+    """Mllama's vision layers run one row per image slot [B·images, tiles·padded patches, D]: keep the
+    rows of real images (a padded slot has no real tile) and count real tiles' real patches only
+    (each tile's patches are padded to a multiple of 8)."""
+    ratio = inputs.get("aspect_ratio_mask")
+    if not prefix.startswith("model.vision_model.") or not isinstance(ratio, Tensor) or hidden.dim() != 3:
+        return None
+    tiles = ratio.reshape(-1, ratio.shape[-1]).bool().to(hidden.device)  # [rows, T]
+    rows, length = hidden.shape[:2]
+    if tiles.shape[0] != rows or length % tiles.shape[1]:
+        raise ValueError(f"{prefix}: vision rows {tuple(hidden.shape[:2])} do not match aspect_ratio_mask "
+                         f"{tuple(ratio.shape)}")
+    per_tile = length // tiles.shape[1]
+    real = torch.arange(per_tile, device=hidden.device) < model.model.vision_model.num_patches
+    mask = (tiles[:, :, None] & real[None, None, :]).reshape(rows, length)
+    return tiles.any(-1), mask
+
+
+ROW_FILTERS = {"mllama": _mllama_rows}
+
+
+def image_rows(model: Any, prefix: str, inputs: Mapping[str, Any], hidden: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+    """(rows to keep [R] bool, loss mask [R, L]) of a vision list whose rows include padded image
+    slots (Mllama), or None: every row is a sample and every position counts."""
+    fn = ROW_FILTERS.get(getattr(getattr(model, "config", None), "model_type", None) or "")
+    return None if fn is None else fn(model, prefix, inputs, hidden)
+
+
+__all__ = ["FOLDED_KWARGS", "PackedLayout", "fold_per_sample", "image_rows", "is_packed_call", "packed_capture"]

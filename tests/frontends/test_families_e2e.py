@@ -28,10 +28,6 @@ FAMILIES = [("qwen2_vl", _qwen2_vl), ("llava", llava_parts), ("idefics3", idefic
 def test_quantize_save_reload_generate(family, build, dataset, tmp_path):
     torch.manual_seed(0)
     tok, proc, model = build()
-    if family == "mllama" and dataset is not None:
-        with pytest.raises(ValueError, match="cross-attention states are packed"):
-            AutoRoundMLLM(model, tok, processor=proc, dataset=dataset, **SMALL)
-        return
     ar = AutoRoundMLLM(model, tok, processor=proc, group_size=32, dataset=dataset,
                        **{**SMALL, "seqlen": 64 if dataset is None else 512})
     if dataset is not None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
-from vlm_helpers import qwen2_5_vl_with_processor, qwen2_vl_with_processor
+from vlm_helpers import mllama_parts, qwen2_5_vl_with_processor, qwen2_vl_with_processor
 
 from signround import AutoRoundMLLM, load_quantized
 
@@ -81,3 +81,38 @@ def test_transformers_with_auto_round_loads_quantized_qwen2_vl_vision_blocks(tmp
     half = {**inputs, "pixel_values": inputs["pixel_values"].to(theirs.dtype)}  # auto-round runs it in fp16
     with torch.no_grad():
         torch.testing.assert_close(theirs(**half).logits.float(), model(**inputs).logits, rtol=0, atol=2e-3)
+
+
+def test_mllama_vision_encoder_and_cross_attention_quantize_reload_generate(tmp_path):
+    torch.manual_seed(0)
+    tok, proc, model = mllama_parts()
+    with torch.no_grad():  # open the cross-attention and gated vision layers (tanh(0) = 0 at init)
+        for name, p in model.named_parameters():
+            if "gate" in name:
+                p.fill_(0.5)
+    ar = AutoRoundMLLM(model, tok, processor=proc, quant_nontext_module=True, **{**SMALL, "seqlen": 512})
+    report = ar.quantize()
+    assert report.block_name_to_quantize == ("model.vision_model.transformer.layers",
+                                             "model.vision_model.global_transformer.layers",
+                                             "model.language_model.layers")
+    assert all(b.source == "tuned" for b in report.blocks)  # the cross-attention layer (block 1) included
+    assert "model.language_model.layers.1.cross_attn.q_proj" in report.layers
+    vision = [b for b in report.blocks if b.name.startswith("model.vision_model.")]
+    assert sum(b.loss_tuned for b in vision) < sum(b.loss_rtn for b in vision)
+    cross = next(b for b in report.blocks if b.name == "model.language_model.layers.1")
+    assert cross.loss_tuned < cross.loss_rtn
+    assert not any("projector" in n for n in report.layers)
+
+    out = ar.save_quantized(tmp_path / "mllama", inplace=False)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert {"vision_model.transformer.layers", "language_model.model.layers"} <= set(qc["block_name_to_quantize"].split(","))
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert {"vision_model.transformer.layers.0.self_attn.q_proj.qweight",
+            "language_model.model.layers.1.cross_attn.q_proj.qweight", "multi_modal_projector.weight"} <= keys
+    reloaded = load_quantized(out)
+    inputs = proc(text=["<|image|>a red circle"], images=[_image()], return_tensors="pt")
+    a, b = _generate(model, dict(inputs)), _generate(reloaded, dict(inputs))
+    assert a.shape[1] == inputs["input_ids"].shape[1] + 4 and torch.equal(a, b)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, reloaded(**inputs).logits, rtol=0, atol=1e-4)
