@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
-from vlm_helpers import mllama_parts, qwen2_5_vl_with_processor, qwen2_vl_with_processor
+from vlm_helpers import (gemma3_parts, idefics3_parts, llava_parts, mllama_parts, qwen2_5_vl_with_processor,
+                         qwen2_vl_with_processor)
 
 from signround import AutoRoundMLLM, load_quantized
 
@@ -116,3 +117,27 @@ def test_mllama_vision_encoder_and_cross_attention_quantize_reload_generate(tmp_
     assert a.shape[1] == inputs["input_ids"].shape[1] + 4 and torch.equal(a, b)
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).logits, reloaded(**inputs).logits, rtol=0, atol=1e-4)
+
+
+OTHERS = [("llava", llava_parts, "model.vision_tower.encoder.layers", "<image>"),
+          ("idefics3", idefics3_parts, "model.vision_model.encoder.layers", "<image>"),
+          ("gemma3", gemma3_parts, "model.vision_tower.encoder.layers", "<start_of_image>")]
+
+
+@pytest.mark.parametrize(("family", "build", "vision", "tag"), OTHERS, ids=[f for f, *_ in OTHERS])
+def test_vision_blocks_quantize_reload_generate(family, build, vision, tag, tmp_path):
+    torch.manual_seed(0)
+    tok, proc, model = build()
+    # one vision layer of larger random weights: 8 steps do not beat RTN there, 20 do
+    ar = AutoRoundMLLM(model, tok, processor=proc, quant_nontext_module=True, **{**SMALL, "seqlen": 512, "iters": 20})
+    report = ar.quantize()
+    assert report.block_name_to_quantize[0] == vision
+    tuned = [b for b in report.blocks if b.name.startswith(vision + ".")]
+    assert tuned and all(b.source == "tuned" for b in tuned)
+    assert sum(b.loss_tuned for b in tuned) < sum(b.loss_rtn for b in tuned)
+    assert any(n.startswith(vision + ".0.") for n in report.layers)
+    out = ar.save_quantized(tmp_path / family, inplace=False)
+    reloaded = load_quantized(out)
+    inputs = proc(text=[f"{tag}a red circle"], images=[_image()], return_tensors="pt")
+    a, b = _generate(model, dict(inputs)), _generate(reloaded, dict(inputs))
+    assert a.shape[1] == inputs["input_ids"].shape[1] + 4 and torch.equal(a, b)
