@@ -199,6 +199,12 @@ def conversation_calibration(
         try:
             images = [open_image(img) for img in s.images]
             text = encode_conversation(template, s, tokenizer=tokenizer, processor=processor)
+            marker = proc.image_marker
+            if marker is not None and text.count(marker) != len(images):
+                raise DatasetError(f"{dataset.source}: sample {s.id!r} has {len(images)} image(s) but its rendered "
+                                   f"text has {text.count(marker)} {marker!r} (one per image is needed); check the "
+                                   "template's replace_tokens (each <image> becomes the family's image token) and "
+                                   "the sample's <image> placeholders")
             samples.append(proc(text, images, tokenizer=tokenizer, processor=processor, seqlen=seqlen, truncation=truncation, max_pixels=max_pixels))
         except ImageTokensCut as err:
             dropped.append(f"sample {s.id!r}: {err}")

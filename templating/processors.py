@@ -18,7 +18,8 @@ skips samples that lack them. `padded_keys` (Mllama's image tensors) are zero-pa
 dimension to the largest across the whole calibration set, a sample without images getting zeros
 (`collate.pad_samples`): a padded image is masked out by the model. `image_tokens` are the token
 strings that make up an image's span in `input_ids`; truncation never cuts inside or before such a
-span (see `truncate`).
+span (see `truncate`). `image_marker` is one image in the rendered text (`<|image_pad|>`,
+`<image>`, …): calibration checks each sample renders one per image before processing it.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class RegisteredProcessor:
     flat_keys: frozenset[str] = frozenset()
     image_tokens: tuple[str, ...] = ()
     padded_keys: frozenset[str] = frozenset()
+    image_marker: str | None = None  # one image in the rendered text, before the processor expands it
 
     def __call__(
         self,
@@ -92,14 +94,15 @@ class ImageTokensCut(ValueError):
 
 def register_processor(
     name: str, *, flat_keys: Iterable[str] = (), image_tokens: Iterable[str] = (), padded_keys: Iterable[str] = (),
-    overwrite: bool = False,
+    image_marker: str | None = None, overwrite: bool = False,
 ) -> Callable[[ProcessorFn], ProcessorFn]:
     """Decorator: register `fn` under `name` (refuses to replace one unless `overwrite`)."""
 
     def deco(fn: ProcessorFn) -> ProcessorFn:
         if name in PROCESSORS and not overwrite:
             raise ValueError(f"processor {name!r} is already registered (pass overwrite=True to replace it)")
-        PROCESSORS[name] = RegisteredProcessor(name, fn, frozenset(flat_keys), tuple(image_tokens), frozenset(padded_keys))
+        PROCESSORS[name] = RegisteredProcessor(name, fn, frozenset(flat_keys), tuple(image_tokens), frozenset(padded_keys),
+                                               image_marker)
         return fn
 
     return deco
@@ -192,7 +195,7 @@ def _text_only(name: str, text: str, images: Sequence[Image.Image], tokenizer: A
 
 
 def _family(name: str, image_tokens: tuple[str, ...], flat_keys: tuple[str, ...] = (), *, negative: bool = False,
-            padded_keys: tuple[str, ...] = ()) -> None:
+            padded_keys: tuple[str, ...] = (), image_marker: str | None = None) -> None:
     """Register a processor that calls the HF processor with bounded images, then truncates."""
 
     def fn(text, images, *, tokenizer, processor, seqlen, truncation, max_pixels):  # type: ignore[no-untyped-def]
@@ -206,7 +209,8 @@ def _family(name: str, image_tokens: tuple[str, ...], flat_keys: tuple[str, ...]
 
     fn.__name__ = f"{name}_processor"
     fn.__doc__ = f"{name}: HF processor call on bounded images; image spans {image_tokens or 'negative ids'}."
-    register_processor(name, flat_keys=flat_keys, image_tokens=image_tokens, padded_keys=padded_keys)(fn)
+    register_processor(name, flat_keys=flat_keys, image_tokens=image_tokens, padded_keys=padded_keys,
+                       image_marker=image_marker)(fn)
 
 
 # --------------------------------------------------------------------------------------- built-ins
@@ -223,17 +227,19 @@ def basic(text, images, *, tokenizer, processor, seqlen, truncation, max_pixels)
 
 
 _family("hf", ())  # generic: whatever the model's processor returns; no known image tokens
-_family("qwen2_vl", ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>"), ("pixel_values", "image_grid_thw"))
-_family("llava", ("<image>",), ("pixel_values", "image_sizes"))
-_family("gemma3", ("<start_of_image>", "<image_soft_token>", "<end_of_image>"), ("pixel_values",))
+_family("qwen2_vl", ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>"), ("pixel_values", "image_grid_thw"),
+        image_marker="<|image_pad|>")
+_family("llava", ("<image>",), ("pixel_values", "image_sizes"), image_marker="<image>")
+_family("gemma3", ("<start_of_image>", "<image_soft_token>", "<end_of_image>"), ("pixel_values",),
+        image_marker="<start_of_image>")
 # Mllama's image tensors are padded to the set's most images (all-zero images, masked out of the
 # cross-attention) so every batch calls the cross-attention layers with one layout.
 _family("mllama", ("<|image|>",), padded_keys=("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask",
-                                               "cross_attention_mask"))
+                                               "cross_attention_mask"), image_marker="<|image|>")
 _IDEFICS3_TOKENS = ("<fake_token_around_image>", "<image>", "<global-img>") + tuple(
     f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)
 )
-_family("idefics3", _IDEFICS3_TOKENS)
+_family("idefics3", _IDEFICS3_TOKENS, image_marker="<image>")
 
 _IMAGE_N = re.compile(r"<\|image_\d+\|>")
 

@@ -26,7 +26,7 @@ import attrs
 import torch
 from torch import Tensor, nn
 
-from signround.adapters.hf.blocks import blocks_of
+from signround.adapters.hf.blocks import blocks_of, is_vision_name
 from signround.adapters.hf.vision import fold_per_sample, image_rows, is_packed_call, packed_capture
 from signround.rounding import BlockInputs
 
@@ -349,6 +349,10 @@ def _capture(model: nn.Module, batches: list[Batch], prefix: str, nsamples: Opti
             except _StopForward:
                 pass
             if current[0] is None:
+                if is_vision_name(prefix):
+                    raise ValueError(f"calibration batch {len(hidden)} has no images for the vision blocks {prefix!r} "
+                                     f"(keys: {sorted(inputs)}); quantizing vision blocks needs image-text "
+                                     "calibration with images in every batch")
                 raise RuntimeError(f"the model never called the first block of {prefix!r} on this batch")
             h = current[0][0]
             mask = inputs.get("attention_mask")
