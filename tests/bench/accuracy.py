@@ -18,6 +18,16 @@ Methods (`--methods`): rtn (iters 0 on the same grid), signround (our recipe: `-
 best, fields overridable), auto-round (auto-round 0.16.x with the same bits/group/sym, iters, lr,
 nsamples, seqlen, batch size and seed; skipped with a note when `auto_round` does not import).
 
+Seeds (`--seeds 0,1,2`): every tuned method runs once per tuning seed on the same calibration
+windows (those of `--calib-seed`); the summary gives mean ± sd (min–max) per config and method.
+
+Mixed precision (`--target-bits 2.5,3.0 --candidates W2G64,W3G64,W4G64,W8G64`, issue 19): one config
+per budget, `mix3.0`. rtn / signround run on our plan (`adapters/frontends/mixed.py`, chosen once per
+budget on the calibration windows); auto-round runs auto-round's AutoScheme (its delta-loss
+scoring and solver, on the same windows decoded into a .jsonl beside `--json`) then auto-round's
+tuning; rtn-asplan / signround-asplan round or tune AutoScheme's plan with ours, which separates the
+plan from the tuner. Every row records its stored bits per weight (as `signround inspect` counts).
+
 Text files: `.jsonl` (one JSON object per line, its "text" field is a document), `.json` (a list
 of strings or of {"text": …}), anything else is plain text (documents separated by blank lines for
 calibration; the whole file for evaluation). Defaults come from ../shared/data when present; if it
@@ -40,6 +50,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
+import attrs
 import torch
 
 from signround.adapters import as_pure, capture_inputs, find_block_lists, quantize_model, run_block
@@ -58,7 +69,10 @@ SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 DEFAULT_CALIB = SHARED_DATA / "news-calib.jsonl"
 DEFAULT_EVAL = SHARED_DATA / "wiki-eval.txt"
 ALL_CONFIGS = "W4G64,W4G64asym,W3G64,W2G64"
-METHODS = ("rtn", "signround", "auto-round")
+METHODS = ("rtn", "signround", "auto-round", "rtn-asplan", "signround-asplan")
+AS_PLAN = ("auto-round", "rtn-asplan", "signround-asplan")  # mixed configs: these run on AutoScheme's plan
+#: --candidates default: SmolLM2's width 576 takes G64 (G128 fits only its down_proj)
+DEFAULT_CANDIDATES = "W2G64,W3G64,W4G64,W8G64"
 # Measured on an H100 with auto-round 0.16.1 (sym, 200 iters, bs 8, 128 x 512 news tokens, ppl on
 # 40 x 2048 Wikipedia tokens, SmolLM2 GGUF teacher in bf16): for context in the table/JSON.
 REFERENCE_H100 = {"teacher": 18.41, "W4G64": {"rtn": 23.79, "auto-round": 20.45},
@@ -162,10 +176,10 @@ def load_model(spec: Optional[str], dtype: torch.dtype) -> tuple[Any, Any, str, 
 # --------------------------------------------------------------------------------------------
 # methods
 # --------------------------------------------------------------------------------------------
-def run_signround(model: Any, batches: list[torch.Tensor], spec: QuantSpec, recipe: Any, device: str
-                  ) -> tuple[Any, dict[str, Any]]:
+def run_signround(model: Any, batches: list[torch.Tensor], spec: QuantSpec, recipe: Any, device: str,
+                  layer_config: Optional[dict[str, Any]] = None) -> tuple[Any, dict[str, Any]]:
     start = time.perf_counter()
-    model, report = quantize_model(model, batches, spec, recipe, device=device)
+    model, report = quantize_model(model, batches, spec, recipe, device=device, layer_config=layer_config)
     seconds = time.perf_counter() - start
     blocks = [{"name": b.name, "loss_rtn": b.loss_rtn, "loss_tuned": b.loss_tuned, "seconds": b.seconds}
               for b in report.blocks]
@@ -176,7 +190,7 @@ AR_LOSS = re.compile(r"loss iter 0: ([0-9.eE+-]+) -> iter (\d+): ([0-9.eE+-]+)")
 
 
 def run_auto_round(model: Any, tok: Any, batches: list[torch.Tensor], spec: QuantSpec, recipe: Any,
-                   device: str, amp: bool) -> tuple[Any, dict[str, Any]]:
+                   device: str, amp: bool, layer_config: Optional[dict[str, Any]] = None) -> tuple[Any, dict[str, Any]]:
     from auto_round import AutoRound
 
     logged: list[str] = []
@@ -194,6 +208,8 @@ def run_auto_round(model: Any, tok: Any, batches: list[torch.Tensor], spec: Quan
                   gradient_accumulate_steps=recipe.gradient_accumulate_steps, seed=recipe.seed,
                   enable_minmax_tuning=recipe.enable_minmax_tuning, enable_quanted_input=recipe.enable_quanted_input,
                   amp=amp, device_map=device)
+    if layer_config is not None:
+        kwargs["layer_config"] = copy.deepcopy(layer_config)
     if recipe.lr is not None:
         kwargs["lr"] = recipe.lr
     if recipe.minmax_lr is not None:
@@ -212,10 +228,78 @@ def run_auto_round(model: Any, tok: Any, batches: list[torch.Tensor], spec: Quan
     return ar.model, {"seconds": seconds, "log_blocks": losses, "amp": amp}
 
 
-def run_rtn(model: Any, spec: QuantSpec, device: str) -> tuple[Any, dict[str, Any]]:
+def run_rtn(model: Any, spec: QuantSpec, device: str, layer_config: Optional[dict[str, Any]] = None
+            ) -> tuple[Any, dict[str, Any]]:
     start = time.perf_counter()
-    model, _ = quantize_model(model, None, spec, resolve_recipe("rtn"), device=device)
+    model, _ = quantize_model(model, None, spec, resolve_recipe("rtn"), device=device, layer_config=layer_config)
     return model, {"seconds": time.perf_counter() - start}
+
+
+# --------------------------------------------------------------------------------------------
+# mixed precision at a bit budget (issue 19): our plan, and auto-round's AutoScheme
+# --------------------------------------------------------------------------------------------
+def average_bits(model: Any, specs: dict[str, QuantSpec]) -> float:
+    """Stored bits per weight of the quantized layers, as `signround inspect` counts them."""
+    from signround.adapters.checkpoint.inspect import layer_tensors, stored_bits
+
+    bits = weights = 0
+    for name, s in specs.items():
+        m = model.get_submodule(name)
+        bits += stored_bits(layer_tensors("auto_round", s, m.in_features, m.out_features).values())
+        weights += m.in_features * m.out_features
+    return bits / weights
+
+
+def uniform_specs(model: Any, spec: QuantSpec) -> dict[str, QuantSpec]:
+    from signround.adapters.hf.blocks import select_layers
+
+    return dict(select_layers(model, find_block_lists(model), spec, {}).quantize)
+
+
+def our_plan(teacher: Any, batches: list[torch.Tensor], target: float, candidates: str, device: str) -> Any:
+    """Our plan (signround.adapters.frontends.mixed) on the harness's calibration windows."""
+    from signround.adapters.frontends import mixed
+    from signround.adapters.hf.blocks import select_layers
+
+    request = mixed.MixedRequest.of(target, candidates)
+    blocks = find_block_lists(teacher)
+    priced = mixed.price(teacher, blocks, select_layers(teacher, blocks, request.candidates[0], {}), {}, {}, request,
+                         "auto_round")
+    return mixed.choose(teacher, batches, priced, request, device=device)
+
+
+def autoscheme_plan(teacher: Any, tok: Any, batches: list[torch.Tensor], target: float, candidates: str,
+                    device: str, workdir: Path) -> tuple[dict[str, dict[str, Any]], float]:
+    """auto-round 0.16.1's AutoScheme (delta-loss scoring + its DP) on the same windows: they are
+    decoded into a local .jsonl (its loader takes a file path, not token ids) and re-tokenized by
+    auto-round with the same seqlen. Returns (its layer_config, seconds)."""
+    from auto_round import AutoScheme
+    from auto_round.auto_scheme.gen_auto_scheme import GenScheme
+
+    from signround.adapters.hf.blocks import select_layers
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "calibration-windows.jsonl"
+    ids = torch.cat(batches)
+    path.write_text("".join(json.dumps({"text": tok.decode(row, skip_special_tokens=False)}) + "\n" for row in ids))
+    options = [f"W{s.bits}A16G{s.group_size}" for s in (parse_config(c) for c in candidates.split(",") if c.strip())]
+    scheme = AutoScheme(avg_bits=target, options=options, nsamples=ids.shape[0], seqlen=ids.shape[1],
+                        batch_size=batches[0].shape[0], dataset=str(path), device_map=device,
+                        enable_torch_compile=False)
+    names = list(uniform_specs(teacher, QuantSpec(4, 64)))
+    model = copy.deepcopy(teacher)
+    start = time.perf_counter()
+    gen = GenScheme(scheme, model, names, {}, str(path), device_map=device, tokenizer=tok, enable_torch_compile=False)
+    layer_config = gen.get_layer_config()
+    seconds = time.perf_counter() - start
+    del model
+    keep = ("bits", "group_size", "sym", "data_type", "act_bits")
+    return {n: {k: v[k] for k in keep if k in v} for n, v in layer_config.items()}, seconds
+
+
+def specs_of(layer_config: dict[str, dict[str, Any]]) -> dict[str, QuantSpec]:
+    return {n: QuantSpec(int(v["bits"]), int(v["group_size"]), bool(v["sym"])) for n, v in layer_config.items()
+            if int(v["bits"]) <= 8}
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,7 +353,13 @@ def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--configs", default=ALL_CONFIGS,
                    help="comma-separated W<bits>G<group>[sym|asym] (default %(default)s; SmolLM2's width 576 "
                         "needs G64/G32, G128 fits Gemma/Qwen)")
-    p.add_argument("--methods", default=",".join(METHODS), help="subset of %(default)s")
+    p.add_argument("--methods", default="rtn,signround,auto-round",
+                   help=f"subset of {','.join(METHODS)} (default %(default)s); signround-asplan tunes auto-round's "
+                        "AutoScheme plan with our SignRound, rtn-asplan rounds it to nearest (mixed configs only)")
+    p.add_argument("--target-bits", default=None,
+                   help="comma-separated average bits per weight (scales and zeros counted), e.g. 2.5,3.0,3.5: adds "
+                        "one mixed config per budget (our plan for rtn/signround, AutoScheme for auto-round)")
+    p.add_argument("--candidates", default=DEFAULT_CANDIDATES, help="grids the budget chooses between (%(default)s)")
     p.add_argument("--recipe", default="default", help="signround preset: default, best, light (fields below override)")
     p.add_argument("--iters", type=int)
     p.add_argument("--nsamples", type=int)
@@ -279,6 +369,10 @@ def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--minmax-lr", type=float)
     p.add_argument("--gradient-accumulate-steps", type=int)
     p.add_argument("--seed", type=int, help="tuning seed (both tools; default 42)")
+    p.add_argument("--seeds", default=None,
+                   help="comma-separated tuning seeds, e.g. 0,1,2: every method and config runs once per seed "
+                        "(RTN once: it uses none) and the summary gives mean ± spread; the calibration windows stay "
+                        "those of --calib-seed (default --seed, else 42) for every seed")
     p.add_argument("--calib-seed", type=int, default=None,
                    help="seed of the calibration document shuffle (default: --seed), to vary tuning alone")
     p.add_argument("--eval-windows", type=int, default=40)
@@ -302,7 +396,17 @@ def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: CUDA is not available here")
     args.specs = [parse_config(c) for c in args.configs.split(",") if c.strip()]
+    try:
+        args.targets = [float(x) for x in args.target_bits.split(",") if x.strip()] if args.target_bits else []
+    except ValueError:
+        p.error(f"--target-bits {args.target_bits!r}: expected numbers such as 2.5,3.0")
     args.method_list = [m.strip() for m in args.methods.split(",") if m.strip()]
+    try:
+        args.seed_list = [int(x) for x in args.seeds.split(",") if x.strip()] if args.seeds else None
+    except ValueError:
+        p.error(f"--seeds {args.seeds!r}: expected comma-separated integers such as 0,1,2")
+    if args.seed_list is not None and not args.seed_list:
+        p.error("--seeds names no seed")
     bad = sorted(set(args.method_list) - set(METHODS))
     if bad:
         p.error(f"unknown method(s) {bad}; choose from {METHODS}")
@@ -315,6 +419,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         r = json.loads(Path(args.show).read_text())
         print_table(r)
         print_blocks(r)
+        print_summary(r)
         return r
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -382,35 +487,119 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=1, default=str) + "\n")
 
-    for spec in args.specs:
-        for method in args.method_list:
-            if method == "auto-round" and not have_ar:
-                continue
-            model = copy.deepcopy(teacher)
-            print(f"[{config_name(spec)}] {method} ...", flush=True)
-            if method == "rtn":
-                model, info = run_rtn(model, spec, args.device)
-            elif method == "signround":
-                model, info = run_signround(model, batches, spec, recipe, args.device)
+    seeds = args.seed_list or [recipe.seed]
+    configs: list[tuple[str, Any]] = [(config_name(s), s) for s in args.specs]
+    configs += [(f"mix{t}", t) for t in args.targets]
+    plans: dict[tuple[str, float], Any] = {}  # (whose, target) -> plan, computed once: seed-independent
+
+    def plan_for(whose: str, target: float) -> dict[str, Any]:
+        if (whose, target) not in plans:
+            t0 = time.perf_counter()
+            if whose == "ours":
+                plan = our_plan(teacher, batches, target, args.candidates, args.device)
+                lc = {n: s for n, s in plan.specs.items()}
+                plans[whose, target] = {"specs": lc, "global": plan.global_spec, "seconds": plan.search_seconds,
+                                        "json": plan.layer_config(), "exact": plan.exact,
+                                        "average_bits": average_bits(teacher, lc)}
             else:
-                model, info = run_auto_round(model, tok, batches, spec, recipe, args.device, ar_amp)
-            t = time.perf_counter()
-            ppl = evaluate(model, eval_ids, args, dtype)
-            info["eval_seconds"] = time.perf_counter() - t
-            if not args.no_block_losses:
-                info["block_loss"] = block_losses(teacher, model, batches, recipe.batch_size, args.device)
-            row = {"config": config_name(spec), "spec": spec.to_dict(), "method": method, "ppl": ppl,
-                   "delta_ppl": ppl - base, "delta_pct": (ppl / base - 1) * 100, **info}
-            result["rows"].append(row)
-            tail = f", sum block loss {sum(info['block_loss']):.4g}" if "block_loss" in info else ""
-            print(f"[{config_name(spec)}] {method}: ppl {ppl:.3f} (teacher {base:.3f}), tuning "
-                  f"{info['seconds']:.0f}s{tail}", flush=True)
-            del model
+                lc, seconds = autoscheme_plan(teacher, tok, batches, target, args.candidates, args.device,
+                                              Path(args.json or "accuracy.json").with_suffix(".autoscheme"))
+                specs = specs_of(lc)
+                plans[whose, target] = {"layer_config": lc, "specs": specs, "seconds": seconds, "json": lc,
+                                        "global": Counter(specs.values()).most_common(1)[0][0],
+                                        "average_bits": average_bits(teacher, specs)}
+            got = plans[whose, target]
+            per = Counter(f"W{s.bits}G{s.group_size}" for s in got["specs"].values())
+            print(f"[mix{target}] {whose} plan: {got['average_bits']:.4f} bits/weight, {dict(per)}, search "
+                  f"{got['seconds']:.0f}s (total {time.perf_counter() - t0:.0f}s)", flush=True)
+            result.setdefault("plans", {})[f"{whose}@{target:g}"] = {
+                "average_bits": got["average_bits"], "search_seconds": got["seconds"],
+                "layers_per_scheme": dict(per), "layer_config": {n: (v if isinstance(v, dict) else v.to_dict())
+                                                                 for n, v in got["json"].items()}}
             save()
+        return plans[whose, target]
+
+    for name, config in configs:
+        mixed_config = not isinstance(config, QuantSpec)
+        for method in args.method_list:
+            if method in AS_PLAN and not have_ar:
+                continue
+            if method in AS_PLAN[1:] and not mixed_config:
+                continue
+            for seed in seeds if not method.startswith("rtn") else [None]:  # RTN is deterministic: one row
+                run_recipe = recipe if seed is None else attrs.evolve(recipe, seed=seed)
+                tag = f"[{name}] {method}" + ("" if seed is None else f" seed {seed}")
+                extra: dict[str, Any] = {}
+                if mixed_config:
+                    plan = plan_for("autoscheme" if method in AS_PLAN else "ours", config)
+                    spec, layer_config = plan["global"], plan["specs"]
+                    extra = {"plan_search_seconds": plan["seconds"], "bits_per_weight": plan["average_bits"]}
+                else:
+                    spec, layer_config = config, None
+                    extra = {"bits_per_weight": average_bits(teacher, uniform_specs(teacher, config))}
+                model = copy.deepcopy(teacher)
+                print(f"{tag} ...", flush=True)
+                if method.startswith("rtn"):
+                    model, info = run_rtn(model, spec, args.device, layer_config)
+                elif method in ("signround", "signround-asplan"):
+                    model, info = run_signround(model, batches, spec, run_recipe, args.device, layer_config)
+                else:
+                    model, info = run_auto_round(model, tok, batches, spec, run_recipe, args.device, ar_amp,
+                                                 plan["layer_config"] if mixed_config else None)
+                t = time.perf_counter()
+                ppl = evaluate(model, eval_ids, args, dtype)
+                info["eval_seconds"] = time.perf_counter() - t
+                if not args.no_block_losses:
+                    info["block_loss"] = block_losses(teacher, model, batches, recipe.batch_size, args.device)
+                row = {"config": name, "spec": spec.to_dict(), "method": method, "seed": seed,
+                       "ppl": ppl, "delta_ppl": ppl - base, "delta_pct": (ppl / base - 1) * 100, **extra, **info}
+                result["rows"].append(row)
+                tail = f", sum block loss {sum(info['block_loss']):.4g}" if "block_loss" in info else ""
+                print(f"{tag}: ppl {ppl:.3f} (teacher {base:.3f}), {extra['bits_per_weight']:.4f} bits/weight, "
+                      f"tuning {info['seconds']:.0f}s{tail}", flush=True)
+                del model
+                result["summary"] = summarize(result["rows"])
+                save()
+    result["summary"] = summarize(result["rows"])
     print_table(result)
     print_blocks(result)
+    print_summary(result)
     save()
     return result
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (config, method): how many seeds, mean perplexity, sample standard deviation, min and max."""
+    groups: dict[tuple[str, str], list[float]] = {}
+    bits: dict[tuple[str, str], Any] = {}
+    for row in rows:
+        groups.setdefault((row["config"], row["method"]), []).append(row["ppl"])
+        bits[row["config"], row["method"]] = row.get("bits_per_weight")
+    out = []
+    for (config, method), ppls in groups.items():
+        mean = sum(ppls) / len(ppls)
+        sd = (sum((x - mean) ** 2 for x in ppls) / (len(ppls) - 1)) ** 0.5 if len(ppls) > 1 else 0.0
+        out.append({"config": config, "method": method, "bits_per_weight": bits[config, method], "n": len(ppls),
+                    "mean": mean, "sd": sd, "min": min(ppls), "max": max(ppls)})
+    return out
+
+
+def print_summary(r: dict[str, Any]) -> None:
+    """mean ± sd (min–max) over the seeds, per config and method."""
+    rows = r.get("summary") or summarize(r["rows"])
+    if not rows:
+        return
+    print("\nover seeds: perplexity mean ± sd (min–max)")
+    head = (f"| {'config':<14} | {'method':<16} | {'bits/w':>6} | {'n':>2} | {'mean ± sd':>18} | "
+            f"{'min–max':>19} |")
+    print(head)
+    print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
+    for s in rows:
+        fmt = (lambda x: f"{x:.3f}") if s["max"] < 1e4 else (lambda x: f"{x:.4g}")
+        b = "" if s.get("bits_per_weight") is None else f"{s['bits_per_weight']:.3f}"
+        print(f"| {s['config']:<14} | {s['method']:<16} | {b:>6} | {s['n']:>2} | "
+              f"{fmt(s['mean']) + ' ± ' + fmt(s['sd']):>18} | "
+              f"{fmt(s['min']) + '–' + fmt(s['max']):>19} |")
 
 
 def print_table(r: dict[str, Any]) -> None:
@@ -419,16 +608,17 @@ def print_table(r: dict[str, Any]) -> None:
     rec = r["recipe"]
     print(f"recipe: iters {rec['iters']}, nsamples {r['calib_shape'][0]} x seqlen {r['calib_shape'][1]}, bs "
           f"{rec['batch_size']}, lr {rec['lr'] or '1/iters'}; eval {r['eval_windows']} x {r['eval_seqlen']} tokens")
-    head = f"| {'config':<10} | {'method':<10} | {'ppl':>10} | {'Δ vs teacher':>13} | {'tuning s':>8} | {'Σ block MSE':>11} |"
+    head = f"| {'config':<10} | {'method':<10} | {'seed':>4} | {'ppl':>10} | {'Δ vs teacher':>13} | {'tuning s':>8} | {'Σ block MSE':>11} |"
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
-    print(f"| {'fp':<10} | {'teacher':<10} | {base:>10.3f} | {'':>13} | {'':>8} | {'':>11} |")
+    print(f"| {'fp':<10} | {'teacher':<10} | {'':>4} | {base:>10.3f} | {'':>13} | {'':>8} | {'':>11} |")
     for row in r["rows"]:
         bl = f"{sum(row['block_loss']):.4g}" if row.get("block_loss") else ""
         ppl = row["ppl"]
         ppl_s = f"{ppl:.3f}" if ppl < 1e4 else f"{ppl:.4g}"
         d = f"{row['delta_ppl']:+.3f}" if abs(row["delta_ppl"]) < 1e4 else f"{row['delta_ppl']:+.4g}"
-        print(f"| {row['config']:<10} | {row['method']:<10} | {ppl_s:>10} | {d:>13} | {row['seconds']:>8.0f} | {bl:>11} |")
+        seed = "" if row.get("seed") is None else str(row["seed"])
+        print(f"| {row['config']:<10} | {row['method']:<10} | {seed:>4} | {ppl_s:>10} | {d:>13} | {row['seconds']:>8.0f} | {bl:>11} |")
 
 
 def print_blocks(r: dict[str, Any]) -> None:
