@@ -39,11 +39,13 @@ from signround.adapters.engine.device import (Accelerator, bound_host_heap, peak
 from signround.adapters.engine.distributed import DataParallel
 from signround.adapters.engine.report import BlockReport, BlockResult, LayerResult, QuantReport
 from signround.adapters.engine.resume import ResumeStore
-from signround.adapters.hf.blocks import LayerOverride, LayerPlan, blocks_of, find_block_lists, select_layers
+from signround.adapters.hf.blocks import (LayerOverride, LayerPlan, blocks_of, find_block_lists, is_vision_name,
+                                          select_layers)
 from signround.adapters.hf.capture import Batch, CapturedInputs, capture_inputs
 from signround.adapters.hf.experts import count_routed, experts_modules, not_routed_layers, unfuse_experts
 from signround.adapters.hf.placement import check_materialized, move_outside, on_device, restore
 from signround.adapters.hf.pure import PureBlock, as_pure, call_block, weight_name, write_back
+from signround.adapters.hf.vision import ModalityWeights, modality_positions
 from signround.rounding import BlockInputs, QuantizedWeight, QuantSpec, Recipe, masked_mse, quantize_weight
 
 OnBlock = Callable[[BlockReport], None]
@@ -218,7 +220,8 @@ def quantize_model(model: nn.Module, batches: Optional[Iterable[Batch]], spec: Q
                    cache: str = "auto",
                    on_block: Optional[OnBlock] = None, resume: Optional[ResumeStore] = None,
                    data_parallel: Optional[DataParallel] = None, stream: Optional[BlockSource] = None,
-                   sink: Optional[BlockSink] = None) -> tuple[nn.Module, QuantReport]:
+                   sink: Optional[BlockSink] = None,
+                   loss_weighting: Optional[ModalityWeights] = None) -> tuple[nn.Module, QuantReport]:
     """Quantize the blocks of `model` in place with SignRound (or RTN when recipe.iters == 0).
 
     batches: calibration batches (dicts of model inputs or input_ids tensors, all of the same
@@ -231,6 +234,8 @@ def quantize_model(model: nn.Module, batches: Optional[Iterable[Batch]], spec: Q
     that cuts each step batch into gradient_accumulate_steps × world sub-batches. stream: the
     blocks' weights are read from it one block at a time (the model's blocks are on the meta device
     until then) and released after. sink: each finished block is handed to it (a streaming export).
+    loss_weighting: weight image and text token positions in the text decoder's block loss
+    (`hf.vision.ModalityWeights`; the vision blocks' loss is unchanged).
 
     Returns the model (weights fixed to their quantized values) and a QuantReport, whose `layers`
     hold every quantized layer's grid for export. Nothing is written onto the modules besides their
@@ -273,7 +278,9 @@ def quantize_model(model: nn.Module, batches: Optional[Iterable[Batch]], spec: Q
             if stream is not None and blocks:
                 stream.load(blocks[0], f"{prefix}.0")  # capture runs block 0 once
             if batches is not None:
-                captured = capture_inputs(model, batches, prefix, **capture)
+                positions = None if loss_weighting is None or is_vision_name(prefix) else \
+                    modality_positions(model, loss_weighting)  # the text decoder's loss only
+                captured = capture_inputs(model, batches, prefix, **capture, position_weights=positions)
                 x_fp = x_q = captured.hidden
                 if prefix in fp_hidden:
                     x_fp = fp_hidden.pop(prefix)

@@ -43,6 +43,7 @@ from signround.adapters.frontends.arguments import (Dataset, check_device, check
 from signround.adapters.frontends import mixed
 from signround.adapters.hf.outside import outside_layers, round_outside
 from signround.adapters.hf.families import block_lists, check_vision_blocks, model_type
+from signround.adapters.hf.vision import ModalityWeights, check_loss_weighting, image_token_id
 from signround.rounding import QuantSpec, Recipe
 from signround.templating import (
     ConversationDataset,
@@ -77,7 +78,8 @@ class Multimodal:
 
     processor / image_processor: the model's (saved beside the checkpoint); extra_data_dir: where a
     dataset's image paths resolve; template: the chat template conversations are rendered with;
-    quant_nontext_module: also quantize the vision blocks; max_pixels: cap on image size.
+    quant_nontext_module: also quantize the vision blocks; max_pixels: cap on image size;
+    loss_weighting: image / text position weights of the text decoder's block loss (None = off).
     """
 
     processor: Any = None
@@ -86,6 +88,7 @@ class Multimodal:
     template: Optional[Template] = None
     quant_nontext_module: bool = False
     max_pixels: Optional[int] = None
+    loss_weighting: Optional[ModalityWeights] = None
 
 
 @attrs.frozen
@@ -130,6 +133,7 @@ class QuantizeConfig:
     stream: bool = False  # blocks are read from the model's checkpoint one at a time (quantize_and_save)
     memory: Optional[memory.MemoryPlan] = None  # the memory plan the budgets chose (None: no budget given)
     mixed: Optional[mixed.MixedRequest] = None  # target_bits: the plan is chosen when tuning starts (`mixed_plan`)
+    loss_weighting: Optional[ModalityWeights] = None  # loss_weighting="modality": image/text position weights
 
     def plan(self, model: nn.Module) -> LayerPlan:
         return select_layers(model, self.block_names, self.spec, self.layer_config)
@@ -141,7 +145,8 @@ class QuantizeConfig:
                  "spec": self.spec.to_dict(), "recipe": attrs.asdict(self.recipe),
                  "layer_config": {k: (v.to_dict() if isinstance(v, QuantSpec) else v)
                                   for k, v in self.layer_config.items()},
-                 "blocks": list(self.block_names), "nontext": self.quant_nontext_module}
+                 "blocks": list(self.block_names), "nontext": self.quant_nontext_module,
+                 **({"modality": attrs.asdict(self.loss_weighting)} if self.loss_weighting is not None else {})}
         return fingerprint(parts, batches or ())
 
 
@@ -239,7 +244,7 @@ class AutoRound:
         self.image_processor = mm.image_processor
         self.config = QuantizeConfig(
             spec=spec, recipe=recipe_value, block_names=blocks, layer_config=checked_layers,
-            quant_nontext_module=mm.quant_nontext_module, device=checked_device,
+            quant_nontext_module=mm.quant_nontext_module, loss_weighting=mm.loss_weighting, device=checked_device,
             low_gpu_mem_usage=bool(low_gpu_mem_usage), cache=cache, resume_dir=resume, progress=bool(progress),
             inputs=inputs, targets=targets, formats=formats, outside=outside, stream=self._stream is not None,
             memory=memory_plan, mixed=request,
@@ -357,6 +362,8 @@ class AutoRound:
                                  else str(accel.store_device) + (" (pinned, streamed ahead)" if accel.pinned_cache else "")),
                        "weights": "streamed from disk, one block at a time" if cfg.stream else "in memory"},
         }
+        if cfg.loss_weighting is not None:
+            out["loss_weighting"] = {"kind": "modality", **attrs.asdict(cfg.loss_weighting)}
         if cfg.mixed is not None:
             out["mixed_precision"] = (self._mixed_plan.summary() if self._mixed_plan is not None else
                                       {"target_bits": cfg.mixed.target_bits, "candidates": ", ".join(
@@ -407,7 +414,7 @@ class AutoRound:
                                                quant_nontext_module=cfg.quant_nontext_module, device=device,
                                                low_gpu_mem_usage=cfg.low_gpu_mem_usage, cache=cfg.cache,
                                                on_block=bar.done if show else None, resume=resume, data_parallel=dp,
-                                               stream=self._stream, sink=sink)
+                                               stream=self._stream, sink=sink, loss_weighting=cfg.loss_weighting)
             except torch.OutOfMemoryError as err:
                 r = cfg.recipe
                 hints = [] if cfg.low_gpu_mem_usage else ["low_gpu_mem_usage=True keeps calibration activations "
@@ -567,7 +574,9 @@ class AutoRoundMLLM(AutoRound):
 
     def __init__(self, model: nn.Module, tokenizer: Any = None, processor: Any = None, image_processor: Any = None,
                  *, extra_data_dir: str | Path | None = None, template: Union[str, Path, None] = None,
-                 quant_nontext_module: bool = False, max_pixels: Optional[int] = None, **kwargs: Any) -> None:
+                 quant_nontext_module: bool = False, max_pixels: Optional[int] = None,
+                 loss_weighting: Optional[str] = None, modality_weights: Optional[Mapping[str, float]] = None,
+                 **kwargs: Any) -> None:
         if processor is None and tokenizer is not None:
             processor = getattr(tokenizer, "processor", None)
         if tokenizer is None and processor is not None:
@@ -580,7 +589,8 @@ class AutoRoundMLLM(AutoRound):
         multimodal = Multimodal(processor=processor, image_processor=image_processor,
                                 extra_data_dir=None if extra_data_dir is None else Path(extra_data_dir),
                                 template=load_template(template, family),
-                                quant_nontext_module=bool(quant_nontext_module), max_pixels=max_pixels)
+                                quant_nontext_module=bool(quant_nontext_module), max_pixels=max_pixels,
+                                loss_weighting=check_loss_weighting(loss_weighting, modality_weights))
         if quant_nontext_module and kwargs.get("dataset") is None:
             kwargs["dataset"] = "embedded"
         super().__init__(model, tokenizer, multimodal=multimodal, **kwargs)
@@ -590,6 +600,12 @@ class AutoRoundMLLM(AutoRound):
         if quant_nontext_module and not images:
             raise ValueError("quant_nontext_module=True tunes the vision blocks, which needs image-text data: "
                              "pass a llava JSON dataset with images (or no dataset for the built-in set)")
+        if multimodal.loss_weighting is not None:
+            image_token_id(model)
+        if multimodal.loss_weighting is not None and not images:
+            raise ValueError("loss_weighting='modality' weights image-token positions in the text decoder's loss, "
+                             "which needs image-text calibration: pass a llava JSON dataset with images (or "
+                             "dataset='embedded')")
         if images and processor is None:
             raise ValueError("this dataset has images, which need the model's processor: pass processor= "
                              "(e.g. AutoProcessor.from_pretrained(path))")

@@ -277,25 +277,30 @@ def _stored(t: Tensor, device: Optional[torch.device], dtype: Optional[torch.dty
 @torch.no_grad()
 def capture_inputs(model: nn.Module, batches: Iterable[Batch], prefix: str, *, nsamples: Optional[int] = None,
                    store_device: Optional[torch.device | str] = None, dtype: Optional[torch.dtype] = None,
-                   shared_device: Optional[torch.device | str] = None, alloc: Optional[Alloc] = None) -> CapturedInputs:
+                   shared_device: Optional[torch.device | str] = None, alloc: Optional[Alloc] = None,
+                   position_weights: Optional[Callable[[Mapping[str, Any]], Optional[Tensor]]] = None) -> CapturedInputs:
     """Run `batches` (dicts of model inputs, or input_ids tensors) through `model` and record the
     arguments of every block in the list at `prefix`, until `nsamples` samples are collected.
 
     store_device/dtype: where and in which dtype hidden states and per-sample arguments are kept
     (default: as produced). shared_device: where shared tensors are kept (default: as produced).
     alloc: allocates the stored tensors (the engine's cache placement; default: on store_device).
+    position_weights: batch → [B, L] loss weights per position (`vision.modality_positions`),
+    multiplied into the loss mask (padding stays 0).
     The model runs with use_cache=False; blocks do no work during capture.
     """
     batches = list(batches)
     try:
-        return _capture(model, batches, prefix, nsamples, store_device, dtype, shared_device, alloc)
+        return _capture(model, batches, prefix, nsamples, store_device, dtype, shared_device, alloc, position_weights)
     except _MixedMasks:
         with _materialized_masks():
-            return _capture(model, batches, prefix, nsamples, store_device, dtype, shared_device, alloc)
+            return _capture(model, batches, prefix, nsamples, store_device, dtype, shared_device, alloc,
+                            position_weights)
 
 
 def _capture(model: nn.Module, batches: list[Batch], prefix: str, nsamples: Optional[int], store_device: Any,
-             dtype: Optional[torch.dtype], shared_device: Any, alloc: Optional[Alloc] = None) -> CapturedInputs:
+             dtype: Optional[torch.dtype], shared_device: Any, alloc: Optional[Alloc] = None,
+             position_weights: Optional[Callable[[Mapping[str, Any]], Optional[Tensor]]] = None) -> CapturedInputs:
     blocks = blocks_of(model, prefix)
     device, model_dtype = _input_device_dtype(model)
     records: list[list[Any]] = []
@@ -363,6 +368,9 @@ def _capture(model: nn.Module, batches: list[Batch], prefix: str, nsamples: Opti
                 keep, mask = rows
                 current[:] = _keep_rows(current, keep, h.shape[0])
                 mask, h = mask[keep], current[0][0]
+            weights = None if position_weights is None else position_weights(inputs)
+            if weights is not None and h.dim() >= 2 and tuple(weights.shape) == tuple(h.shape[:2]):
+                mask = weights.to(h.device) if mask is None else mask.to(weights.dtype) * weights.to(mask.device)
             hidden.append(h)
             masks.append(mask)
             records.append(list(current))
@@ -444,7 +452,7 @@ def _assemble(prefix: str, hidden: list[Tensor], masks: list[Optional[Tensor]], 
     loss_mask = None
     if all(m is not None for m in masks):
         m_all = torch.cat([m.to(h_all.device) for m in masks], dim=0)[:n]
-        loss_mask = None if bool(m_all.all()) else m_all.to(torch.float32)
+        loss_mask = None if bool((m_all == 1).all()) else m_all.to(torch.float32)
     store = _Store(sizes, store_device, shared_device, alloc)
     calls: list[Optional[BlockCall]] = []
     for b in range(len(records[0])):

@@ -233,4 +233,69 @@ def image_rows(model: Any, prefix: str, inputs: Mapping[str, Any], hidden: Tenso
     return None if fn is None else fn(model, prefix, inputs, hidden)
 
 
-__all__ = ["FOLDED_KWARGS", "PackedLayout", "fold_per_sample", "image_rows", "is_packed_call", "packed_capture"]
+# ------------------------------------------------------------------ modality-weighted block loss
+
+
+@attrs.frozen
+class ModalityWeights:
+    """`loss_weighting="modality"`: the text decoder's block loss weights image-token positions by
+    `image` and text positions by `text` (a weighted mean: only their ratio matters; MBQ, CVPR 2025)."""
+
+    image: float = 0.5
+    text: float = 1.0
+
+    def __attrs_post_init__(self) -> None:
+        for name in ("image", "text"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0 or value == float("inf"):
+                raise ValueError(f"modality_weights[{name!r}] must be a finite number >= 0, got {value!r}")
+        if self.image == 0 and self.text == 0:
+            raise ValueError("modality_weights: image and text cannot both be 0 (no position would count)")
+
+
+LOSS_WEIGHTINGS = (None, "modality")
+
+
+def check_loss_weighting(loss_weighting: Optional[str], weights: Optional[Mapping[str, float]] = None,
+                         ) -> Optional[ModalityWeights]:
+    """The ModalityWeights `loss_weighting="modality"` and `modality_weights={"image": …, "text": …}`
+    ask for (None when off); a ValueError names a wrong value or key."""
+    if loss_weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(f"loss_weighting must be None (off) or 'modality', got {loss_weighting!r}")
+    if loss_weighting is None:
+        if weights is not None:
+            raise ValueError("modality_weights is given but loss_weighting is off; pass loss_weighting='modality'")
+        return None
+    weights = dict(weights or {})
+    unknown = sorted(set(weights) - {"image", "text"})
+    if unknown:
+        raise ValueError(f"modality_weights: unknown key(s) {unknown}; the keys are 'image' and 'text'")
+    return ModalityWeights(**weights)
+
+
+def image_token_id(model: Any) -> int:
+    """The id of the token an image's features replace in the text sequence (config.image_token_id)."""
+    cfg = getattr(model, "config", None)
+    for key in ("image_token_id", "image_token_index"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int):
+            return value
+    raise ValueError(f"loss_weighting='modality' needs the model's image token id (config.image_token_id); "
+                     f"{type(model).__name__} has none")
+
+
+def modality_positions(model: Any, weights: ModalityWeights) -> Any:
+    """A function of a calibration batch → [B, L] weights per position (image tokens: weights.image,
+    others: weights.text), for capture's `position_weights`."""
+    token = image_token_id(model)
+
+    def fn(inputs: Mapping[str, Any]) -> Optional[Tensor]:
+        ids = inputs.get("input_ids")
+        if not isinstance(ids, Tensor) or ids.dim() != 2:
+            return None
+        return torch.where(ids == token, weights.image, weights.text).to(torch.float32)
+
+    return fn
+
+
+__all__ = ["FOLDED_KWARGS", "LOSS_WEIGHTINGS", "ModalityWeights", "check_loss_weighting", "image_token_id", "modality_positions", "PackedLayout", "fold_per_sample", "image_rows", "is_packed_call", "packed_capture"]
