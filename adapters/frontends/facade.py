@@ -639,6 +639,12 @@ def _mixed_request(model: nn.Module, blocks: Sequence[str], spec: QuantSpec, lay
         raise ValueError("target_bits scores every layer with the whole model in memory, so it cannot run on a "
                          "model streamed from disk; load the model in RAM, or pass the plan of an earlier run as "
                          "layer_config")
+    from signround.adapters.engine import env
+
+    if env.read().world_size > 1:  # every rank must tune the same plan, and scores may differ in the last bit
+        raise ValueError("target_bits under torchrun: choose the plan in one process first (signround quantize "
+                         "--dry-run --target-bits … --plan-out plan.json), then run torchrun with --layer-config "
+                         "plan.json")
     if "vllm" in targets and not request.fuse_groups:
         raise ValueError("fuse_groups=False lets q/k/v and gate/up take different grids, which vLLM cannot load "
                          "(target='vllm'); keep fuse_groups=True or drop the vllm target")

@@ -96,3 +96,9 @@ def test_bad_requests_fail_in_the_constructor(tok, kwargs, match) -> None:
         AutoRound(_model(tok), tok, **{**SMALL, "candidates": CANDIDATES, **kwargs})
     if "minimum" in match:
         assert isinstance(err.value, BudgetError)
+
+
+def test_torchrun_is_refused_with_the_two_step_recipe(tok, monkeypatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="--plan-out plan.json"):
+        AutoRound(_model(tok), tok, target_bits=3.0, candidates=CANDIDATES, **SMALL)
