@@ -49,3 +49,18 @@ def never_route(model: nn.Module, layer: int, expert: int) -> None:
             return logits, top, idx
 
     gate.__class__ = NeverRouter
+
+
+def tiny_qwen3_vl_moe(seed: int = 0) -> Any:
+    """A Qwen3-VL-MoE (text decoder with stacked experts, a 2-block vision tower)."""
+    from transformers import AutoModelForImageTextToText
+
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                vocab_size=VOCAB, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                rope_scaling={"rope_type": "default", "mrope_section": [4, 2, 2], "mrope_interleaved": True})
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, deepstack_visual_indexes=[0])
+    cfg = AutoConfig.for_model("qwen3_vl_moe", text_config=text, vision_config=vision, image_token_id=250,
+                               video_token_id=251, vision_start_token_id=252, vision_end_token_id=253)
+    torch.manual_seed(seed)
+    return AutoModelForImageTextToText.from_config(cfg).eval()
