@@ -198,6 +198,23 @@ AUTO_ROUND_EPILOG = ("auto-round's spellings work too: --model PATH, --output_di
 SCHEME = re.compile(r"W([2-8])A16(?:G(\d+))?", re.IGNORECASE)
 
 
+def _modality_weights(text: Optional[str]) -> Optional[dict[str, float]]:
+    """`image=0.5,text=1` → {"image": 0.5, "text": 1.0} (None when not given)."""
+    if text is None:
+        return None
+    out: dict[str, float] = {}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        key, sep, value = part.partition("=")
+        try:
+            out[key.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise typer.BadParameter(f"{part!r}: expected NAME=NUMBER, e.g. image=0.5,text=1",
+                                     param_hint="--modality-weights")
+    return out
+
+
 @app.command()
 def version() -> None:
     """Print the installed signround version."""
@@ -238,6 +255,11 @@ def quantize(
     extra_data_dir: Optional[Path] = typer.Option(None, help="Directory the dataset's image paths resolve against."),
     template: Optional[str] = typer.Option(None, help="Chat template: preset name or JSON file (default: by model type)."),
     quant_nontext_module: bool = typer.Option(False, help="Also quantize vision blocks (needs image-text data)."),
+    loss_weighting: Optional[str] = typer.Option(None, help="modality: weight image-token and text positions "
+                                                 "apart in the text decoder's block loss (off by default; "
+                                                 "image-text data)."),
+    modality_weights: Optional[str] = typer.Option(None, help="Weights for --loss-weighting modality, e.g. "
+                                                   "image=0.5,text=1 (the default)."),
     layer_config: Optional[str] = typer.Option(None, help="JSON file or JSON text: {layer name or regex: {bits, "
                                                "group_size, sym}}; every key must match a layer."),
     fp_layers: Optional[str] = typer.Option(None, help="Comma-separated layer names or regexes kept in full precision."),
@@ -371,6 +393,7 @@ def quantize(
         quantizer = build_quantizer(
             loaded, bits=spec.bits, group_size=spec.group_size, sym=spec.sym, recipe=recipe, dataset=data,
             extra_data_dir=extra_data_dir, template=tmpl, quant_nontext_module=quant_nontext_module,
+            loss_weighting=loss_weighting, modality_weights=_modality_weights(modality_weights),
             layer_config=layers or None, to_quant_block_names=to_quant_block_names, device=device,
             low_gpu_mem_usage=low_gpu_mem_usage, cache=cache, skip_bad_samples=skip_bad_samples,
             resume_dir=resume_dir, target=[t.value for t in target], format=formats, stream_from_disk=stream_from_disk,

@@ -656,7 +656,7 @@ def _mixed_request(model: nn.Module, blocks: Sequence[str], spec: QuantSpec, lay
 
 def build_quantizer(loaded: Any, **kwargs: Any) -> AutoRound:
     """The right facade for a `LoadedModel`: AutoRoundMLLM for multimodal models, else AutoRound."""
-    mllm_only = ("extra_data_dir", "template", "quant_nontext_module")
+    mllm_only = ("extra_data_dir", "template", "quant_nontext_module", "loss_weighting", "modality_weights")
     if loaded.is_multimodal:
         return AutoRoundMLLM(loaded.model, loaded.tokenizer, processor=loaded.processor, **kwargs)
     for key in mllm_only:

@@ -47,3 +47,22 @@ def test_image_count_must_match_the_rendered_image_tokens(tmp_path):
     with pytest.raises(DatasetError):
         ar.quantize()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_cli_modality_loss_and_its_bad_weights(tmp_path):
+    from typer.testing import CliRunner
+
+    from signround.cli import app
+
+    model, tok, proc = qwen2_vl_with_processor()
+    model.save_pretrained(tmp_path / "m")
+    proc.save_pretrained(tmp_path / "m")
+    args = ["quantize", str(tmp_path / "m"), "--dry-run", "--group-size", "32", "--dataset", "embedded",
+            "--quant-nontext-module", "--loss-weighting", "modality"]
+    res = CliRunner().invoke(app, [*args, "--modality-weights", "image=0.3"])
+    assert res.exit_code == 0, res.output
+    assert "loss_weighting" in res.output and "0.3" in res.output
+    res = CliRunner().invoke(app, [*args, "--modality-weights", "image:0.3"])
+    assert res.exit_code != 0 and "expected NAME=NUMBER" in res.output
+    res = CliRunner().invoke(app, [*args, "--modality-weights", "pixels=1"])
+    assert res.exit_code != 0 and "unknown key" in res.output
