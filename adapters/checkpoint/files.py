@@ -414,6 +414,11 @@ def from_checkpoint_namer(model: nn.Module, module_keys: Mapping[str, object]) -
         if key in present or rename_source_key is None:
             return key, False
         new, pattern = rename_source_key(key, renamings, converters, prefix, present)
+        if pattern is not None:  # a tensor the model holds as it is stored (MoE experts unfused by
+            # hf/experts.py: Mixtral's block_sparse_moe.experts.0.w1.weight) needs the renamings only
+            plain, _ = rename_source_key(key, renamings, [], prefix, present)
+            if plain in present:
+                return plain, False
         return new, pattern is not None
 
     return name

@@ -130,19 +130,15 @@ def load_quantized(
         model = cls._from_config(config, dtype=dtype) if hasattr(cls, "_from_config") else cls(config)
 
     keys = checkpoint_keys(path)
-    unfused = _unfuse_stored_experts(model, keys)
+    _unfuse_stored_experts(model, keys)
     tensors = lambda: iter_tensors(path)  # noqa: E731
     if str(qc.get("quant_method", "")).lower() == COMPRESSED_METHOD:  # read as the native packing
         keys, tensors = compressed.native_keys(keys), lambda: compressed.native_tensors(iter_tensors(path), plan.spec)
     module_keys = model.state_dict().keys()
     namer = from_checkpoint_namer(model, module_keys)
-    # per-expert tensors of unfused experts: named by reversing the save-side renaming, because on
-    # load transformers would route their fp ".weight"s into its merge of the 3D parameters
-    to_ckpt = to_checkpoint_namer(model)
-    experts = {to_ckpt(k)[0]: k for k in module_keys if any(k.startswith(n + ".") for n in unfused)}
     key_map: dict[str, str] = {}
     for k in keys:
-        new, converted = (experts[k], False) if k in experts else namer(k)
+        new, converted = namer(k)
         if converted and k.endswith((".qweight", ".qzeros", ".scales")):
             raise NotImplementedError(f"{k}: transformers converts this tensor on load; not supported for packed layers")
         key_map[k] = new

@@ -127,3 +127,32 @@ def test_vllm_wants_one_scheme_per_experts_module() -> None:
                                      and "1.down_proj: fp" in p for p in verdict.problems)
     fit = fit_plan([VLLM], ["auto_round"], shapes, specs, ["model.layers"])
     assert fit.changes == {n: None for n in specs} and "model.layers.0.mlp.experts: vLLM fuses" in fit.messages[0]
+
+
+def test_a_mixtral_streamed_from_disk_gives_the_in_ram_checkpoint(tmp_path: Path) -> None:
+    """Mixtral checkpoints store experts per expert under block_sparse_moe (transformers merges them
+    on load): streamed blocks read them straight into the unfused Linears, and an fp expert
+    matrix of a quantized checkpoint reloads as an nn.Linear."""
+    from _templating_helpers import byte_tokenizer
+
+    from signround.adapters.checkpoint.files import iter_tensors
+    from signround.adapters.frontends.facade import AutoRound
+    from signround.adapters.hf.model_io import load_model
+
+    src = tmp_path / "src"
+    tiny_moe("mixtral").save_pretrained(src)
+    byte_tokenizer([]).save_pretrained(src)
+    assert "model.layers.0.block_sparse_moe.experts.3.w2.weight" in checkpoint_keys(src)
+    kw = dict(group_size=32, iters=2, nsamples=4, seqlen=16, batch_size=4, progress=False, device="cpu",
+              dataset=["The quick brown fox jumps over the lazy dog, again and again. " * 20],
+              layer_config={"model.layers.1.mlp.experts.2.w2": {"bits": 16}})
+    ram = load_model(src)
+    AutoRound(ram.model, ram.tokenizer, **kw).quantize_and_save(tmp_path / "ram")
+    streamed = load_model(src, stream=True)
+    AutoRound(streamed.model, streamed.tokenizer, stream_from_disk=True, **kw).quantize_and_save(tmp_path / "stream")
+    a, b = dict(iter_tensors(tmp_path / "ram")), dict(iter_tensors(tmp_path / "stream"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "model.layers.1.block_sparse_moe.experts.2.w2.weight" in a  # kept fp, per expert
+    loaded = load_quantized(tmp_path / "ram")
+    fp = loaded.model.layers[1].mlp.experts.expert(2)[2]
+    assert type(fp) is torch.nn.Linear and torch.equal(fp.weight, a["model.layers.1.block_sparse_moe.experts.2.w2.weight"])
