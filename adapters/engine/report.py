@@ -95,7 +95,7 @@ class QuantReport:
     block_name_to_quantize: the block-list prefixes, as the auto_round config names them.
     layers: full layer name → LayerResult (every quantized layer). skipped: full layer name → why it
     stayed in full precision. other_weights: every other weight matrix kept in full precision
-    (parameter name → why: fused MoE experts and other non-Linear weights inside the blocks,
+    (parameter name → why: MoE routers and other non-Linear weights inside the blocks,
     embeddings and lm_head outside; `LayerPlan.other_weights`). settings: what the run was asked to
     do (calibration source, recipe, grid, device), as the front end recorded it. peak_memory:
     (bytes, what was measured).
@@ -116,7 +116,7 @@ class QuantReport:
 
     def kept_fp(self) -> dict[str, int]:
         """How many weights stay in full precision: Linear layers in the blocks, other weights in the
-        blocks (fused MoE experts, …), weights outside the blocks."""
+        blocks (MoE routers, …), weights outside the blocks."""
         outside = sum(1 for why in self.other_weights.values() if why.startswith("outside"))
         return {"layers": len(self.skipped), "other_in_blocks": len(self.other_weights) - outside,
                 "outside_blocks": outside}

@@ -150,8 +150,9 @@ def _shape_problem(out_features: int, in_features: int, spec: QuantSpec) -> Opti
 class LayerPlan:
     """quantize: full layer name → its QuantSpec; skipped: full layer name → why it stays in full
     precision. other_weights: every other weight matrix of the model (parameter name → why it is not
-    quantized): inside the blocks those of modules that are not Linear layers (fused MoE experts,
-    routers, convolutions), and everything outside the blocks (embeddings, lm_head, projectors)."""
+    quantized): inside the blocks those of modules that are not Linear layers (MoE routers,
+    convolutions, fused experts `hf/experts.py` does not unfuse), and everything outside the blocks
+    (embeddings, lm_head, projectors). Unfused MoE experts are Linear layers like the others."""
 
     quantize: Mapping[str, QuantSpec]
     skipped: Mapping[str, str]
