@@ -287,6 +287,8 @@ def capture_inputs(model: nn.Module, batches: Iterable[Batch], prefix: str, *, n
     alloc: allocates the stored tensors (the engine's cache placement; default: on store_device).
     position_weights: batch → [B, L] loss weights per position (`vision.modality_positions`),
     multiplied into the loss mask (padding stays 0).
+    A vision block list's samples are the images (a batch of text-only samples adds none; a packed
+    tower keeps every image of the batches that reach `nsamples` text samples).
     The model runs with use_cache=False; blocks do no work during capture.
     """
     batches = list(batches)
@@ -355,9 +357,7 @@ def _capture(model: nn.Module, batches: list[Batch], prefix: str, nsamples: Opti
                 pass
             if current[0] is None:
                 if is_vision_name(prefix):
-                    raise ValueError(f"calibration batch {len(hidden)} has no images for the vision blocks {prefix!r} "
-                                     f"(keys: {sorted(inputs)}); quantizing vision blocks needs image-text "
-                                     "calibration with images in every batch")
+                    continue  # a batch of text-only samples: nothing for the vision blocks
                 raise RuntimeError(f"the model never called the first block of {prefix!r} on this batch")
             h = current[0][0]
             mask = inputs.get("attention_mask")
@@ -366,6 +366,8 @@ def _capture(model: nn.Module, batches: list[Batch], prefix: str, nsamples: Opti
             rows = image_rows(model, prefix, inputs, h)
             if rows is not None:  # padded image slots (Mllama) are no samples; padded tiles/patches no loss
                 keep, mask = rows
+                if not bool(keep.any()):
+                    continue
                 current[:] = _keep_rows(current, keep, h.shape[0])
                 mask, h = mask[keep], current[0][0]
             weights = None if position_weights is None else position_weights(inputs)
@@ -383,6 +385,10 @@ def _capture(model: nn.Module, batches: list[Batch], prefix: str, nsamples: Opti
                 block.__dict__.pop("forward", None)
             else:
                 block.forward = fwd
+    if not hidden and batches and is_vision_name(prefix):
+        raise ValueError(f"no calibration batch has images for the vision blocks {prefix!r} (keys of the first: "
+                         f"{sorted(_to_model(batches[0], device, model_dtype))}); quantizing vision blocks needs "
+                         "image-text calibration")
     if not hidden:
         raise ValueError("no calibration batches were given")
     if is_packed_call(records[0][0][0], records[0][0][2]):

@@ -54,3 +54,18 @@ def _with_fp_text(quantized: torch.nn.Module, fp: torch.nn.Module) -> torch.nn.M
     mixed = copy.deepcopy(quantized)
     mixed.get_submodule(TEXT)[0].load_state_dict(fp.get_submodule(TEXT)[0].state_dict())
     return mixed
+
+
+def test_vision_blocks_tune_on_the_images_of_batches_that_have_them():
+    from tiny_models import random_batches
+    from vlm_helpers import qwen2_vl_image_batch
+
+    model = tiny_vlm("qwen2_vl")
+    batches = [qwen2_vl_image_batch((1, 6)), *random_batches(1, 2, 20), qwen2_vl_image_batch((3,))]  # text-only batch
+    seen = []
+    model, report = quantize_model(model, batches, QuantSpec(bits=4, group_size=32), preset("default", iters=2),
+                                   quant_nontext_module=True, on_block=seen.append)
+    assert report.block_name_to_quantize == ("model.visual.blocks", "model.language_model.layers")
+    assert [b.source for b in report.blocks] == ["tuned"] * 4 and len(seen) == 4
+    cap = capture_inputs(model, batches, "model.visual.blocks")
+    assert cap.num_samples == 3  # the three images; the text-only batch adds none
