@@ -79,14 +79,19 @@ class SignSGD:
         return RoundingParams(v, alpha, beta)
 
     @staticmethod
-    def advance(state: SignSGDState) -> SignSGDState:
+    def advance(state: SignSGDState, *, donate: bool = False) -> SignSGDState:
+        """The count after one more iteration; donate: in `state`'s own step buffer (a step replayed
+        from a CUDA graph reads and advances the same buffer every time)."""
+        if donate:
+            state.step.add_(1)
+            return state
         return attrs.evolve(state, step=state.step + 1)
 
     def update(self, grads: Params, state: SignSGDState, params: Params, *,
                donate: bool = False) -> tuple[dict[str, RoundingParams], SignSGDState]:
         """One iteration over every layer: signed step with this step's lr, then the count advances."""
         new = {k: self.update_layer(grads[k], state, params[k], donate=donate) for k in params}
-        return new, self.advance(state)
+        return new, self.advance(state, donate=donate)
 
 
 def sign_sgd(lr: float, minmax_lr: Optional[float] = None, *, iters: int, tune_minmax: bool = True) -> SignSGD:

@@ -134,7 +134,7 @@ def init(prepared: Mapping[str, GroupedWeight], specs: Mapping[str, QuantSpec], 
 
 def _clone(state: TuneState) -> TuneState:
     return attrs.evolve(state, params={k: p.map(torch.clone) for k, p in state.params.items()},
-                        best=best_iterate.clone(state.best))
+                        opt=attrs.evolve(state.opt, step=state.opt.step.clone()), best=best_iterate.clone(state.best))
 
 
 def quantized_weights(weights: Mapping[str, Tensor], prepared: Mapping[str, GroupedWeight],
@@ -242,7 +242,7 @@ def step(block_fn: BlockFn, weights: Mapping[str, Tensor], prepared: Mapping[str
     if len(subs) == 1 and reduce is None and (total is None or total == subs[0][0].num_samples):
         batch, target = subs[0]
         loss = _fused(block_fn, weights, prepared, specs, state, batch, target, ops)
-        return attrs.evolve(state, opt=state.optimizer.advance(state.opt)), loss
+        return attrs.evolve(state, opt=state.optimizer.advance(state.opt, donate=donate)), loss
     loss, grads = accumulate(block_fn, weights, prepared, specs, state.params, subs, ops=ops, total=total)
     if reduce is not None:
         loss, grads = reduce(loss, grads)

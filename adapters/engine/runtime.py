@@ -10,6 +10,8 @@ module chooses them for a device:
   across data-parallel ranks, and moved to the compute device here; on Gaudi, `mark_step()` runs at
   every step boundary (when the next step's batch is asked for).
 - donation: the tuning state is always donated from step to step (the core's in-place path).
+- CUDA graphs (`SIGNROUND_CUDA_GRAPHS=1`, opt-in): each block's steps after a short warm-up are
+  replayed from one captured graph (`graphs.py`), which removes the host's launch cost per step.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from torch import Tensor
 
 from signround.adapters.engine import env as environment
+from signround.adapters.engine import graphs
 from signround.adapters.engine.device import Accelerator
 from signround.adapters.engine.distributed import DataParallel
 from signround.adapters.hf.pure import call_block
@@ -39,10 +42,12 @@ COMPILE_OPTIONS = {"emulate_precision_casts": True}
 
 @attrs.frozen
 class Runtime:
-    """How tuning runs on one device: compiled qdq halves or not, block forward compiled or not."""
+    """How tuning runs on one device: compiled qdq halves or not, block forward compiled or not,
+    steps replayed from a CUDA graph or not."""
 
     compile: bool
     compile_block: bool
+    cuda_graphs: bool = False
 
 
 def policy(accel: Accelerator, env: Optional[environment.Env] = None) -> Runtime:
@@ -50,7 +55,8 @@ def policy(accel: Accelerator, env: Optional[environment.Env] = None) -> Runtime
     by default, where lazy mode builds its own graphs, nor on the CPU)."""
     env = env or environment.read()
     cuda = accel.device.type == "cuda"
-    return Runtime(compile=env.compile if env.compile is not None else cuda, compile_block=cuda and env.compile_block)
+    return Runtime(compile=env.compile if env.compile is not None else cuda, compile_block=cuda and env.compile_block,
+                   cuda_graphs=cuda and env.cuda_graphs)
 
 
 _COMPILED: dict[str, Any] = {}  # per process: compiled functions are shared by every block
@@ -250,7 +256,18 @@ def tune(fn: Any, weights: Mapping[str, Tensor], specs: Mapping[str, QuantSpec],
          runtime: Optional[Runtime] = None) -> TuneResult:
     """Tune one block with the runtime this device gets (see the module docstring)."""
     runtime = runtime or policy(accel)
-    return tune_block(fn, weights, specs, inputs, targets, recipe,
-                      batches=step_batches(inputs, targets, recipe, accel, data_parallel),
-                      ops=qdq_ops(runtime, accel.device, next(iter(specs.values()), None)),
+    batches = step_batches(inputs, targets, recipe, accel, data_parallel)
+    ops = qdq_ops(runtime, accel.device, next(iter(specs.values()), None))
+    if runtime.cuda_graphs and data_parallel is None and recipe.gradient_accumulate_steps == 1 and specs:
+        return graphs.tune_graphed(fn, weights, specs, recipe, batches, ops=ops, stream=_side_stream(accel.device))
+    return tune_block(fn, weights, specs, inputs, targets, recipe, batches=batches, ops=ops,
                       reduce=None if data_parallel is None else data_parallel.reduce)
+
+
+def _side_stream(device: torch.device) -> Any:
+    """One stream per device for the graphs' warm-up and capture (CUDA graphs capture off the
+    default stream)."""
+    key = f"stream:{device}"
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.cuda.Stream(device)
+    return _COMPILED[key]

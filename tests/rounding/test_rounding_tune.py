@@ -91,6 +91,7 @@ def test_donated_step_equals_a_non_donated_one_and_never_touches_its_input(reduc
     codes = {k: c.clone() for k, c in s0.best.codes.items()}
     parts = next(sr.step_batches(inputs, targets, recipe))
     s1, l1 = sr.step(_mlp_block, weights, prepared, SPECS, s0, parts, reduce=fn)
+    assert int(s0.opt.step) == 1  # the step count is state too: not advanced in the input
     for k in SPECS:
         assert all(torch.equal(a, b) for a, b in zip(snapshot[k].tensors(), s0.params[k].tensors()))
         assert torch.equal(codes[k], s0.best.codes[k])
@@ -100,6 +101,7 @@ def test_donated_step_equals_a_non_donated_one_and_never_touches_its_input(reduc
         assert all(torch.equal(a, b) for a, b in zip(s1.params[k].tensors(), s2.params[k].tensors()))
         assert torch.equal(s1.best.codes[k], s2.best.codes[k])
         assert s2.params[k].v.data_ptr() == s0.params[k].v.data_ptr()  # donated: the same buffer
+    assert s2.opt.step.data_ptr() == s0.opt.step.data_ptr()  # a graph replay advances the same buffer
 
 
 def test_same_seed_same_result_and_inputs_untouched():

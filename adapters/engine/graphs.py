@@ -1,0 +1,165 @@
+"""Tuning steps replayed from one CUDA graph per block (runtime policy; `SIGNROUND_CUDA_GRAPHS`).
+
+On small blocks the GPU finishes a step long before Python has launched it: at SmolLM2-135M's
+block dimensions a step is ~2.4 ms of kernels behind ~10 ms of host work (dispatch, autograd, the
+compiled qdq halves' wrappers). A donated fused step (`rounding.tune.step(..., donate=True)` on one
+sub-batch) touches only buffers it is handed: the state's params, optimizer step count and best
+iterate, updated in place, and the batch. So it can be captured once and replayed: the first
+`WARMUP` steps run eagerly (they are real steps, and they compile and allocate everything), the
+next one is captured with the batch in static buffers, and every later step copies its rows into
+those buffers and replays. The kernels and their order are those of the eager step, so the
+values are the eager path's (checked on the GPU by `tests/bench/gpu_graphs.py`).
+
+Not captured (eager as before): gradient accumulation, data parallelism (the cross-rank reduce
+synchronises the host), devices other than CUDA. A capture that fails (an op in the block that
+synchronises or reads the host) warns once and the process goes on eagerly: the values are the
+same either way.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from signround.rounding import BlockInputs, QdqOps, QuantSpec, Recipe, StepParts, TuneResult
+from signround.rounding.tune import BlockFn, TuneState, init, optimizer_for, prepare, result, step
+
+WARMUP = 3  # eager steps before the capture: the compiled halves and every buffer exist by then
+
+#: capture(fn, stream) -> replay: records fn's kernels without running them; replay() runs them
+#: and returns fn's (static) output
+Capture = Callable[[Callable[[], Tensor], Any], Callable[[], Tensor]]
+
+_FAILED: dict[str, str] = {}  # per process: the first capture failure turns graphs off
+
+
+def cuda_capture(fn: Callable[[], Tensor], stream: Any) -> Callable[[], Tensor]:
+    """One CUDA graph of `fn`'s kernels (captured on `stream`)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        out = fn()
+
+    def replay() -> Tensor:
+        graph.replay()
+        return out
+
+    replay.graph = graph  # type: ignore[attr-defined]  # the graph lives as long as its replay
+    return replay
+
+
+def deferred_capture(fn: Callable[[], Tensor], stream: Any) -> Callable[[], Tensor]:
+    """A stand-in for `cuda_capture` off CUDA (tests): records nothing, each replay runs `fn`
+    again on the same static buffers, as a graph replay would."""
+    return fn
+
+
+def _static(parts: Sequence[tuple[BlockInputs, Tensor]]) -> list[tuple[BlockInputs, Tensor]]:
+    """Buffers for one step's batch, of its shapes (shared inputs are the same every step)."""
+    out = []
+    for batch, target in parts:
+        out.append((BlockInputs(hidden=batch.hidden.clone(), per_sample={k: v.clone() for k, v in batch.per_sample.items()},
+                                shared=batch.shared,
+                                loss_mask=None if batch.loss_mask is None else batch.loss_mask.clone()),
+                    target.clone()))
+    return out
+
+
+def _fill(static: Sequence[tuple[BlockInputs, Tensor]], parts: Sequence[tuple[BlockInputs, Tensor]]) -> bool:
+    """Copy a step's batch into the static buffers; False when its shapes differ (then it runs eagerly)."""
+    if len(static) != len(parts):
+        return False
+    pairs = []
+    for (sb, st), (b, t) in zip(static, parts):
+        if sb.per_sample.keys() != b.per_sample.keys() or (sb.loss_mask is None) != (b.loss_mask is None):
+            return False
+        pairs += [(sb.hidden, b.hidden), (st, t)] + [(sb.per_sample[k], b.per_sample[k]) for k in sb.per_sample]
+        if sb.loss_mask is not None:
+            pairs.append((sb.loss_mask, b.loss_mask))
+    if any(d.shape != s.shape or d.dtype != s.dtype for d, s in pairs):
+        return False
+    for dst, src in pairs:
+        dst.copy_(src, non_blocking=True)
+    return True
+
+
+def capturable(parts: StepParts) -> bool:
+    """A step the fused in-place path runs: one sub-batch holding all of the step's samples."""
+    subs, total = parts
+    return len(subs) == 1 and subs[0][0].num_samples == total
+
+
+def tune_graphed(block_fn: BlockFn, weights: Mapping[str, Tensor], specs: Mapping[str, QuantSpec],
+                 recipe: Recipe, batches: Iterable[StepParts], *, ops: QdqOps = QdqOps(),
+                 capture: Capture = cuda_capture, stream: Any = None, warmup: int = WARMUP) -> TuneResult:
+    """`rounding.tune_block` with every step after the first `warmup` replayed from one capture.
+
+    The loop is the core's public steps (prepare, init, step, result); only how a step is launched
+    changes. `stream`: the CUDA stream the warm-up and the capture run on (a side stream, as CUDA
+    graphs require); replays run on the caller's stream."""
+    prepared = prepare(weights, specs)
+    state = init(prepared, specs, recipe, optimizer_for(recipe))
+    losses: list[Tensor] = []
+    replay: Optional[Callable[[], Tensor]] = None
+    static: Optional[list[tuple[BlockInputs, Tensor]]] = None
+
+    def eager(parts: StepParts) -> None:
+        nonlocal state
+        if stream is None:
+            state, loss = step(block_fn, weights, prepared, specs, state, parts, ops=ops, donate=True)
+        else:  # on the side stream, ordered after the batch's copies and before what follows
+            main = torch.cuda.current_stream(stream.device)
+            stream.wait_stream(main)
+            with torch.cuda.stream(stream):
+                state, loss = step(block_fn, weights, prepared, specs, state, parts, ops=ops, donate=True)
+            main.wait_stream(stream)
+        losses.append(loss)
+
+    for parts in batches:
+        if (replay is None and len(losses) < warmup) or not capturable(parts) or "graphs" in _FAILED:
+            eager(parts)
+            continue
+        if replay is None:
+            static, total, captured = _static(parts[0]), parts[1], state
+
+            def one_step() -> Tensor:
+                _, loss = step(block_fn, weights, prepared, specs, captured, (static, total), ops=ops, donate=True)
+                return loss
+
+            try:
+                if stream is not None:
+                    stream.wait_stream(torch.cuda.current_stream(stream.device))
+                replay = capture(one_step, stream)
+                if stream is not None:
+                    torch.cuda.current_stream(stream.device).wait_stream(stream)
+            except Exception as exc:  # noqa: BLE001 - anything the block does that a graph cannot hold
+                _FAILED["graphs"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                warnings.warn(f"CUDA graph capture of the tuning step failed ({_FAILED['graphs']}); running "
+                              "eagerly (same values)", RuntimeWarning, stacklevel=2)
+                if stream is not None:
+                    torch.cuda.synchronize(stream.device)  # raises if the failed capture broke the context
+                eager(parts)
+                continue
+        assert static is not None
+        if not _fill(static, parts[0]):
+            eager(parts)
+            continue
+        losses.append(replay().clone())  # the replay's loss buffer is overwritten by the next one
+    if recipe.iters == 0 or not losses:
+        nan = float("nan")
+        return TuneResult(quantized=result(state, prepared, specs, recipe), params=state.params,
+                          losses=torch.zeros(0), best_loss=nan, first_loss=nan, iters=0)
+    history = torch.stack(losses).float().cpu()  # one host sync, after the loop
+    best = float(history.min()) if recipe.use_best else float(history[-1])
+    return TuneResult(quantized=result(state, prepared, specs, recipe), params=dict(state.params), losses=history,
+                      best_loss=best, first_loss=float(history[0]), iters=len(losses))
+
+
+def failure() -> Optional[str]:
+    """Why graphs were turned off in this process (None while they work)."""
+    return _FAILED.get("graphs")
+
+
+__all__ = ["Capture", "WARMUP", "capturable", "cuda_capture", "deferred_capture", "failure", "tune_graphed"]
