@@ -1,4 +1,4 @@
-"""Tuning steps replayed from one CUDA graph per block (runtime policy; `SIGNROUND_CUDA_GRAPHS`).
+"""Tuning steps replayed from one CUDA graph per block (runtime policy: when, in `runtime.py`).
 
 On small blocks the GPU finishes a step long before Python has launched it: at SmolLM2-135M's
 block dimensions a step is ~2.4 ms of kernels behind ~10 ms of host work (dispatch, autograd, the
@@ -8,7 +8,9 @@ iterate, updated in place, and the batch. So it can be captured once and replaye
 `WARMUP` steps run eagerly (they are real steps, and they compile and allocate everything), the
 next one is captured with the batch in static buffers, and every later step copies its rows into
 those buffers and replays. The kernels and their order are those of the eager step, so the
-values are the eager path's (checked on the GPU by `tests/bench/gpu_graphs.py`).
+values are the eager path's: on an H200 every saved tensor and block loss was equal at SmolLM2's
+and Qwen2-VL-2B's block dimensions (`tests/bench/gpu_graphs.py`), and a SmolLM2-shaped block
+took 0.36 s instead of 2.59 s.
 
 Not captured (eager as before): gradient accumulation, data parallelism (the cross-rank reduce
 synchronises the host), devices other than CUDA. A capture that fails (an op in the block that

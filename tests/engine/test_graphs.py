@@ -95,6 +95,14 @@ def test_the_runtime_uses_graphs_only_when_asked_on_cuda(monkeypatch):
     monkeypatch.setenv("SIGNROUND_CUDA_GRAPHS", "1")
     assert env.read().cuda_graphs
     assert runtime.policy(resolve("cpu")).cuda_graphs is False  # CUDA graphs are CUDA's
+    small, large = {"w": torch.zeros(4, 4)}, {"w": torch.zeros(1, runtime.GRAPHS_MAX_WEIGHTS + 1)}
+    spec = {"w": QuantSpec()}
+    auto = runtime.Runtime(compile=True, compile_block=False, cuda_graphs=None)  # CUDA, variable unset
+    assert runtime.uses_graphs(auto, small, spec) and not runtime.uses_graphs(auto, large, spec)
+    forced = runtime.Runtime(compile=True, compile_block=False, cuda_graphs=True)
+    assert runtime.uses_graphs(forced, large, spec) and not runtime.uses_graphs(forced, small, {})
+    off = runtime.Runtime(compile=True, compile_block=False, cuda_graphs=False)
+    assert not runtime.uses_graphs(off, small, spec)
     monkeypatch.setenv("SIGNROUND_CUDA_GRAPHS", "maybe")
     with pytest.raises(ValueError, match="SIGNROUND_CUDA_GRAPHS"):
         env.read()
