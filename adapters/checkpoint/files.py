@@ -378,7 +378,12 @@ def _conversions(model: nn.Module, *, for_saving: bool) -> tuple[list, list]:
     if for_saving:
         conv = getattr(model, "_weight_conversions", None)
         if conv is None:
-            conv = [c for c in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(c, PrefixChange)]
+            # A prefix change scoped to a sub-model (CLIP / SigLIP towers of LLaVA and Gemma-3 drop
+            # `vision_model.`) is reversed too, so the tower is saved under its original checkpoint names
+            # (`vision_tower.vision_model.encoder.…`, which vLLM's loader requires); the model-wide ones
+            # are covered by the legacy renamings.
+            conv = [c for c in get_model_conversion_mapping(model, add_legacy=False)
+                    if not isinstance(c, PrefixChange) or getattr(c, "scope_prefix", None)]
         transforms = [c.reverse_transform() for c in conv[::-1]]
     else:
         transforms = get_model_conversion_mapping(model)
