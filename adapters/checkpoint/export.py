@@ -267,8 +267,9 @@ def _export_gguf(model: nn.Module, layer_results: Mapping[str, HasGrid], tmp: Pa
 
     packed = _pack(model, layer_results, choose_packing(fmt, global_spec(layer_results)))  # inplace=True keeps these
     name = f"model-{fmt.split(':', 1)[1]}.gguf"
-    write_gguf(model, {n: ql.quantized_weight() for n, ql in packed.items()}, tmp / name, fmt, tokenizer=side_files[0])
-    return packed, {"quant_method": GGUF_METHOD, "gguf_file": name}
+    requant = write_gguf(model, {n: ql.quantized_weight() for n, ql in packed.items()}, tmp / name, fmt,
+                         tokenizer=side_files[0])
+    return packed, {"quant_method": GGUF_METHOD, "gguf_file": name, **({"requantization": requant} if requant else {})}
 
 
 def _export_one(model: nn.Module, layer_results: Mapping[str, HasGrid], tmp: Path, fmt: str, *,

@@ -30,6 +30,14 @@ GGUF_METHOD = "gguf"  # llama.cpp's single-file format (adapters/checkpoint/gguf
 #: GGUF block types that hold a SignRound grid exactly: name -> (bits, sym), 32 weights per block
 GGUF_TYPES: Mapping[str, tuple[int, bool]] = {"q4_0": (4, True), "q4_1": (4, False), "q8_0": (8, True)}
 GGUF_BLOCK = 32
+#: llama.cpp k-quant types: name -> the SignRound grid (bits, sym, group_size) mapped onto it. Their
+#: 256-weight super-blocks re-quantize the group scales to 6/8/4-bit sub-block scales and re-round the
+#: codes (`gguf_kquants.py`): not exact, and only the k-quant formats below write them
+GGUF_KTYPES: Mapping[str, tuple[int, bool, int]] = {"q4_k": (4, False, 32), "q6_k": (6, True, 16),
+                                                    "q2_k": (2, False, 16)}
+GGUF_SUPER_BLOCK = 256
+#: k-quant formats -> the k types each writes (its llama.cpp mix; `gguf.llama_cpp_mix` gives the plan)
+GGUF_KFORMATS: Mapping[str, tuple[str, ...]] = {"q4_k_m": ("q4_k", "q6_k"), "q2_k_s": ("q2_k", "q4_k", "q6_k")}
 _GPTQ_BITS = (2, 3, 4, 5, 6, 7, 8)  # the bit stream of rounding/pack.py holds any width
 
 
@@ -149,8 +157,9 @@ class ExportFormat:
             if not bad:
                 return None
             grids = sorted({_grid_name(s) for _, s in bad})
+            exact = self.name.split(":", 1)[-1] not in GGUF_KFORMATS
             return (f"format {self.name!r}: {len(bad)} layer(s) (e.g. {bad[0][0]}) have grids {', '.join(grids)} with no "
-                    f"exact GGUF type; {GGUF_HOLDS}")
+                    f"{'exact GGUF type' if exact else 'GGUF type in this format'}; {_k_holds(self.name)}")
         if self.refuse_w8_asym:
             w8 = sorted(n for n, s in layer_specs.items() if s.bits == 8 and not s.sym)
             if w8:
@@ -172,6 +181,8 @@ EXPORT_FORMATS: Mapping[str, ExportFormat] = {f.name: f for f in (
     ExportFormat("compressed_tensors", COMPRESSED_METHOD, "quantization_config.json", refuse_w8_asym=False),
     # the text decoder as one .gguf file; the type names the file type, each layer gets the type of its grid
     *(ExportFormat(f"gguf:{t}", GGUF_METHOD, "", refuse_w8_asym=False) for t in GGUF_TYPES),
+    # k-quant files: the type names llama.cpp's mix; each layer's grid picks its (re-quantized) k type
+    *(ExportFormat(f"gguf:{t}", GGUF_METHOD, "", refuse_w8_asym=False) for t in GGUF_KFORMATS),
 )}
 FORMAT_NAMES = tuple(EXPORT_FORMATS)
 #: the formats that write a Hugging Face directory with a `quantization_config` (not GGUF's one file)
@@ -183,19 +194,44 @@ def _grid_name(spec: QuantSpec) -> str:
     return f"W{spec.bits} g{spec.group_size} {'sym' if spec.sym else 'asym'}"
 
 
-GGUF_HOLDS = ("GGUF blocks hold " + ", ".join(f"W{b} {'sym' if sym else 'asym'} g{GGUF_BLOCK} ({t})"
-                                              for t, (b, sym) in GGUF_TYPES.items())
-              + " (the k-quants' sub-block scales do not hold SignRound's fp16 scales)")
+_GGUF_EXACT = ", ".join(f"W{b} {'sym' if sym else 'asym'} g{GGUF_BLOCK} ({t})" for t, (b, sym) in GGUF_TYPES.items())
+GGUF_HOLDS = (f"GGUF blocks hold {_GGUF_EXACT} exactly (the k-quant formats "
+              + ", ".join(f"gguf:{t}" for t in GGUF_KFORMATS) + " re-quantize SignRound's fp16 scales)")
+
+
+def _k_holds(fmt: str) -> str:
+    kinds = GGUF_KFORMATS.get(fmt.split(":", 1)[-1], ())
+    if not kinds:
+        return GGUF_HOLDS
+    ks = ", ".join(f"W{b} {'sym' if sym else 'asym'} g{g} ({t}, scales re-quantized)"
+                   for t, (b, sym, g) in GGUF_KTYPES.items() if t in kinds)
+    return f"{fmt} writes {ks}; exactly: {_GGUF_EXACT}"
+
+
+def gguf_type(fmt: str, spec: QuantSpec, in_features: int | None = None) -> str | None:
+    """The GGUF type a layer of grid `spec` gets in format `fmt` (None: none). A k-quant format
+    writes its k types (`GGUF_KFORMATS`) where in_features is a multiple of 256, and the exact
+    types (`GGUF_TYPES`) otherwise: a W4 asym g32 layer of in_features 576 is Q4_1, as it is."""
+    kinds = GGUF_KFORMATS.get(fmt.split(":", 1)[-1], ())
+    k = next((t for t in kinds if GGUF_KTYPES[t] == (spec.bits, spec.sym, spec.group_size)), None)
+    if k is not None and (in_features is None or in_features % GGUF_SUPER_BLOCK == 0):
+        return k
+    return next((t for t, (bits, sym) in GGUF_TYPES.items()
+                 if (spec.bits, spec.sym, spec.group_size) == (bits, sym, GGUF_BLOCK)), None)
 
 
 def gguf_problems(fmt: str, layers: Iterable[tuple[str, int | None, QuantSpec]]) -> list[str]:
-    """Why layers (name, in_features or None, grid) cannot go into GGUF format `fmt` exactly: each
-    grid must be one of `GGUF_TYPES` with group_size 32 (and in_features a multiple of 32)."""
+    """Why layers (name, in_features or None, grid) cannot go into GGUF format `fmt`: each grid
+    must have a type there (`gguf_type`), and in_features fit its blocks (32, or 256 for a k type)."""
     out = []
+    exact = fmt.split(":", 1)[-1] not in GGUF_KFORMATS
     for name, in_features, spec in layers:
-        ok = spec.group_size == GGUF_BLOCK and (spec.bits, spec.sym) in GGUF_TYPES.values()
-        if not ok:
-            out.append(f"{name}: {_grid_name(spec)} has no exact GGUF type for {fmt} ({GGUF_HOLDS})")
+        if gguf_type(fmt, spec) is None:
+            out.append(f"{name}: {_grid_name(spec)} has no {'exact ' if exact else ''}GGUF type for {fmt} "
+                       f"({_k_holds(fmt)})")
+        elif in_features is not None and gguf_type(fmt, spec, in_features) is None:
+            out.append(f"{name}: in_features {in_features} is not a multiple of {GGUF_SUPER_BLOCK} (the "
+                       f"{gguf_type(fmt, spec)} super-block), and {_grid_name(spec)} has no 32-weight GGUF type")
         elif in_features is not None and in_features % GGUF_BLOCK:
             out.append(f"{name}: in_features {in_features} is not a multiple of {GGUF_BLOCK} (GGUF blocks)")
     return out

@@ -12,11 +12,13 @@ hyper-parameters llama.cpp reads for the family, the tokenizer (byte-level BPE, 
 | Q8_0 | 8-bit sym, w = s·(q − 128) | fp16 d = s, 32 int8 q − 128 | d·q |
 
 Q4_0 and Q8_0 hold our codes and fp16 scales exactly; Q4_1 rounds m = −s·z to fp16 (the codes
-and d are exact). Full-precision Linears and embeddings are F16, norms and biases F32.
+and d are exact). The k-quant formats (`gguf:q4_k_m`, `gguf:q2_k_s`) also write Q4_K / Q6_K / Q2_K
+for W4 asym g32 / W6 sym g16 / W2 asym g16 layers whose in_features is a multiple of 256: their
+sub-block scales are re-quantized and the codes re-rounded (`gguf_kquants.py`), which is not
+exact; `write_gguf` warns with the error it adds and stores it in the file
+(``signround.requantization``). Full-precision Linears and embeddings are F16, norms and biases F32.
 Llama/Mistral q and k rows are permuted to llama.cpp's rotary layout (pairs interleaved), as its
-converter does; Qwen2 keeps HF's (NeoX) layout. The k-quants (Q4_K, Q2_K, …) are not written:
-their 256-weight super-blocks store 6/4-bit sub-block scales relative to one fp16 scale, so
-SignRound's fp16 group scales do not map onto them without re-quantizing the scales.
+converter does; Qwen2 keeps HF's (NeoX) layout.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from signround.adapters.checkpoint.formats import GGUF_TYPES
+from signround.adapters.checkpoint import gguf_kquants
+from signround.adapters.checkpoint.formats import GGUF_KFORMATS, GGUF_KTYPES, GGUF_TYPES, gguf_problems, gguf_type
 from signround.rounding.grid import QuantizedWeight
 
 #: model_type -> (gguf architecture, q/k rows permuted to llama.cpp's rotary layout)
@@ -73,10 +76,45 @@ def encode_blocks(qw: QuantizedWeight, type_name: str) -> np.ndarray:
     return np.concatenate(parts, axis=-1).reshape(n, -1)
 
 
-def type_of(spec: Any) -> str | None:
-    """The GGUF type holding a grid exactly, or None."""
-    return next((t for t, (bits, sym) in GGUF_TYPES.items()
-                 if spec.bits == bits and spec.sym == sym and spec.group_size == 32), None)
+def encode_kquant(qw: QuantizedWeight, type_name: str) -> gguf_kquants.KBlocks:
+    """The k-quant blocks of one layer and what re-quantization changed (`gguf_kquants`)."""
+    codes, scale = qw.codes.to(torch.int32).numpy(), qw.scale.float().numpy()
+    if type_name == "q6_k":
+        return gguf_kquants.encode_q6_k(codes, scale)
+    encode = {"q4_k": gguf_kquants.encode_q4_k, "q2_k": gguf_kquants.encode_q2_k}[type_name]
+    return encode(codes, scale, qw.zero.to(torch.int32).numpy())
+
+
+def llama_cpp_mix(fmt: str, num_layers: int, n_gqa: int = 1) -> dict[str, dict[str, Any]]:
+    """llama.cpp's mix for a k-quant format as a `layer_config` (regex keys; llama-quant.cpp's
+    `llama_tensor_get_type`), so SignRound tunes those layers at the grid they are stored in.
+
+    q4_k_m: attn_v and ffn_down of the `use_more_bits` layers (the first and last eighth, and every
+    third between) are Q6_K (W6 sym g16), the rest Q4_K. q2_k_s: ffn_down of the first eighth, and
+    attn_v when n_gqa >= 4, are Q4_K (W4 asym g32), the rest Q2_K. llama.cpp's Q6_K output /
+    tied embedding is not here: we keep the embeddings and an unquantized lm_head F16.
+
+    With 8 layers, q4_k_m's Q6_K layers are 0, 3, 6 and 7; with 30 (SmolLM2-135M) 0-2, 5, 8, …, 23, 26-29.
+    """
+    main = fmt.split(":", 1)[-1]
+    if main not in GGUF_KFORMATS:
+        raise ValueError(f"{fmt!r} is not a k-quant GGUF format ({', '.join('gguf:' + k for k in GGUF_KFORMATS)})")
+
+    def grid(t: str) -> dict[str, Any]:
+        bits, sym, group = GGUF_KTYPES[t]
+        return {"bits": bits, "group_size": group, "sym": sym}
+
+    def key(layers: list[int], module: str) -> str:
+        return rf"\.layers\.({'|'.join(map(str, layers))})\.{module}$"
+
+    n = num_layers
+    if main == "q4_k_m":
+        more = [i for i in range(n) if i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2]
+        return {key(more, r"self_attn\.v_proj"): grid("q6_k"), key(more, r"mlp\.down_proj"): grid("q6_k")}
+    mix = {key(list(range(n // 8)), r"mlp\.down_proj"): grid("q4_k")} if n >= 8 else {}
+    if n_gqa >= 4:
+        mix[r"\.self_attn\.v_proj$"] = grid("q4_k")
+    return mix
 
 
 def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -121,15 +159,20 @@ def _add_tokenizer(writer: Any, tokenizer: Any) -> bool:
 
 
 def write_gguf(model: nn.Module, qweights: Mapping[str, QuantizedWeight], path: Path, fmt: str,
-               tokenizer: Any = None) -> Path:
+               tokenizer: Any = None) -> dict[str, Any]:
     """Write the text decoder of `model` to `path` (a .gguf file). qweights: module name → its codes
-    and grid (every quantized layer, each a GGUF type: `formats.gguf_problems`)."""
+    and grid (every quantized layer, each a GGUF type: `formats.gguf_problems`). Returns the
+    requantization report: {module: {type, rel_mse, codes_changed}} for each k-quant layer, and the
+    layers a k-quant format wrote as an exact 32-weight type (``exact``)."""
     gguf = _gguf()
     cfg = model.config
     model_type = getattr(cfg, "model_type", "")
     if model_type not in GGUF_ARCHS:
         raise NotImplementedError(f"GGUF export covers {sorted(GGUF_ARCHS)} text decoders, not {model_type!r}")
     arch, permute = GGUF_ARCHS[model_type]
+    problems = gguf_problems(fmt, [(n, qw.codes.shape[1], qw.spec) for n, qw in qweights.items()])
+    if problems:  # in_features is only known here when the plan was not checked against llama.cpp
+        raise ValueError(f"{path.name}: " + "; ".join(problems))
     n_head, n_kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
     main = fmt.split(":", 1)[1]
@@ -156,6 +199,8 @@ def write_gguf(model: nn.Module, qweights: Mapping[str, QuantizedWeight], path: 
                       "loader reads the weights without it)", stacklevel=4)
     names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), cfg.num_hidden_layers)
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    report: dict[str, Any] = {}
+    exact: list[str] = []
     for key, tensor in model.state_dict().items():
         if tied and key.startswith("lm_head."):
             continue
@@ -171,18 +216,49 @@ def write_gguf(model: nn.Module, qweights: Mapping[str, QuantizedWeight], path: 
             qw = qweights[module]
             if needs_permute:
                 qw = QuantizedWeight(_permute(qw.codes, rows), _permute(qw.scale, rows), _permute(qw.zero, rows), qw.spec)
-            type_name = type_of(qw.spec)
+            type_name = gguf_type(fmt, qw.spec, qw.codes.shape[1])
             assert type_name is not None, module
-            writer.add_tensor(target, encode_blocks(qw, type_name),
-                              raw_dtype=getattr(gguf.GGMLQuantizationType, type_name.upper()))
+            if type_name in GGUF_KTYPES:
+                kb = encode_kquant(qw, type_name)
+                data = kb.blocks
+                report[module] = {"type": type_name, "rel_mse": kb.rel_mse, "codes_changed": kb.codes_changed}
+            else:
+                data = encode_blocks(qw, type_name)
+                if main in GGUF_KFORMATS:
+                    exact.append(module)
+            writer.add_tensor(target, data, raw_dtype=getattr(gguf.GGMLQuantizationType, type_name.upper()))
             continue
         t = tensor.detach().float()
         if needs_permute:
             t = _permute(t, rows)
         data = t.numpy().astype(np.float16 if t.dim() == 2 else np.float32)
         writer.add_tensor(target, data)
+    summary = {"layers": report, "exact": exact} if main in GGUF_KFORMATS else {}
+    if summary:
+        import json
+
+        writer.add_string("signround.requantization", json.dumps(summary))
+        warnings.warn(_requant_message(path.name, fmt, report, exact), stacklevel=4)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return path
+    return summary
+
+
+def _requant_message(name: str, fmt: str, report: Mapping[str, Mapping[str, Any]], exact: list[str]) -> str:
+    """One line saying what a k-quant export changed against SignRound's grid."""
+    parts = []
+    for t in sorted({r["type"] for r in report.values()}):
+        rows = [(n, r) for n, r in report.items() if r["type"] == t]
+        worst = max(rows, key=lambda nr: nr[1]["rel_mse"])
+        mean = sum(r["rel_mse"] for _, r in rows) / len(rows)
+        changed = sum(r["codes_changed"] for _, r in rows) / len(rows)
+        parts.append(f"{len(rows)} layer(s) {t.upper()}: relative MSE vs SignRound's grid mean {mean:.2e}, max "
+                     f"{worst[1]['rel_mse']:.2e} ({worst[0]}), {changed:.2%} of codes re-rounded")
+    if exact:
+        parts.append(f"{len(exact)} layer(s) written exactly as 32-weight blocks (in_features not a multiple of "
+                     f"256, e.g. {exact[0]})")
+    return (f"{name}: {fmt} re-quantizes SignRound's fp16 group scales to the k-quants' sub-block scales and "
+            "re-rounds the codes against them; " + "; ".join(parts)
+            + " (report: the file's signround.requantization key)")
