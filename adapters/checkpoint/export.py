@@ -114,14 +114,24 @@ def _packed_state_dict(model: nn.Module, packed: Mapping[str, QuantLinear],
 
 def _checkpoint_state(model: nn.Module, state: dict[str, Tensor], quantized_keys: set[str]) -> dict[str, Tensor]:
     """Rename to checkpoint keys as `save_pretrained` would (transformers ≥ 5 reverts its renamings)."""
-    plain = {k: v for k, v in state.items() if k not in quantized_keys}
-    try:
-        from transformers.core_model_loading import revert_weight_conversion
-        plain = revert_weight_conversion(model, plain)
-    except ImportError:
-        pass
     namer = to_checkpoint_namer(model)
-    out = dict(plain)
+    # Plain tensors take the namer's names too (it also restores a sub-model's dropped prefix, e.g.
+    # CLIP's `vision_model.`); those stored through a conversion op go through transformers' revert.
+    plain, converted_keys = {}, {}
+    for k, v in state.items():
+        if k not in quantized_keys:
+            new, converted = namer(k)
+            if converted:
+                converted_keys[k] = v
+            else:
+                plain[new] = v
+    if converted_keys:
+        try:
+            from transformers.core_model_loading import revert_weight_conversion
+            converted_keys = revert_weight_conversion(model, converted_keys)
+        except ImportError:
+            pass
+    out = {**plain, **converted_keys}
     for key in quantized_keys & state.keys():
         new, converted = namer(key)
         if converted:
