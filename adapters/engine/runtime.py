@@ -68,19 +68,52 @@ def policy(accel: Accelerator, env: Optional[environment.Env] = None) -> Runtime
 _COMPILED: dict[str, Any] = {}  # per process: compiled functions are shared by every block
 
 
+def _qdq_fwd(grouped: Tensor, wmin: Tensor, wmax: Tensor, v: Tensor, alpha: Tensor, beta: Tensor, spec: QuantSpec,
+             dtype: torch.dtype) -> Tensor:
+    return qdq_tensors(grouped, wmin, wmax, v, alpha, beta, spec, v.shape[1], dtype)
+
+
+def _qdq_vjp(grouped: Tensor, wmin: Tensor, wmax: Tensor, v: Tensor, alpha: Tensor, beta: Tensor, spec: QuantSpec,
+             dtype: torch.dtype, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return qdq_vjp_functional(grouped, wmin, wmax, v, alpha, beta, spec, v.shape[1], dtype, grad)
+
+
+def _dynamic(grouped: Tensor, *per_layer: Tensor) -> None:
+    """Layer dims symbolic from the first call, the group size constant: one graph for every layer
+    shape. (Automatic dynamic shapes would compile the probe's shape static, then recompile for the
+    first new out dim and again for the first new in dim: three compiles per half instead of one.)
+    A constant group size keeps the per-element group index a shift instead of a 64-bit division
+    (12x slower kernels)."""
+    torch._dynamo.maybe_mark_dynamic(grouped, 0)
+    torch._dynamo.maybe_mark_dynamic(grouped, 1)
+    torch._dynamo.mark_static(grouped, 2)
+    for t in per_layer:
+        torch._dynamo.maybe_mark_dynamic(t, 0)
+        torch._dynamo.maybe_mark_dynamic(t, 1)
+
+
 def _compiled_ops() -> QdqOps:
     if "ops" not in _COMPILED:
-        # Automatic dynamic shapes: the first layer shape compiles static, the next one once more with
-        # the dims that changed symbolic (out/in/groups); the group size stays a constant, which keeps
-        # the per-element group index a shift instead of a 64-bit division (12x slower kernels).
-        fwd = torch.compile(qdq_tensors, options=COMPILE_OPTIONS)
-        vjp = torch.compile(qdq_vjp_functional, options=COMPILE_OPTIONS)
+        fwd = torch.compile(_qdq_fwd, options=COMPILE_OPTIONS)
+        vjp = torch.compile(_qdq_vjp, options=COMPILE_OPTIONS)
 
-        def forward(*args: Any) -> Tensor:
+        def forward(grouped: Tensor, wmin: Tensor, wmax: Tensor, v: Tensor, alpha: Tensor, beta: Tensor,
+                    spec: QuantSpec, in_features: int, dtype: torch.dtype) -> Tensor:
+            if v.shape[1] != in_features:  # v kept grouped: not a shape the engine makes
+                return qdq_forward(grouped, wmin, wmax, v, alpha, beta, spec, in_features, dtype)
+            _dynamic(grouped, wmin, wmax, v, alpha, beta)
             with torch.no_grad():
-                return fwd(*args)
+                return fwd(grouped, wmin, wmax, v, alpha, beta, spec, dtype)
 
-        _COMPILED["ops"] = QdqOps(forward=forward, vjp=vjp)
+        def backward(grouped: Tensor, wmin: Tensor, wmax: Tensor, v: Tensor, alpha: Tensor, beta: Tensor,
+                     spec: QuantSpec, in_features: int, dtype: torch.dtype, grad: Tensor,
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+            if v.shape[1] != in_features:
+                return qdq_vjp(grouped, wmin, wmax, v, alpha, beta, spec, in_features, dtype, grad)
+            _dynamic(grouped, wmin, wmax, v, alpha, beta, grad)
+            return vjp(grouped, wmin, wmax, v, alpha, beta, spec, dtype, grad)
+
+        _COMPILED["ops"] = QdqOps(forward=forward, vjp=backward)
     return _COMPILED["ops"]
 
 
