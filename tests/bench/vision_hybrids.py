@@ -27,6 +27,7 @@ import torch
 from signround import AutoRoundMLLM
 from signround.adapters.frontends.assets import build_demo_vlm, load_smollm2
 from signround.adapters.frontends.evaluate import multimodal_loss, perplexity
+from signround.adapters.hf.blocks import is_vision_name
 from signround.templating import calibration_batches, conversation_calibration, embedded_dataset, load_template
 from signround.templating.heldout import HELDOUT_TEXT
 
@@ -112,7 +113,7 @@ def main() -> None:
                            nsamples=args.nsamples, batch_size=4, dataset="embedded", progress=False, **extra)
         report = ar.quantize()
         seconds = time.perf_counter() - t0
-        vision = [b for b in report.blocks if "vision" in b.name]
+        vision = [b for b in report.blocks if is_vision_name(b.name)]
         rows[name] = {**_eval(m, ids, batches), "seconds": round(seconds, 1), "layers": len(report.layers),
                       "vision_blocks_rtn_loss": sum(b.loss_rtn or 0 for b in vision),
                       "vision_blocks_tuned_loss": sum(b.loss_tuned or 0 for b in vision)}
