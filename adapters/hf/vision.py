@@ -1,4 +1,7 @@
-"""Packed vision towers (Qwen2-VL, Qwen2.5-VL): their block calls split into per-image units.
+"""Vision towers in block-wise tuning: packed towers split into images, Mllama's image slots and
+cross-attention states, and the modality-weighted text loss.
+
+Packed towers (Qwen2-VL, Qwen2.5-VL): their block calls split into per-image units.
 
 These blocks take every image's patches of a forward as one sequence `hidden [P, D]`, with
 `cu_seqlens` cutting it into the segments attention runs within (one per image and frame, or the
@@ -12,6 +15,10 @@ with zeros to the longest unit L, `loss_mask` [N, L] (1 = a real patch), and per
 `PackedLayout` whose per-sample inputs are the unit's rotary rows and the block's segment starts.
 `PackedLayout.build` packs a mini-batch back into one sequence (each unit's padding is a segment of
 its own, so it is never attended by a real patch) and `finish` unpacks the output to [B, L, D].
+
+Mllama: `fold_per_sample` stores its cross-attention states per sample; `image_rows` drops padded
+image slots from its vision lists and keeps padded tiles and patches out of their loss.
+`ModalityWeights` / `modality_positions`: `loss_weighting="modality"` for the text decoder.
 """
 
 from __future__ import annotations
