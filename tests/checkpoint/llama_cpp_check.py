@@ -6,8 +6,12 @@ builds from source, ~10 min on 2 cores, in its own venv). Results: spec/format.m
 
 `write`: a tiny model (hidden 128, 2 layers) with a byte-level BPE tokenizer trained on the shared
 eval text, RTN at the type's grid, exported as gguf:<type>, plus our greedy continuation of a
-prompt. `run`: llama.cpp tokenizes the prompt, evaluates it and greedy-decodes 8 tokens; prints
-both, and exits 1 when they differ.
+prompt. The k-quant types (q4_k_m, q2_k_s) use hidden 256 (a 256-weight super-block per row
+segment), 4 layers and llama.cpp's mix (`gguf.llama_cpp_mix`); as their blocks re-quantize
+SignRound's grid, `write` also records the continuation of our model holding the re-quantized
+weights (what the file claims), and `run` compares llama.cpp with both. `run`: llama.cpp tokenizes
+the prompt, evaluates it and greedy-decodes 8 tokens; prints both, and exits 1 when llama.cpp
+differs from the weights the file holds.
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ def write(root: Path, family: str, qtype: str) -> None:
     from tiny_models import tiny_text_model
 
     from signround.adapters.checkpoint.export import save_quantized
-    from signround.adapters.checkpoint.formats import GGUF_TYPES
+    from signround.adapters.checkpoint.formats import GGUF_KFORMATS, GGUF_TYPES
+    from signround.adapters.checkpoint.gguf import llama_cpp_mix
+    from signround.adapters.checkpoint.rules import match_rule
     from signround.rounding import QuantSpec
 
     text = (Path(__file__).resolve().parents[3] / "shared/data/wiki-eval.txt").read_text()[:200_000]
@@ -39,17 +45,54 @@ def write(root: Path, family: str, qtype: str) -> None:
     tk.train_from_iterator([text], trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>"],
                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
-    bits, sym = GGUF_TYPES[qtype]
     torch.manual_seed(0)
-    model = tiny_text_model(family, vocab_size=512, hidden_size=128, intermediate_size=256, num_attention_heads=4,
-                            num_key_value_heads=2, tie_word_embeddings=False)
-    results = rtn_state(model, QuantSpec(bits, 32, sym))
+    k = qtype in GGUF_KFORMATS
+    dims = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4) if k else dict(hidden_size=128,
+                                                                                          intermediate_size=256)
+    model = tiny_text_model(family, vocab_size=512, num_attention_heads=4, num_key_value_heads=2,
+                            tie_word_embeddings=False, **dims)
+    base = {"q4_k_m": QuantSpec(4, 32, False), "q2_k_s": QuantSpec(2, 16, False)}.get(qtype)
+    if base is None:
+        bits, sym = GGUF_TYPES[qtype]
+        base = QuantSpec(bits, 32, sym)
+    mix = llama_cpp_mix(f"gguf:{qtype}", model.config.num_hidden_layers) if k else {}
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    override = {n: QuantSpec(**rule.value) for n in names if (rule := match_rule(mix, n)) is not None}
+    results = rtn_state(model, base, override=override)
     out = root / f"{family}-{qtype}"
     save_quantized(model, results, out, format=f"gguf:{qtype}", inplace=False, tokenizer=tok, overwrite=True)
     ids = tok(PROMPT, return_tensors="pt").input_ids
+    record = {"prompt_ids": ids[0].tolist(), "greedy": _greedy(model, ids), "logits": _last_logits(model, ids)}
+    if k:  # the weights the file holds: each k layer dequantized as ggml does
+        from signround.adapters.checkpoint.formats import gguf_type
+        from signround.adapters.checkpoint.gguf import encode_kquant
+        from signround.rounding.grid import QuantizedWeight, from_groups, quantize_codes, to_groups
+
+        with torch.no_grad():
+            for name, r in results.items():
+                lin = model.get_submodule(name)
+                codes = quantize_codes(to_groups(lin.weight, r.spec.group_size), r.scale.float(), r.zero.float(), r.spec)
+                qw = QuantizedWeight(from_groups(codes, lin.in_features).int(), r.scale, r.zero, r.spec)
+                t = gguf_type(f"gguf:{qtype}", qw.spec, lin.in_features)
+                lin.weight.copy_(torch.from_numpy(encode_kquant(qw, t).dequantized))
+        record["greedy_file_weights"] = _greedy(model, ids)
+        record["logits_file_weights"] = _last_logits(model, ids)
+    (out / "ours.json").write_text(json.dumps(record))
+
+
+def _last_logits(model, ids) -> list[float]:  # type: ignore[no-untyped-def]
+    import torch
+
+    with torch.no_grad():
+        return model(ids).logits[0, -1].tolist()
+
+
+def _greedy(model, ids) -> list[int]:  # type: ignore[no-untyped-def]
+    import torch
+
     with torch.no_grad():
         gen = model.generate(ids, max_new_tokens=8, do_sample=False)
-    (out / "ours.json").write_text(json.dumps({"prompt_ids": ids[0].tolist(), "greedy": gen[0, ids.shape[1]:].tolist()}))
+    return gen[0, ids.shape[1]:].tolist()
 
 
 def run(root: Path, family: str, qtype: str) -> int:
@@ -61,13 +104,18 @@ def run(root: Path, family: str, qtype: str) -> int:
     llm = Llama(model_path=str(out / f"model-{qtype}.gguf"), n_ctx=64, n_threads=2, verbose=False, logits_all=True)
     ids = llm.tokenize(PROMPT.encode(), add_bos=False, special=False)
     llm.eval(ours["prompt_ids"])
+    last = np.asarray(llm.scores[llm.n_tokens - 1])
+    gap = {key: float(np.abs(last - np.asarray(ours[key])).max()) for key in ("logits", "logits_file_weights")
+           if key in ours}
     greedy = []
     for _ in range(8):
         greedy.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
         llm.eval([greedy[-1]])
-    same = ids == ours["prompt_ids"] and greedy == ours["greedy"]
+    held = ours.get("greedy_file_weights", ours["greedy"])
+    same = ids == ours["prompt_ids"] and greedy == held
     print(json.dumps({"family": family, "type": qtype, "tokenize_same": ids == ours["prompt_ids"],
-                      "llama_cpp": greedy, "ours": ours["greedy"], "same": same}))
+                      "llama_cpp": greedy, "ours": ours["greedy"], "ours_file_weights": held,
+                      "same_as_signround_grid": greedy == ours["greedy"], "max_abs_logit_gap": gap, "same": same}))
     return 0 if same else 1
 
 
