@@ -3,7 +3,7 @@
 | variable | meaning | default |
 |---|---|---|
 | `SIGNROUND_COMPILE` | torch.compile the tuning step's qdq and update (`0`/`1`) | on for CUDA only |
-| `SIGNROUND_COMPILE_BLOCK` | also torch.compile the block forward (`0`/`1`) | off |
+| `SIGNROUND_COMPILE_BLOCK` | also torch.compile the block forward (`0`/`1`) | on for CUDA blocks of > 24 M tuned weights |
 | `SIGNROUND_CUDA_GRAPHS` | replay each block's tuning steps from one CUDA graph (`0`/`1`) | on for CUDA blocks of ≤ 24 M tuned weights |
 | `SIGNROUND_CACHE` | where converted offline assets are cached | `~/.cache/signround` |
 | `SIGNROUND_COMMIT` | the commit a benchmark records when git cannot tell | none |
@@ -41,7 +41,7 @@ class Env:
     """A snapshot of the variables above (None = not set)."""
 
     compile: Optional[bool]
-    compile_block: bool
+    compile_block: Optional[bool]
     cuda_graphs: Optional[bool]
     cache_dir: Path
     commit: Optional[str]
@@ -54,7 +54,7 @@ def read() -> Env:
     """The environment as it is now."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    return Env(compile=_flag("SIGNROUND_COMPILE"), compile_block=bool(_flag("SIGNROUND_COMPILE_BLOCK")),
+    return Env(compile=_flag("SIGNROUND_COMPILE"), compile_block=_flag("SIGNROUND_COMPILE_BLOCK"),
                cuda_graphs=_flag("SIGNROUND_CUDA_GRAPHS"),
                cache_dir=Path(os.environ.get("SIGNROUND_CACHE", Path.home() / ".cache" / "signround")),
                commit=os.environ.get("SIGNROUND_COMMIT") or None, world_size=world, rank=rank,

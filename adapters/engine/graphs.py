@@ -13,9 +13,11 @@ and Qwen2-VL-2B's block dimensions (`tests/bench/gpu_graphs.py`), and a SmolLM2-
 took 0.36 s instead of 2.59 s.
 
 Not captured (eager as before): gradient accumulation, data parallelism (the cross-rank reduce
-synchronises the host), devices other than CUDA. A capture that fails (an op in the block that
-synchronises or reads the host) warns once and the process goes on eagerly: the values are the
-same either way.
+synchronises the host), devices other than CUDA, and blocks whose forward synchronises with the host
+(Qwen2-VL's vision attention splits by `cu_seqlens.tolist()`): the last warm-up step runs under
+torch's sync debug mode, and a block that synchronised is not captured. A capture that fails anyway
+warns once. Either way such blocks (blocks with the same layer names) then run eagerly: the values
+are the same.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ WARMUP = 3  # eager steps before the capture: the compiled halves and every buff
 #: and returns fn's (static) output
 Capture = Callable[[Callable[[], Tensor], Any], Callable[[], Tensor]]
 
-_FAILED: dict[str, str] = {}  # per process: the first capture failure turns graphs off
+_FAILED: dict[tuple, str] = {}  # per process and block layout (its tuned weight names): why not captured
 
 
 def cuda_capture(fn: Callable[[], Tensor], stream: Any) -> Callable[[], Tensor]:
@@ -56,6 +58,24 @@ def deferred_capture(fn: Callable[[], Tensor], stream: Any) -> Callable[[], Tens
     """A stand-in for `cuda_capture` off CUDA (tests): records nothing, each replay runs `fn`
     again on the same static buffers, as a graph replay would."""
     return fn
+
+
+def synchronises(fn: Callable[[], Any]) -> tuple[Any, bool]:
+    """Run `fn`; whether it synchronised the host with the device (torch's sync debug mode, which
+    warns and goes on, so the step completes as usual)."""
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            out = fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    for w in caught:  # everything else is the caller's to see
+        if w not in syncs:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return out, bool(syncs)
 
 
 def _static(parts: Sequence[tuple[BlockInputs, Tensor]]) -> list[tuple[BlockInputs, Tensor]]:
@@ -107,21 +127,32 @@ def tune_graphed(block_fn: BlockFn, weights: Mapping[str, Tensor], specs: Mappin
     replay: Optional[Callable[[], Tensor]] = None
     static: Optional[list[tuple[BlockInputs, Tensor]]] = None
 
-    def eager(parts: StepParts) -> None:
+    key = tuple(sorted(specs))
+
+    def eager(parts: StepParts, check: bool = False) -> None:
         nonlocal state
+
+        def run() -> tuple[TuneState, Tensor]:
+            return step(block_fn, weights, prepared, specs, state, parts, ops=ops, donate=True)
+
         if stream is None:
-            state, loss = step(block_fn, weights, prepared, specs, state, parts, ops=ops, donate=True)
+            state, loss = run()
         else:  # on the side stream, ordered after the batch's copies and before what follows
             main = torch.cuda.current_stream(stream.device)
             stream.wait_stream(main)
             with torch.cuda.stream(stream):
-                state, loss = step(block_fn, weights, prepared, specs, state, parts, ops=ops, donate=True)
+                if check:
+                    (state, loss), syncs = synchronises(run)
+                    if syncs:
+                        _FAILED[key] = "the block synchronises with the host"
+                else:
+                    state, loss = run()
             main.wait_stream(stream)
         losses.append(loss)
 
     for parts in batches:
-        if (replay is None and len(losses) < warmup) or not capturable(parts) or "graphs" in _FAILED:
-            eager(parts)
+        if (replay is None and len(losses) < warmup) or not capturable(parts) or key in _FAILED:
+            eager(parts, check=replay is None and len(losses) == warmup - 1 and key not in _FAILED)
             continue
         if replay is None:
             static, total, captured = _static(parts[0]), parts[1], state
@@ -137,9 +168,9 @@ def tune_graphed(block_fn: BlockFn, weights: Mapping[str, Tensor], specs: Mappin
                 if stream is not None:
                     torch.cuda.current_stream(stream.device).wait_stream(stream)
             except Exception as exc:  # noqa: BLE001 - anything the block does that a graph cannot hold
-                _FAILED["graphs"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-                warnings.warn(f"CUDA graph capture of the tuning step failed ({_FAILED['graphs']}); running "
-                              "eagerly (same values)", RuntimeWarning, stacklevel=2)
+                _FAILED[key] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                warnings.warn(f"CUDA graph capture of the tuning step failed ({_FAILED[key]}); running "
+                              "blocks of this layout eagerly (same values)", RuntimeWarning, stacklevel=2)
                 if stream is not None:
                     torch.cuda.synchronize(stream.device)  # raises if the failed capture broke the context
                 eager(parts)
@@ -160,8 +191,9 @@ def tune_graphed(block_fn: BlockFn, weights: Mapping[str, Tensor], specs: Mappin
 
 
 def failure() -> Optional[str]:
-    """Why graphs were turned off in this process (None while they work)."""
-    return _FAILED.get("graphs")
+    """Why some block layout runs without graphs in this process (None while all are captured)."""
+    return next(iter(_FAILED.values()), None)
 
 
-__all__ = ["Capture", "WARMUP", "capturable", "cuda_capture", "deferred_capture", "failure", "tune_graphed"]
+__all__ = ["Capture", "WARMUP", "capturable", "cuda_capture", "deferred_capture", "failure", "synchronises",
+           "tune_graphed"]

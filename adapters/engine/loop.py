@@ -251,7 +251,7 @@ def quantize_model(model: nn.Module, batches: Optional[Iterable[Batch]], spec: Q
         raise ValueError("SignRound tuning needs calibration batches; pass batches, or use the 'rtn' recipe")
     batches = None if batches is None else list(batches)
     store = resume if data_parallel is None or data_parallel.is_main else None  # every rank holds the same result
-    tuned_call = runtime.block_call(runtime.policy(accel))  # the eager call_block unless compiled
+    run_policy = runtime.policy(accel)
     results: list[BlockResult] = []
     was_training = model.training
     model.eval()
@@ -302,7 +302,8 @@ def quantize_model(model: nn.Module, batches: Optional[Iterable[Batch]], spec: Q
                         result = not_called_block(name, names)
                     else:
                         fn, weights = as_pure(block, call.layout, autocast_dtype=accel.autocast_dtype,
-                                              call=tuned_call if specs and recipe.iters > 0 else call_block)
+                                              call=runtime.block_call_for(run_policy, block, specs)
+                                              if specs and recipe.iters > 0 else call_block)
                         inputs_fp = captured.block_inputs(i, x_fp)
                         inputs_q = captured.block_inputs(i, x_q) if recipe.enable_quanted_input else inputs_fp
                         inplace = recipe.enable_quanted_input and x_fp is not x_q

@@ -33,8 +33,10 @@ profile are skipped):
 
     torchrun --nproc-per-node 2 -m signround bench --no-reference
 
-Environment: SIGNROUND_COMPILE=0 runs the step eagerly on CUDA; SIGNROUND_COMPILE_BLOCK=1 also
-compiles the block forward. SIGNROUND_COMMIT names the commit when `git` cannot (a copied tree).
+Environment: SIGNROUND_COMPILE=0 runs the step eagerly on CUDA; SIGNROUND_COMPILE_BLOCK=0/1 and
+SIGNROUND_CUDA_GRAPHS=0/1 force the block compile and the CUDA-graph step off or on (by default they
+follow the block size: `adapters/engine/runtime.py`). SIGNROUND_COMMIT names the commit when `git`
+cannot (a copied tree).
 
 Prints a table and one JSON line (prefix `RESULT `) with every number.
 """

@@ -106,3 +106,25 @@ def test_the_runtime_uses_graphs_only_when_asked_on_cuda(monkeypatch):
     monkeypatch.setenv("SIGNROUND_CUDA_GRAPHS", "maybe")
     with pytest.raises(ValueError, match="SIGNROUND_CUDA_GRAPHS"):
         env.read()
+
+
+def test_a_layout_that_cannot_be_captured_leaves_other_layouts_captured():
+    """Vision and text blocks have different layer names: a vision block that cannot be captured
+    (its forward reads the host) must not turn graphs off for the text decoder."""
+    weights, inputs, targets = _problem(seed=3)
+    recipe = Recipe(iters=6, nsamples=24, batch_size=8)
+
+    def broken(fn, stream):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    with pytest.warns(RuntimeWarning):
+        graphs.tune_graphed(_block, weights, SPECS, recipe, core.step_batches(inputs, targets, recipe), capture=broken)
+    captured = []
+    only_up = {"up": SPECS["up"]}
+    graphs.tune_graphed(_block, weights, only_up, recipe, core.step_batches(inputs, targets, recipe),
+                        capture=lambda fn, stream: captured.append(fn) or fn)
+    assert len(captured) == 1
+    again = []
+    graphs.tune_graphed(_block, weights, SPECS, recipe, core.step_batches(inputs, targets, recipe),
+                        capture=lambda fn, stream: again.append(fn) or fn)
+    assert again == []  # the failed layout is not tried again in this process

@@ -82,3 +82,21 @@ def test_step_batches_split_across_ranks_and_mark_each_step(monkeypatch):
         assert torch.equal(halves, whole[0][0].hidden)  # rank r holds the r-th half of the same step batch
     with pytest.raises(ValueError, match="at least one sample per rank"):
         list(runtime.step_batches(inputs, targets, Recipe(iters=1, batch_size=1), accel, DataParallel(0, 2)))
+
+
+def test_the_block_compile_follows_the_block_size_unless_forced():
+    """Left to the size (CUDA, variable unset), large blocks get the compiled block call and small
+    ones the eager call (they get CUDA graphs instead); 0/1 force it either way."""
+    from signround.adapters.hf.pure import call_block
+
+    small = torch.nn.Module()
+    small.proj = torch.nn.Linear(64, 64, device="meta")
+    large = torch.nn.Module()
+    large.proj = torch.nn.Linear(8192, runtime.GRAPHS_MAX_WEIGHTS // 8192 + 1, device="meta")
+    specs = {"proj.weight": QuantSpec()}
+    auto = runtime.Runtime(compile=True, compile_block=None)
+    assert runtime.block_call_for(auto, small, specs) is call_block
+    assert runtime.block_call_for(auto, large, specs) is not call_block
+    assert runtime.block_call_for(runtime.Runtime(compile=True, compile_block=False), large, specs) is call_block
+    assert runtime.block_call_for(runtime.Runtime(compile=True, compile_block=True), small, specs) is not call_block
+    assert runtime.policy(resolve("cpu")).compile_block is False  # CUDA only
