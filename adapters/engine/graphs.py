@@ -190,10 +190,15 @@ def tune_graphed(block_fn: BlockFn, weights: Mapping[str, Tensor], specs: Mappin
                       best_loss=best, first_loss=float(history[0]), iters=len(losses))
 
 
+def failures() -> dict[str, str]:
+    """Every block layout (its tuned weight names, abbreviated) that runs without graphs, and why."""
+    return {", ".join(k[:3]) + (", …" if len(k) > 3 else ""): why for k, why in _FAILED.items()}
+
+
 def failure() -> Optional[str]:
     """Why some block layout runs without graphs in this process (None while all are captured)."""
     return next(iter(_FAILED.values()), None)
 
 
-__all__ = ["Capture", "WARMUP", "capturable", "cuda_capture", "deferred_capture", "failure", "synchronises",
+__all__ = ["Capture", "WARMUP", "capturable", "cuda_capture", "deferred_capture", "failure", "failures", "synchronises",
            "tune_graphed"]

@@ -63,6 +63,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from signround.adapters import as_pure, capture_inputs, find_block_lists, quantize_model, run_block
 from signround.adapters.engine import distributed
 from signround.adapters.engine import env as signround_env
+from signround.adapters.engine import graphs
 from signround.adapters.engine.device import Accelerator, peak_memory, reset_peak_memory, resolve, synchronize
 from signround.adapters.hf.blocks import blocks_of
 from signround.rounding import QuantSpec, preset
@@ -247,7 +248,8 @@ def run_ours(model: Any, batches: list[torch.Tensor], cfg: BenchConfig, accel: A
     out = {"seconds": total, "setup_seconds": total - sum(per_block), **_timing(per_block),
            **_memory(report.peak_memory_bytes, resident, report.peak_memory_kind),
            "report_loss_rtn": [b.loss_rtn for b in report.blocks],
-           "report_loss_tuned": [b.loss_tuned for b in report.blocks]}
+           "report_loss_tuned": [b.loss_tuned for b in report.blocks],
+           "cuda_graphs_not_used": graphs.failures()}  # block layouts that fell back to eager steps
     return model, out
 
 
