@@ -42,7 +42,7 @@ from signround.adapters.frontends.arguments import (Dataset, check_device, check
                                                   read_layer_config, resolve_recipe)
 from signround.adapters.frontends import mixed
 from signround.adapters.hf.outside import outside_layers, round_outside
-from signround.adapters.hf.families import block_lists, check_vision_blocks, model_type
+from signround.adapters.hf.families import block_lists, check_served, check_vision_blocks, model_type
 from signround.adapters.hf.vision import ModalityWeights, check_loss_weighting, image_token_id
 from signround.rounding import QuantSpec, Recipe
 from signround.templating import (
@@ -216,6 +216,7 @@ class AutoRound:
         unfuse_experts(model, blocks)  # fused MoE experts: one Linear per expert matrix from here on
         check_model(model, blocks, spec, checked_layers, select_layers(model, blocks, spec, checked_layers))
         targets = check_targets([target] if isinstance(target, str) else target)
+        check_served(model_type(model), targets)
         formats = parse_formats(format)
         outside = outside_layers(model, blocks, spec, checked_layers)
         checked_layers = _fit_targets(model, blocks, spec, checked_layers, targets, formats, outside)

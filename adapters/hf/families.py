@@ -3,6 +3,7 @@
     block_lists(model, None)                      # discovered (registry by model_type, else generic)
     block_lists(model, "model.layers,vision")     # comma-separated names or regexes of ModuleLists
     check_vision_blocks(model_type, block_names)  # quant_nontext_module: a vision list to tune?
+    check_served(model_type, targets)             # does each target runtime serve this family?
 
 Each check raises ValueError with what is not supported and what to do instead.
 """
@@ -33,6 +34,21 @@ def check_vision_blocks(family: Optional[str], block_names: Sequence[str]) -> No
                          f"{family or 'model'} (block lists: {', '.join(block_names) or '-'}); name the vision "
                          "tower's list with to_quant_block_names (e.g. 'model.vision_tower.encoder.layers,"
                          "model.language_model.layers'), or quantize the text decoder only (the default)")
+
+
+# Families a runtime does not serve at all, whatever is quantized: vLLM 0.33 lists Mllama in
+# `vllm/model_executor/models/registry.py` `_PREVIOUSLY_SUPPORTED_MODELS` (last served by 0.10.2).
+UNSERVED = {("vllm", "mllama"): "vLLM 0.33 no longer serves MllamaForConditionalGeneration (its registry lists it "
+                                "as previously supported, last in vLLM 0.10.2)"}
+
+
+def check_served(family: Optional[str], targets: Sequence[str]) -> None:
+    """Refuse a target runtime that does not serve this model family at all."""
+    for target in targets:
+        why = UNSERVED.get((target, family or ""))
+        if why:
+            raise ValueError(f"target {target!r}: {why}; no checkpoint of this model loads there; drop the "
+                             "target (transformers and signround load it)")
 
 
 def block_lists(model: nn.Module, names: Union[str, Sequence[str], None], quant_nontext_module: bool = False,
@@ -73,5 +89,5 @@ def block_lists(model: nn.Module, names: Union[str, Sequence[str], None], quant_
     return out
 
 
-__all__ = ["block_lists",
+__all__ = ["UNSERVED", "block_lists", "check_served",
            "check_vision_blocks", "model_type"]

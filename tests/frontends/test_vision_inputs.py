@@ -66,3 +66,12 @@ def test_cli_modality_loss_and_its_bad_weights(tmp_path):
     assert res.exit_code != 0 and "expected NAME=NUMBER" in res.output
     res = CliRunner().invoke(app, [*args, "--modality-weights", "pixels=1"])
     assert res.exit_code != 0 and "unknown key" in res.output
+
+
+def test_a_target_that_does_not_serve_the_family_is_refused():
+    from vlm_helpers import mllama_parts
+
+    tok, proc, model = mllama_parts()
+    with pytest.raises(ValueError, match="target 'vllm': vLLM 0.33 no longer serves MllamaForConditionalGeneration"):
+        AutoRoundMLLM(model, tok, processor=proc, target="vllm", **SMALL)
+    AutoRoundMLLM(model, tok, processor=proc, target="transformers", **SMALL)  # served there
