@@ -64,22 +64,33 @@ def test_packed_vision_blocks_quantize_reload_generate(family, build, tmp_path):
         torch.testing.assert_close(model(**inputs).logits, reloaded(**inputs).logits, rtol=0, atol=1e-4)
 
 
-def test_transformers_with_auto_round_loads_quantized_qwen2_vl_vision_blocks(tmp_path):
+def _qwen2_vl_parts() -> tuple[Any, Any, Any]:
+    model, tok, proc = qwen2_vl_with_processor()
+    return tok, proc, model
+
+
+INTEROP = [("qwen2_vl", _qwen2_vl_parts, "<|vision_start|><|image_pad|><|vision_end|>"),
+           ("llava", llava_parts, "<image>"), ("gemma3", gemma3_parts, "<start_of_image>"),
+           ("idefics3", idefics3_parts, "<image>")]
+
+
+@pytest.mark.parametrize(("family", "build", "tag"), INTEROP, ids=[f for f, *_ in INTEROP])
+def test_transformers_with_auto_round_loads_quantized_vision_blocks(family, build, tag, tmp_path):
     pytest.importorskip("auto_round", reason="the auto-round package (test extra) is not installed")
     import transformers
 
     torch.manual_seed(0)
-    model, tok, proc = qwen2_vl_with_processor()
-    ar = AutoRoundMLLM(model, tok, processor=proc, quant_nontext_module=True, **{**SMALL, "iters": 2})
-    ar.quantize()
+    tok, proc, model = build()
+    ar = AutoRoundMLLM(model, tok, processor=proc, quant_nontext_module=True, **{**SMALL, "iters": 2, "seqlen": 512})
+    report = ar.quantize()
     out = ar.save_quantized(tmp_path / "q", inplace=False)
-    theirs = transformers.Qwen2VLForConditionalGeneration.from_pretrained(str(out), device_map="cpu",
-                                                                          local_files_only=True).eval()
-    assert "QuantLinear" in type(theirs.model.visual.blocks[0].attn.qkv).__name__
-    assert "QuantLinear" not in type(theirs.model.visual.merger.mlp[0]).__name__
-    inputs = proc(text=["<|vision_start|><|image_pad|><|vision_end|>a red circle"], images=[_image()],
-                  return_tensors="pt")
-    half = {**inputs, "pixel_values": inputs["pixel_values"].to(theirs.dtype)}  # auto-round runs it in fp16
+    theirs = getattr(transformers, type(model).__name__).from_pretrained(str(out), device_map="cpu",
+                                                                        local_files_only=True).eval()
+    converted = {n for n, m in theirs.named_modules() if "QuantLinear" in type(m).__name__}
+    vision = {n for n in report.layers if n.startswith(report.block_name_to_quantize[0] + ".")}
+    assert vision and vision <= converted and converted == set(report.layers)
+    inputs = proc(text=[f"{tag}a red circle"], images=[_image()], return_tensors="pt")
+    half = {k: (v.to(theirs.dtype) if v.is_floating_point() else v) for k, v in inputs.items()}  # auto-round: fp16
     with torch.no_grad():
         torch.testing.assert_close(theirs(**half).logits.float(), model(**inputs).logits, rtol=0, atol=2e-3)
 
