@@ -84,6 +84,8 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--image-weight", type=float, default=0.5)
     ap.add_argument("--family", choices=("idefics3", "qwen2_vl"), default="idefics3")
+    ap.add_argument("--runs", default="text_only,text_vision,text_vision_modality",
+                    help="comma-separated subset of the quantized runs")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -106,7 +108,7 @@ def main() -> None:
     runs = {"text_only": {}, "text_vision": {"quant_nontext_module": True},
             "text_vision_modality": {"quant_nontext_module": True, "loss_weighting": "modality",
                                      "modality_weights": {"image": args.image_weight, "text": 1.0}}}
-    for name, extra in runs.items():
+    for name, extra in [(n, runs[n]) for n in args.runs.split(",")]:
         m = copy.deepcopy(model)
         t0 = time.perf_counter()
         ar = AutoRoundMLLM(m, tok, processor=proc, bits=args.bits, group_size=args.group_size, iters=args.iters,
