@@ -179,16 +179,18 @@ class Int4Run:
     bias: Optional[Tensor]
 
     def __call__(self, x: Tensor) -> Tensor:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])
+        flat = x.dim() == 2
+        x2 = x if flat else x.reshape(-1, x.shape[-1])
         if x2.dtype != self.compute:
             x2 = x2.to(self.compute)
-        y = self.op(x2.contiguous(), self.weight, self.group, self.scales_zeros)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        y = self.op(x2, self.weight, self.group, self.scales_zeros)
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
-        return y.reshape(*lead, y.shape[-1])
+        return y if flat else y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 @attrs.frozen(eq=False)
@@ -432,9 +434,12 @@ def select(geometry: Geometry, target: Target, requested: str = AUTO, *, run_pro
 # --------------------------------------------------------------------------------------------- per layer
 
 
+_SOURCES = ("qweight", "qzeros", "scales", "bias", "g_idx")  # the buffers a runner is built from
+
+
 def _sources(layer: "QuantLinear") -> tuple[tuple[Any, int], ...]:
-    return tuple((weakref.ref(t), t._version) for t in (layer.qweight, layer.qzeros, layer.scales, layer.bias, layer.g_idx)
-                 if t is not None)
+    bufs = layer._buffers
+    return tuple((weakref.ref(t), t._version) for t in (bufs.get(k) for k in _SOURCES) if t is not None)
 
 
 @attrs.frozen(eq=False)
@@ -456,11 +461,22 @@ class Prepared:
         return _unprepared, ()
 
     def fresh(self, layer: "QuantLinear", x: Tensor) -> bool:
+        # Called on every forward: plain dict reads of the buffers (a decode step calls hundreds of
+        # layers, and their host time is the step's time on a GPU).
         if x.dtype != self.dtype or x.device != self.device:
             return False
-        now = [t for t in (layer.qweight, layer.qzeros, layer.scales, layer.bias, layer.g_idx) if t is not None]
-        return len(now) == len(self.sources) and all(
-            ref() is t and t._version == v for (ref, v), t in zip(self.sources, now))
+        bufs, sources, i = layer._buffers, self.sources, 0
+        for key in _SOURCES:
+            t = bufs.get(key)
+            if t is None:
+                continue
+            if i == len(sources):
+                return False
+            ref, version = sources[i]
+            if ref() is not t or t._version != version:
+                return False
+            i += 1
+        return i == len(sources)
 
 
 def _unprepared() -> None:

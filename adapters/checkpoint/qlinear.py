@@ -68,12 +68,12 @@ class QuantLinear(nn.Module):
         if layout.has_g_idx:
             gs = spec.effective_group_size(in_features)
             self.register_buffer("g_idx", (torch.arange(in_features, device=device) // gs).to(torch.int32))
-        else:
-            self.g_idx = None
+        else:  # registered as absent, so a later assignment is a buffer the kernel sees change
+            self.register_buffer("g_idx", None)
         if bias:
             self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16, **kw))
         else:
-            self.bias = None
+            self.register_buffer("bias", None)
         self._cached: Tensor | None = None
 
     @classmethod

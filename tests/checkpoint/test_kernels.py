@@ -243,6 +243,17 @@ def test_new_dtype_or_changed_words_re_prepare() -> None:
     assert relative_error(y, reference_output(other, xb)) <= TOLERANCE[BF16]
 
 
+def test_a_bias_given_to_a_layer_without_one_re_prepares() -> None:
+    layer = _layer(64, 128, QuantSpec(4, 32, True), bias=False)
+    xb = _x(2, 128, dtype=BF16)
+    y0 = layer(xb)
+    first = layer.kernel
+    layer.bias = torch.full((64,), 0.5, dtype=torch.float16)
+    y1 = layer(xb)
+    assert layer.kernel is not first
+    assert torch.allclose(y1.float(), y0.float() + 0.5, atol=1e-2)
+
+
 def test_a_named_kernel_stays_named_after_re_preparation() -> None:
     layer = _layer(64, 128, QuantSpec(4, 32, True))
     kernels.prepare(layer, "cpu", BF16, "dequant")
