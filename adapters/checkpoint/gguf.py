@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from signround.adapters.checkpoint import gguf_kquants
-from signround.adapters.checkpoint.formats import GGUF_KFORMATS, GGUF_KTYPES, GGUF_TYPES, gguf_problems, gguf_type
+from signround.adapters.checkpoint.formats import (GGUF_KFORMATS, GGUF_KTYPES, GGUF_SUPER_BLOCK, GGUF_TYPES, gguf_problems,
+                                                   gguf_type)
 from signround.rounding.grid import QuantizedWeight
 
 #: model_type -> (gguf architecture, q/k rows permuted to llama.cpp's rotary layout)
@@ -85,35 +86,41 @@ def encode_kquant(qw: QuantizedWeight, type_name: str) -> gguf_kquants.KBlocks:
     return encode(codes, scale, qw.zero.to(torch.int32).numpy())
 
 
-def llama_cpp_mix(fmt: str, num_layers: int, n_gqa: int = 1) -> dict[str, dict[str, Any]]:
-    """llama.cpp's mix for a k-quant format as a `layer_config` (regex keys; llama-quant.cpp's
-    `llama_tensor_get_type`), so SignRound tunes those layers at the grid they are stored in.
+def llama_cpp_mix(fmt: str, model: nn.Module) -> dict[str, dict[str, Any]]:
+    """llama.cpp's mix for a k-quant format as a `layer_config` for `model` (module name → grid;
+    llama-quant.cpp's `llama_tensor_get_type`), so SignRound tunes those layers at the grid they
+    are stored in; the other layers keep the run's grid (W4 asym g32 / W2 asym g16).
 
     q4_k_m: attn_v and ffn_down of the `use_more_bits` layers (the first and last eighth, and every
-    third between) are Q6_K (W6 sym g16), the rest Q4_K. q2_k_s: ffn_down of the first eighth, and
-    attn_v when n_gqa >= 4, are Q4_K (W4 asym g32), the rest Q2_K. llama.cpp's Q6_K output /
-    tied embedding is not here: we keep the embeddings and an unquantized lm_head F16.
-
-    With 8 layers, q4_k_m's Q6_K layers are 0, 3, 6 and 7; with 30 (SmolLM2-135M) 0-2, 5, 8, …, 23, 26-29.
+    third between: of 8 layers 0, 3, 6, 7) are Q6_K (W6 sym g16). q2_k_s: ffn_down of the first
+    eighth, and attn_v when n_head / n_kv >= 4, are Q4_K (W4 asym g32). Where in_features is not a
+    multiple of 256, Q6_K becomes Q8_0 (W8 sym g32), as llama.cpp's fallback does; Q4_K's grid is
+    then written as Q4_1. llama.cpp's Q6_K output / tied embedding is not here: the embeddings
+    and an unquantized lm_head stay F16.
     """
     main = fmt.split(":", 1)[-1]
     if main not in GGUF_KFORMATS:
         raise ValueError(f"{fmt!r} is not a k-quant GGUF format ({', '.join('gguf:' + k for k in GGUF_KFORMATS)})")
-
-    def grid(t: str) -> dict[str, Any]:
-        bits, sym, group = GGUF_KTYPES[t]
-        return {"bits": bits, "group_size": group, "sym": sym}
-
-    def key(layers: list[int], module: str) -> str:
-        return rf"\.layers\.({'|'.join(map(str, layers))})\.{module}$"
-
-    n = num_layers
+    cfg = model.config
+    n = cfg.num_hidden_layers
+    n_gqa = cfg.num_attention_heads // (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
     if main == "q4_k_m":
-        more = [i for i in range(n) if i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2]
-        return {key(more, r"self_attn\.v_proj"): grid("q6_k"), key(more, r"mlp\.down_proj"): grid("q6_k")}
-    mix = {key(list(range(n // 8)), r"mlp\.down_proj"): grid("q4_k")} if n >= 8 else {}
-    if n_gqa >= 4:
-        mix[r"\.self_attn\.v_proj$"] = grid("q4_k")
+        more = {i for i in range(n) if i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2}
+        picks = {"self_attn.v_proj": more, "mlp.down_proj": more}
+        kind = "q6_k"
+    else:
+        picks = {"mlp.down_proj": set(range(n // 8)), "self_attn.v_proj": set(range(n)) if n_gqa >= 4 else set()}
+        kind = "q4_k"
+    mix: dict[str, dict[str, Any]] = {}
+    for name, module in model.named_modules():
+        head, _, rest = name.partition(".layers.")
+        index, _, leaf = rest.partition(".")
+        if not (head and index.isdigit() and isinstance(module, nn.Linear) and int(index) in picks.get(leaf, ())):
+            continue
+        bits, sym, group = GGUF_KTYPES[kind]
+        if module.in_features % GGUF_SUPER_BLOCK and kind == "q6_k":
+            bits, sym, group = 8, True, 32  # llama.cpp's fallback for Q6_K, exact here
+        mix[name] = {"bits": bits, "group_size": group, "sym": sym}
     return mix
 
 

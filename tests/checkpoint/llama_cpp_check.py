@@ -3,6 +3,7 @@ builds from source, ~10 min on 2 cores, in its own venv). Results: spec/format.m
 
     .venv/bin/python tests/checkpoint/llama_cpp_check.py write /tmp/llcpp qwen2 q4_0   # signround's venv
     /tmp/llama-venv/bin/python tests/checkpoint/llama_cpp_check.py run /tmp/llcpp qwen2 q4_0
+    .venv/bin/python tests/checkpoint/llama_cpp_check.py write /tmp/llcpp smollm2 q4_k_m  # real weights
 
 `write`: a tiny model (hidden 128, 2 layers) with a byte-level BPE tokenizer trained on the shared
 eval text, RTN at the type's grid, exported as gguf:<type>, plus our greedy continuation of a
@@ -35,7 +36,6 @@ def write(root: Path, family: str, qtype: str) -> None:
     from signround.adapters.checkpoint.export import save_quantized
     from signround.adapters.checkpoint.formats import GGUF_KFORMATS, GGUF_TYPES
     from signround.adapters.checkpoint.gguf import llama_cpp_mix
-    from signround.adapters.checkpoint.rules import match_rule
     from signround.rounding import QuantSpec
 
     text = (Path(__file__).resolve().parents[3] / "shared/data/wiki-eval.txt").read_text()[:200_000]
@@ -55,10 +55,8 @@ def write(root: Path, family: str, qtype: str) -> None:
     if base is None:
         bits, sym = GGUF_TYPES[qtype]
         base = QuantSpec(bits, 32, sym)
-    mix = llama_cpp_mix(f"gguf:{qtype}", model.config.num_hidden_layers) if k else {}
-    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
-    override = {n: QuantSpec(**rule.value) for n in names if (rule := match_rule(mix, n)) is not None}
-    results = rtn_state(model, base, override=override)
+    mix = llama_cpp_mix(f"gguf:{qtype}", model) if k else {}
+    results = rtn_state(model, base, override={n: QuantSpec(**g) for n, g in mix.items()})
     out = root / f"{family}-{qtype}"
     save_quantized(model, results, out, format=f"gguf:{qtype}", inplace=False, tokenizer=tok, overwrite=True)
     ids = tok(PROMPT, return_tensors="pt").input_ids
@@ -78,6 +76,72 @@ def write(root: Path, family: str, qtype: str) -> None:
         record["greedy_file_weights"] = _greedy(model, ids)
         record["logits_file_weights"] = _last_logits(model, ids)
     (out / "ours.json").write_text(json.dumps(record))
+
+
+def smollm2(root: Path, qtype: str) -> None:
+    """SmolLM2-135M's real weights (`assets.load_smollm2`): the error each k type adds to SignRound's
+    grid on every decoder Linear (its first multiple-of-256 columns), then gguf:<qtype> with
+    llama.cpp's mix, and perplexity of the float model, SignRound's grid (RTN) and the weights the
+    file holds; `run ROOT smollm2 <qtype>` then decodes it with llama.cpp."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from checkpoint_helpers import rtn_state
+
+    from signround.adapters.checkpoint.export import save_quantized
+    from signround.adapters.checkpoint.formats import GGUF_KTYPES, gguf_type
+    from signround.adapters.checkpoint.gguf import encode_kquant, llama_cpp_mix
+    from signround.adapters.frontends.assets import load_smollm2
+    from signround.adapters.frontends.evaluate import perplexity
+    from signround.rounding import QuantSpec
+    from signround.rounding.grid import QuantizedWeight, from_groups, quantize_codes, quantize_weight, to_groups
+
+    model, tok = load_smollm2()
+    model.eval()
+    stats = {}
+    for t, (bits, sym, group) in GGUF_KTYPES.items():
+        spec, err, norm, own, wnorm, changed, count = QuantSpec(bits, group, sym), 0.0, 0.0, 0.0, 0.0, 0.0, 0
+        for name, lin in model.named_modules():
+            if not (isinstance(lin, torch.nn.Linear) and ".layers." in name):
+                continue
+            w = lin.weight.detach()[:, : lin.in_features // 256 * 256].float()
+            qw = quantize_weight(w, spec)
+            ours = qw.dequantize().numpy()
+            kb = encode_kquant(qw, t)
+            err += float(((kb.dequantized - ours) ** 2).sum())
+            norm += float((ours ** 2).sum())
+            own += float(((ours - w.numpy()) ** 2).sum())
+            wnorm += float((w.numpy() ** 2).sum())
+            changed, count = changed + kb.codes_changed * w.numel(), count + w.numel()
+        stats[t] = {"grid": f"W{bits} {'sym' if sym else 'asym'} g{group}", "requant_rel_mse": err / norm,
+                    "signround_rtn_rel_mse": own / wnorm, "codes_changed": changed / count}
+    print(json.dumps({"weights": stats}, indent=1))
+
+    text = (Path(__file__).resolve().parents[3] / "shared/data/wiki-eval.txt").read_text()
+    ids_all = tok(text, return_tensors="pt").input_ids[0]
+    ppl = {"float": perplexity(model, ids_all, seqlen=512, max_windows=16)}
+    base = {"q4_k_m": QuantSpec(4, 32, False), "q2_k_s": QuantSpec(2, 16, False)}[qtype]
+    mix = llama_cpp_mix(f"gguf:{qtype}", model)
+    results = rtn_state(model, base, override={n: QuantSpec(**g) for n, g in mix.items()})
+    ppl["signround_grid_rtn"] = perplexity(model, ids_all, seqlen=512, max_windows=16)
+    out = root / f"smollm2-{qtype}"
+    save_quantized(model, results, out, format=f"gguf:{qtype}", inplace=False, tokenizer=tok, overwrite=True)
+    prompt = tok(PROMPT, return_tensors="pt").input_ids
+    record = {"prompt_ids": prompt[0].tolist(), "greedy": _greedy(model, prompt), "logits": _last_logits(model, prompt)}
+    types: dict[str, int] = {}
+    with torch.no_grad():
+        for name, r in results.items():
+            lin = model.get_submodule(name)
+            t = gguf_type(f"gguf:{qtype}", r.spec, lin.in_features)
+            types[t] = types.get(t, 0) + 1
+            if t in GGUF_KTYPES:
+                codes = quantize_codes(to_groups(lin.weight, r.spec.group_size), r.scale.float(), r.zero.float(), r.spec)
+                qw = QuantizedWeight(from_groups(codes, lin.in_features).int(), r.scale, r.zero, r.spec)
+                lin.weight.copy_(torch.from_numpy(encode_kquant(qw, t).dequantized))
+    ppl["file_weights"] = perplexity(model, ids_all, seqlen=512, max_windows=16)
+    record.update(greedy_file_weights=_greedy(model, prompt), logits_file_weights=_last_logits(model, prompt))
+    (out / "ours.json").write_text(json.dumps(record))
+    print(json.dumps({"types": types, "perplexity_16x512": ppl}))
 
 
 def _last_logits(model, ids) -> list[float]:  # type: ignore[no-untyped-def]
@@ -121,7 +185,9 @@ def run(root: Path, family: str, qtype: str) -> int:
 
 if __name__ == "__main__":
     mode, root, family, qtype = sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4]
-    if mode == "write":
+    if mode == "write" and family == "smollm2":
+        smollm2(root, qtype)
+    elif mode == "write":
         write(root, family, qtype)
     else:
         sys.exit(run(root, family, qtype))

@@ -67,9 +67,9 @@ def test_scales_already_on_the_sub_block_grid_are_written_exactly() -> None:
 
 def test_q4_k_m_file_holds_the_llama_cpp_mix_and_reports_the_error(tmp_path: Path) -> None:
     model = tiny_text_model("qwen2", **WIDE)
-    mix = llama_cpp_mix("gguf:q4_k_m", 2)  # use_more_bits: layer 1 of 2 takes Q6_K for attn_v, ffn_down
+    mix = llama_cpp_mix("gguf:q4_k_m", model)  # use_more_bits: layer 1 of 2 takes Q6_K for attn_v, ffn_down
     six = {f"model.layers.1.{m}": KTYPES["q6_k"] for m in ("self_attn.v_proj", "mlp.down_proj")}
-    assert all(any(__import__("re").search(k, n) for k in mix) for n in six) and len(mix) == 2
+    assert mix == {n: {"bits": 6, "group_size": 16, "sym": True} for n in six}
     results = rtn_state(model, KTYPES["q4_k"], override=six)
     with pytest.warns(UserWarning, match=r"re-quantizes SignRound's fp16 group scales.*12 layer\(s\) Q4_K.*"
                                          r"2 layer\(s\) Q6_K"):
@@ -126,4 +126,19 @@ def test_grids_a_format_does_not_hold_are_refused_at_construction(tmp_path: Path
         save_quantized(model, rtn_state(model, KTYPES["q6_k"]), tmp_path / "n", format="gguf:q4_k_m", inplace=False)
     assert not (tmp_path / "n").exists()
     with pytest.raises(ValueError, match="not a k-quant GGUF format"):
-        llama_cpp_mix("gguf:q4_0", 8)
+        llama_cpp_mix("gguf:q4_0", model)
+
+
+def test_llama_cpp_mix_layers() -> None:
+    """llama.cpp's choices: q4_k_m's use_more_bits layers (Q6_K, or its Q8_0 fallback on a narrow
+    layer); q2_k_s's first-eighth ffn_down and, at n_gqa 4, every attn_v as Q4_K."""
+    model = tiny_text_model("llama", num_hidden_layers=8, hidden_size=64, intermediate_size=256,
+                            num_attention_heads=4, num_key_value_heads=1)
+    mix = llama_cpp_mix("gguf:q4_k_m", model)
+    assert sorted(mix) == sorted(f"model.layers.{i}.{m}" for i in (0, 3, 6, 7)
+                                 for m in ("self_attn.v_proj", "mlp.down_proj"))
+    assert mix["model.layers.3.mlp.down_proj"] == {"bits": 6, "group_size": 16, "sym": True}  # in_features 256
+    assert mix["model.layers.3.self_attn.v_proj"] == {"bits": 8, "group_size": 32, "sym": True}  # 64: Q8_0
+    mix = llama_cpp_mix("gguf:q2_k_s", model)
+    assert sorted(mix) == ["model.layers.0.mlp.down_proj", *(f"model.layers.{i}.self_attn.v_proj" for i in range(8))]
+    assert set(map(str, mix.values())) == {str({"bits": 4, "group_size": 32, "sym": False})}
