@@ -146,7 +146,8 @@ def replayed_block(stored: BlockResult) -> BlockResult:
 
 def tuned_block(name: str, fn: PureBlock, weights: Mapping[str, Tensor], specs: Mapping[str, QuantSpec],
                 names: Mapping[str, str], inputs: BlockInputs, targets: Tensor, recipe: Recipe,
-                accel: Accelerator, data_parallel: Optional[DataParallel] = None) -> BlockResult:
+                accel: Accelerator, data_parallel: Optional[DataParallel] = None,
+                run_policy: Optional[runtime.Runtime] = None) -> BlockResult:
     """Tune the rounding of the block's layers so B_q(inputs) matches `targets`.
 
     Both candidates are scored on all samples: RTN and the iterate tuning chose. With
@@ -162,7 +163,7 @@ def tuned_block(name: str, fn: PureBlock, weights: Mapping[str, Tensor], specs: 
     rtn_weights, _ = _as_weights(_rtn(weights, specs), weights, names)
     _, loss_rtn = run_block(fn, {**weights, **rtn_weights}, inputs, accel, bs, targets, keep_outputs=False)
     del rtn_weights
-    tuned = runtime.tune(fn, weights, specs, inputs, targets, recipe, accel, data_parallel)
+    tuned = runtime.tune(fn, weights, specs, inputs, targets, recipe, accel, data_parallel, run_policy)
     bad = (~torch.isfinite(tuned.losses)).nonzero()
     if bad.numel():
         raise FloatingPointError(f"block {name}: the tuning loss became NaN/Inf at iteration "
@@ -317,7 +318,8 @@ def quantize_model(model: nn.Module, batches: Optional[Iterable[Batch]], spec: Q
                                 block_recipe = block_recipe.for_bits(min(s.bits for s in specs.values()))
                             with count_routed(block, name) as routed:
                                 result = tuned_block(name, fn, weights, specs, names, inputs_q, targets,
-                                                     block_recipe, accel, data_parallel)
+                                                     block_recipe, accel, data_parallel,
+                                                     runtime.for_block_list(run_policy, prefix))
                             # experts no token reached while tuning got no gradient: they kept their RTN rounding
                             not_routed = not_routed_layers(routed, {f"{name}.{n}": m for n, m in
                                                                     experts_modules(block).items()})

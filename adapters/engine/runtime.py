@@ -38,6 +38,7 @@ from signround.adapters.engine import env as environment
 from signround.adapters.engine import graphs
 from signround.adapters.engine.device import Accelerator
 from signround.adapters.engine.distributed import DataParallel
+from signround.adapters.hf.blocks import is_vision_name
 from signround.adapters.hf.pure import call_block
 from signround.rounding import (BlockInputs, QdqOps, QuantSpec, Recipe, StepParts, TuneResult, group_weight,
                                 qdq_forward, qdq_vjp, sample_indices, split_step, tune_block)
@@ -316,6 +317,15 @@ def tune(fn: Any, weights: Mapping[str, Tensor], specs: Mapping[str, QuantSpec],
         return graphs.tune_graphed(fn, weights, specs, recipe, batches, ops=ops, stream=_side_stream(accel.device))
     return tune_block(fn, weights, specs, inputs, targets, recipe, batches=batches, ops=ops,
                       reduce=None if data_parallel is None else data_parallel.reduce)
+
+
+def for_block_list(runtime: Runtime, prefix: str) -> Runtime:
+    """The runtime for the blocks of `prefix`: vision towers keep eager steps unless graphs are
+    forced (their per-step inputs are packed patch layouts built by the adapters; a graph would
+    hold the captured step's host-side values, and no GPU run has checked them yet)."""
+    if runtime.cuda_graphs is None and is_vision_name(prefix):
+        return attrs.evolve(runtime, cuda_graphs=False)
+    return runtime
 
 
 def uses_graphs(runtime: Runtime, weights: Mapping[str, Tensor], specs: Mapping[str, QuantSpec]) -> bool:

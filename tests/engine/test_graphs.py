@@ -103,6 +103,10 @@ def test_the_runtime_uses_graphs_only_when_asked_on_cuda(monkeypatch):
     assert runtime.uses_graphs(forced, large, spec) and not runtime.uses_graphs(forced, small, {})
     off = runtime.Runtime(compile=True, compile_block=False, cuda_graphs=False)
     assert not runtime.uses_graphs(off, small, spec)
+    # vision towers keep eager steps unless forced; the text decoder follows the size
+    assert runtime.for_block_list(auto, "model.visual.blocks").cuda_graphs is False
+    assert runtime.for_block_list(auto, "model.language_model.layers").cuda_graphs is None
+    assert runtime.for_block_list(forced, "model.visual.blocks").cuda_graphs is True
     monkeypatch.setenv("SIGNROUND_CUDA_GRAPHS", "maybe")
     with pytest.raises(ValueError, match="SIGNROUND_CUDA_GRAPHS"):
         env.read()
