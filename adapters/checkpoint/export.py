@@ -272,14 +272,17 @@ def _export_compressed(model: nn.Module, layer_results: Mapping[str, HasGrid], t
 
 def _export_gguf(model: nn.Module, layer_results: Mapping[str, HasGrid], tmp: Path, fmt: str, *,
                  side_files: tuple[Any, Any, Any]) -> tuple[dict[str, QuantLinear], dict[str, Any]]:
-    """GGUF (`gguf.py`): the text decoder as one ``model-<type>.gguf`` file, tokenizer included when given."""
+    """GGUF (`gguf.py`): the text decoder as one ``model-<type>.gguf`` file, tokenizer included when given;
+    a VLM's vision tower as ``mmproj-model-f16.gguf`` beside it."""
     from signround.adapters.checkpoint.gguf import write_gguf
 
     packed = _pack(model, layer_results, choose_packing(fmt, global_spec(layer_results)))  # inplace=True keeps these
     name = f"model-{fmt.split(':', 1)[1]}.gguf"
-    requant = write_gguf(model, {n: ql.quantized_weight() for n, ql in packed.items()}, tmp / name, fmt,
-                         tokenizer=side_files[0])
-    return packed, {"quant_method": GGUF_METHOD, "gguf_file": name, **({"requantization": requant} if requant else {})}
+    tokenizer, processor, image_processor = side_files
+    extra = write_gguf(model, {n: ql.quantized_weight() for n, ql in packed.items()}, tmp / name, fmt,
+                       tokenizer=tokenizer or getattr(processor, "tokenizer", None),
+                       image_processor=image_processor or getattr(processor, "image_processor", None))
+    return packed, {"quant_method": GGUF_METHOD, "gguf_file": name, **extra}
 
 
 def _export_one(model: nn.Module, layer_results: Mapping[str, HasGrid], tmp: Path, fmt: str, *,

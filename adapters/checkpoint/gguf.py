@@ -166,17 +166,26 @@ def _add_tokenizer(writer: Any, tokenizer: Any) -> bool:
 
 
 def write_gguf(model: nn.Module, qweights: Mapping[str, QuantizedWeight], path: Path, fmt: str,
-               tokenizer: Any = None) -> dict[str, Any]:
-    """Write the text decoder of `model` to `path` (a .gguf file). qweights: module name → its codes
-    and grid (every quantized layer, each a GGUF type: `formats.gguf_problems`). Returns the
-    requantization report: {module: {type, rel_mse, codes_changed}} for each k-quant layer, and the
-    layers a k-quant format wrote as an exact 32-weight type (``exact``)."""
+               tokenizer: Any = None, image_processor: Any = None) -> dict[str, Any]:
+    """Write the text decoder of `model` to `path` (a .gguf file), and for a VLM of
+    `gguf_mmproj.VISION_FAMILIES` its vision tower to ``mmproj-model-f16.gguf`` beside it.
+    qweights: module name → its codes and grid (every quantized text layer, each a GGUF type:
+    `formats.gguf_problems`). Returns what export adds to its config: ``requantization`` (k-quant
+    formats: {layers: {module: {type, rel_mse, codes_changed}}, exact: layers written as a 32-weight
+    type}) and ``mmproj_file``."""
+    from signround.adapters.checkpoint.gguf_mmproj import VISION_FAMILIES, write_mmproj
+
     gguf = _gguf()
-    cfg = model.config
-    model_type = getattr(cfg, "model_type", "")
-    if model_type not in GGUF_ARCHS:
-        raise NotImplementedError(f"GGUF export covers {sorted(GGUF_ARCHS)} text decoders, not {model_type!r}")
-    arch, permute = GGUF_ARCHS[model_type]
+    model_type = getattr(model.config, "model_type", "")
+    family = VISION_FAMILIES.get(model_type)
+    cfg = model.config.get_text_config() if family else model.config
+    text_type = getattr(cfg, "model_type", "")
+    if text_type not in GGUF_ARCHS:
+        raise NotImplementedError(f"GGUF export covers {sorted(GGUF_ARCHS)} text decoders (and the VLMs "
+                                  f"{sorted(VISION_FAMILIES)}), not {model_type!r}")
+    arch, permute = GGUF_ARCHS[text_type]
+    prefix = family.text_prefix if family else "model."
+    qweights = {n: qw for n, qw in qweights.items() if n.startswith(prefix) or n.startswith("lm_head")}
     problems = gguf_problems(fmt, [(n, qw.codes.shape[1], qw.spec) for n, qw in qweights.items()])
     if problems:  # in_features is only known here when the plan was not checked against llama.cpp
         raise ValueError(f"{path.name}: " + "; ".join(problems))
@@ -184,7 +193,7 @@ def write_gguf(model: nn.Module, qweights: Mapping[str, QuantizedWeight], path: 
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
     main = fmt.split(":", 1)[1]
     writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_name(getattr(cfg, "_name_or_path", "") or model_type)
+    writer.add_name(getattr(model.config, "_name_or_path", "") or model_type)
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_block_count(cfg.num_hidden_layers)
@@ -209,9 +218,10 @@ def write_gguf(model: nn.Module, qweights: Mapping[str, QuantizedWeight], path: 
     report: dict[str, Any] = {}
     exact: list[str] = []
     for key, tensor in model.state_dict().items():
-        if tied and key.startswith("lm_head."):
-            continue
-        target = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if (tied and key.startswith("lm_head.")) or not key.startswith((prefix, "lm_head.")):
+            continue  # a VLM's vision tower and connector go to the mmproj file
+        hf = "model." + key[len(prefix):] if key.startswith(prefix) else key  # HF's text-model names
+        target = names.get_name(hf, try_suffixes=(".weight", ".bias"))
         if target is None:
             if "rotary_emb" in key:
                 continue
@@ -240,17 +250,20 @@ def write_gguf(model: nn.Module, qweights: Mapping[str, QuantizedWeight], path: 
             t = _permute(t, rows)
         data = t.numpy().astype(np.float16 if t.dim() == 2 else np.float32)
         writer.add_tensor(target, data)
-    summary = {"layers": report, "exact": exact} if main in GGUF_KFORMATS else {}
-    if summary:
+    out: dict[str, Any] = {}
+    if main in GGUF_KFORMATS:
         import json
 
-        writer.add_string("signround.requantization", json.dumps(summary))
+        out["requantization"] = {"layers": report, "exact": exact}
+        writer.add_string("signround.requantization", json.dumps(out["requantization"]))
         warnings.warn(_requant_message(path.name, fmt, report, exact), stacklevel=4)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return summary
+    if family:
+        out["mmproj_file"] = write_mmproj(model, path.parent / "mmproj-model-f16.gguf", family, image_processor).name
+    return out
 
 
 def _requant_message(name: str, fmt: str, report: Mapping[str, Mapping[str, Any]], exact: list[str]) -> str:

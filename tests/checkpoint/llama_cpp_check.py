@@ -144,6 +144,100 @@ def smollm2(root: Path, qtype: str) -> None:
     print(json.dumps({"types": types, "perplexity_16x512": ppl}))
 
 
+def idefics3_model():  # type: ignore[no-untyped-def]
+    """A tiny Idefics3 (SmolVLM's family): SigLIP tower 2 × 64 wide on 32 × 32 images (16 patches,
+    4 tokens after the scale-2 pixel shuffle), a llama text decoder 2 × 128, byte-level BPE."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessor,
+                              Idefics3Processor, PreTrainedTokenizerFast)
+
+    specials = ["<|endoftext|>", "<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"]
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(["the cat sat on the mat " * 20], trainers.BpeTrainer(  # llama.cpp needs merges
+        vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                  additional_special_tokens=specials[1:])
+    ip = Idefics3ImageProcessor(do_image_splitting=False, size={"longest_edge": 32}, max_image_size={"longest_edge": 32})
+    proc = Idefics3Processor(ip, tok, image_seq_len=4)
+    torch.manual_seed(0)
+    cfg = Idefics3Config(
+        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        text_config=dict(model_type="llama", vocab_size=len(tok), max_position_embeddings=1024, hidden_size=128,
+                         intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+        scale_factor=2, image_token_id=tok.convert_tokens_to_ids("<image>"))
+    return tok, proc, Idefics3ForConditionalGeneration(cfg).eval()
+
+
+def mmproj(root: Path) -> None:
+    """`write ROOT idefics3 q4_0`: the tiny Idefics3 as model-q4_0.gguf + mmproj-model-f16.gguf, a
+    32 × 32 image, and our image embeddings (tower + connector) for it."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from checkpoint_helpers import rtn_state
+
+    from signround.adapters.checkpoint.export import save_quantized
+    from signround.rounding import QuantSpec
+
+    tok, proc, model = idefics3_model()
+    results = rtn_state(model, QuantSpec(4, 32, True))
+    out = root / "idefics3-q4_0"
+    save_quantized(model, results, out, format="gguf:q4_0", inplace=False, processor=proc, overwrite=True)
+    rgb = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    (out / "image.rgb").write_bytes(rgb.tobytes())
+    pixels = proc.image_processor(Image.fromarray(rgb), return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        embd = model.model.get_image_features(pixel_values=pixels)  # [batch, images, 3, H, W]
+    embd = torch.cat(list(embd.pooler_output))  # the connector's output, one [tokens, hidden] per image
+    (out / "ours.json").write_text(json.dumps({"embd": torch.as_tensor(embd).float().reshape(-1).tolist(),
+                                               "n_tokens": int(torch.as_tensor(embd).reshape(-1, 128).shape[0])}))
+
+
+def run_mmproj(root: Path) -> int:
+    """llama.cpp's mtmd loads the mmproj with the text model, encodes the image; its embeddings vs ours."""
+    import ctypes
+
+    import numpy as np
+    from llama_cpp import Llama, mtmd_cpp
+
+    out = root / "idefics3-q4_0"
+    ours = json.loads((out / "ours.json").read_text())
+    llm = Llama(model_path=str(out / "model-q4_0.gguf"), n_ctx=256, n_threads=2, verbose=False)
+    params = mtmd_cpp.mtmd_context_params_default()
+    params.use_gpu, params.n_threads = False, 2
+    ctx = mtmd_cpp.mtmd_init_from_file(str(out / "mmproj-model-f16.gguf").encode(), llm.model, params)
+    if not ctx:
+        print(json.dumps({"mmproj_loads": False}))
+        return 1
+    data = (out / "image.rgb").read_bytes()
+    bitmap = mtmd_cpp.mtmd_bitmap_init(32, 32, (ctypes.c_uint8 * len(data)).from_buffer_copy(data))
+    text = mtmd_cpp.mtmd_input_text()
+    prompt = mtmd_cpp.mtmd_default_marker()
+    text.text, text.text_len, text.add_special, text.parse_special = prompt, len(prompt), False, True
+    chunks = mtmd_cpp.mtmd_input_chunks_init()
+    rc = mtmd_cpp.mtmd_tokenize(ctx, chunks, ctypes.byref(text), (mtmd_cpp.mtmd_bitmap_p_ctypes * 1)(bitmap), 1)
+    images = [mtmd_cpp.mtmd_input_chunks_get(chunks, i) for i in range(mtmd_cpp.mtmd_input_chunks_size(chunks))]
+    images = [c for c in images if mtmd_cpp.mtmd_input_chunk_get_type(c) == mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_IMAGE]
+    n_tokens = mtmd_cpp.mtmd_input_chunk_get_n_tokens(images[0])
+    rc2 = mtmd_cpp.mtmd_encode_chunk(ctx, images[0])
+    theirs = np.ctypeslib.as_array(mtmd_cpp.mtmd_get_output_embd(ctx), shape=(n_tokens * 128,)).copy()
+    mine = np.asarray(ours["embd"], np.float32)
+    same_shape = theirs.shape == mine.shape
+    gap = float(np.abs(theirs - mine).max()) if same_shape else None
+    cos = float(theirs @ mine / np.linalg.norm(theirs) / np.linalg.norm(mine)) if same_shape else None
+    ok = rc == 0 and rc2 == 0 and same_shape and gap is not None and gap < 1e-2 * float(np.abs(mine).max())
+    print(json.dumps({"mmproj_loads": True, "vision": bool(mtmd_cpp.mtmd_support_vision(ctx)), "image_chunks": len(images),
+                      "n_tokens": n_tokens, "ours_n_tokens": ours["n_tokens"], "max_abs_gap": gap,
+                      "max_abs_ours": float(np.abs(mine).max()), "cosine": cos, "same": ok}))
+    return 0 if ok else 1
+
+
 def _last_logits(model, ids) -> list[float]:  # type: ignore[no-untyped-def]
     import torch
 
@@ -187,6 +281,10 @@ if __name__ == "__main__":
     mode, root, family, qtype = sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4]
     if mode == "write" and family == "smollm2":
         smollm2(root, qtype)
+    elif mode == "write" and family == "idefics3":
+        mmproj(root)
+    elif family == "idefics3":
+        sys.exit(run_mmproj(root))
     elif mode == "write":
         write(root, family, qtype)
     else:
