@@ -142,3 +142,24 @@ def test_llama_cpp_mix_layers() -> None:
     mix = llama_cpp_mix("gguf:q2_k_s", model)
     assert sorted(mix) == ["model.layers.0.mlp.down_proj", *(f"model.layers.{i}.self_attn.v_proj" for i in range(8))]
     assert set(map(str, mix.values())) == {str({"bits": 4, "group_size": 32, "sym": False})}
+
+
+def test_cli_writes_q4_k_m_with_the_mix_as_layer_config(tmp_path: Path) -> None:
+    """The spec's command: --asym --group-size 32 --format gguf:q4_k_m --layer-config mix.json."""
+    from checkpoint_helpers import tiny_tokenizer
+    from typer.testing import CliRunner
+
+    from signround.cli import app
+
+    model = tiny_text_model("qwen2", **WIDE)
+    model.save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    (tmp_path / "mix.json").write_text(json.dumps(llama_cpp_mix("gguf:q4_k_m", model)))
+    res = CliRunner().invoke(app, ["quantize", str(tmp_path / "m"), "-o", str(tmp_path / "q"), "--recipe", "rtn",
+                                   "--group-size", "32", "--asym", "--format", "gguf:q4_k_m",
+                                   "--layer-config", str(tmp_path / "mix.json")])
+    assert res.exit_code == 0, res.output
+    assert "re-quantizes SignRound's fp16 group scales" in res.output  # the user is told what changed
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(str(tmp_path / "q" / "model-q4_k_m.gguf")).tensors}
+    assert types["blk.1.ffn_down.weight"] == gguf.GGMLQuantizationType.Q6_K
+    assert types["blk.0.ffn_down.weight"] == types["blk.1.attn_q.weight"] == gguf.GGMLQuantizationType.Q4_K
