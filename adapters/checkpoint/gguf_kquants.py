@@ -10,12 +10,14 @@ A k-quant super-block holds 256 weights along K as sub-blocks that share one fp1
 
 SignRound's group scale s and zero z are fp16/integer per group, so they do not fit exactly:
 s is re-quantized to d·sc (d = fp16(max s / sc_max), sc = round(s / d)), the offset s·z to
-dmin·m likewise, then each code is re-rounded to the nearest level of the new grid of
-SignRound's own dequantized weight w = s·(q − z). Worked example (Q4_K, two of the 8 groups,
-all others at s = 0.01): s = [0.0100, 0.0031], z = [8, 3]: d = fp16(0.01/63) = 1.5873e-4,
-sc = [63, 20] → d·sc = [0.0100, 0.00317]; a weight 0.0031·(5 − 3) = 0.0062 becomes code
-round((0.0062 + m·dmin) / 0.00317) … and lands 1.5 % off. `KBlocks` reports what changed: the
-relative MSE against SignRound's grid and the share of codes re-rounded.
+dmin·m likewise, each sc / m then moved by ±1 where that serves the sub-block better, and every
+code re-rounded to the nearest level of the new grid of SignRound's own dequantized weight
+w = s·(q − z). Worked example (Q4_K; a super-block whose 8 groups have s = 0.01, z = 8 but the
+second s = 0.0031, z = 3; all its codes 8 but one 5): d = fp16(0.01/63) = 1.588e-4, dmin =
+fp16(0.08/63) = 1.270e-3; the second group gets sc = 21, m = 6 (d·sc = 0.003335 for 0.0031, dmin·m =
+0.007622 for 0.009298), so its weights 0.0155 (code 8) and 0.0062 (code 5) become codes 7 and 4:
+0.01572 and 0.00572. `KBlocks` reports what changed: the relative MSE against SignRound's grid
+and the share of codes re-rounded.
 """
 
 from __future__ import annotations
@@ -50,34 +52,64 @@ def _f16_bytes(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float16).view(np.uint8).reshape(*x.shape, 2)
 
 
+def _nearest(w: np.ndarray, step: np.ndarray, low: np.ndarray, lo: int, hi: int, offset: int) -> tuple[np.ndarray, ...]:
+    """Codes of the grid step·(q − offset) − low nearest to w, clamped to [lo, hi]; (q, weights, error
+    per sub-block). A zero step holds one level: q = offset."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(step != 0, np.clip(np.rint((w + low) / step) + offset, lo, hi), offset)
+    new = step * (q - offset) - low
+    return q, new, np.square(new - w).sum(-1)
+
+
+def _search(w: np.ndarray, d: np.ndarray, dmin: np.ndarray | None, sc: np.ndarray, m: np.ndarray | None,
+            sc_range: tuple[int, int], m_top: int, code_range: tuple[int, int], offset: int) -> tuple[np.ndarray, ...]:
+    """Per sub-block, the (sc, m) among the rounded ones ±1 whose re-rounded codes land nearest to w."""
+    best = None
+    for ds in (0, -1, 1):
+        for dm in ((0, -1, 1) if m is not None else (0,)):
+            sc2 = np.clip(sc + ds, *sc_range)
+            m2 = np.clip(m + dm, 0, m_top) if m is not None else None
+            step = (d[..., None] * sc2)[..., None].astype(np.float32)  # what ggml multiplies by, in float32
+            low = (dmin[..., None] * m2)[..., None].astype(np.float32) if m2 is not None else np.float32(0)
+            q, new, err = _nearest(w, step, low, *code_range, offset)
+            if best is None:
+                best = [sc2, m2, q, new, err]
+                continue
+            better = err < best[4]
+            best = [np.where(better, sc2, best[0]), None if m2 is None else np.where(better, m2, best[1]),
+                    np.where(better[..., None], q, best[2]), np.where(better[..., None], new, best[3]),
+                    np.where(better, err, best[4])]
+    assert best is not None
+    return tuple(best[:4])
+
+
 def requantize_asym(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray, sub: int, scale_bits: int,
                     maxq: int) -> tuple[np.ndarray, ...]:
-    """Asymmetric groups (w = s·(q − z), one group per sub-block) -> (d, dmin, sc, m, q, w_new, w).
+    """Asymmetric groups (w = s·(q − z), one group per sub-block) -> (d, dmin, sc, m, q, w_new, w, q0).
 
     codes [N, K] ints, scale / zero [N, K/sub]; every returned array is per super-block
     ([N, K/256] for d/dmin, [N, K/256, 256/sub] for sc/m, [N, K/256, 256/sub, sub] for q and
-    the weights)."""
+    the weights; q0: SignRound's codes). sc and m are the rounded s/d and s·z/dmin, each moved by
+    up to ±1 where that brings the re-rounded sub-block nearer SignRound's weights (it halves the
+    added error on weights with outliers)."""
     n, k = codes.shape
     q0 = codes.reshape(n, k // QK_K, QK_K // sub, sub).astype(np.float32)
     s = scale.astype(np.float32).reshape(n, k // QK_K, QK_K // sub)
     z = zero.astype(np.float32).reshape(n, k // QK_K, QK_K // sub)
     w = s[..., None] * (q0 - z[..., None])
-    top = float(2 ** scale_bits - 1)
+    top = 2 ** scale_bits - 1
     offset = s * z  # the group's minimum is −s·z ≤ 0: k-quants store it as −dmin·m with m ≥ 0
     d = _fp16(s.max(-1) / top)
     dmin = _fp16(offset.max(-1) / top)
     with np.errstate(divide="ignore", invalid="ignore"):
         sc = np.where(d[..., None] > 0, np.clip(np.rint(s / d[..., None]), 0, top), 0)
         m = np.where(dmin[..., None] > 0, np.clip(np.rint(offset / dmin[..., None]), 0, top), 0)
-    step = (d[..., None] * sc)[..., None].astype(np.float32)  # what ggml multiplies by, in float32
-    low = (dmin[..., None] * m)[..., None].astype(np.float32)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.where(step > 0, np.clip(np.rint((w + low) / step), 0, maxq), 0)
-    return d, dmin, sc.astype(np.uint8), m.astype(np.uint8), q.astype(np.uint8), step * q - low, w, q0
+    sc, m, q, new = _search(w, d, dmin, sc, m, (0, top), top, (0, maxq), 0)
+    return d, dmin, sc.astype(np.uint8), m.astype(np.uint8), q.astype(np.uint8), new, w, q0
 
 
 def requantize_sym(codes: np.ndarray, scale: np.ndarray, sub: int, half: int) -> tuple[np.ndarray, ...]:
-    """Symmetric groups (w = s·(q − half), s signed) -> (d, sc int8, q, w_new, w), as `requantize_asym`."""
+    """Symmetric groups (w = s·(q − half), s signed) -> (d, sc int8, q, w_new, w, q0), as `requantize_asym`."""
     n, k = codes.shape
     q0 = codes.reshape(n, k // QK_K, QK_K // sub, sub).astype(np.float32)
     s = scale.astype(np.float32).reshape(n, k // QK_K, QK_K // sub)
@@ -85,10 +117,8 @@ def requantize_sym(codes: np.ndarray, scale: np.ndarray, sub: int, half: int) ->
     d = _fp16(np.abs(s).max(-1) / 127.0)
     with np.errstate(divide="ignore", invalid="ignore"):
         sc = np.where(d[..., None] > 0, np.clip(np.rint(s / d[..., None]), -127, 127), 0)
-    step = (d[..., None] * sc)[..., None].astype(np.float32)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.where(step != 0, np.clip(np.rint(w / step) + half, 0, 2 * half - 1), half)
-    return d, sc.astype(np.int8), q.astype(np.uint8), step * (q - half), w, q0
+    sc, _, q, new = _search(w, d, None, sc, None, (-127, 127), 0, (0, 2 * half - 1), half)
+    return d, sc.astype(np.int8), q.astype(np.uint8), new, w, q0
 
 
 def _pack_bits(q: np.ndarray, rows: int, width: int) -> np.ndarray:
