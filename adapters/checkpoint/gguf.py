@@ -18,7 +18,8 @@ sub-block scales are re-quantized and the codes re-rounded (`gguf_kquants.py`), 
 exact; `write_gguf` warns with the error it adds and stores it in the file
 (``signround.requantization``). Full-precision Linears and embeddings are F16, norms and biases F32.
 Llama/Mistral q and k rows are permuted to llama.cpp's rotary layout (pairs interleaved), as its
-converter does; Qwen2 keeps HF's (NeoX) layout.
+converter does; Qwen2 keeps HF's (NeoX) layout. A VLM of `gguf_mmproj.VISION_FAMILIES` gives its
+text decoder here and its vision tower to ``mmproj-model-f16.gguf`` (`gguf_mmproj.py`).
 """
 
 from __future__ import annotations
