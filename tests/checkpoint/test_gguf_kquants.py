@@ -16,11 +16,11 @@ from tiny_models import tiny_text_model
 
 from signround.adapters.checkpoint import gguf_kquants
 from signround.adapters.checkpoint.export import save_quantized
-from signround.adapters.checkpoint.gguf import llama_cpp_mix
+from signround.adapters.checkpoint.gguf import encode_kquant, llama_cpp_mix
 from signround.adapters.checkpoint.targets import UnloadableError
 from signround.adapters.frontends.facade import AutoRound
 from signround.rounding import QuantSpec
-from signround.rounding.grid import quantize_weight
+from signround.rounding.grid import QuantizedWeight, from_groups, quantize_codes, quantize_weight, to_groups
 
 gguf = pytest.importorskip("gguf")
 KTYPES = {"q4_k": QuantSpec(4, 32, False), "q6_k": QuantSpec(6, 16, True), "q2_k": QuantSpec(2, 16, False)}
@@ -163,3 +163,25 @@ def test_cli_writes_q4_k_m_with_the_mix_as_layer_config(tmp_path: Path) -> None:
     types = {t.name: t.tensor_type for t in gguf.GGUFReader(str(tmp_path / "q" / "model-q4_k_m.gguf")).tensors}
     assert types["blk.1.ffn_down.weight"] == gguf.GGMLQuantizationType.Q6_K
     assert types["blk.0.ffn_down.weight"] == types["blk.1.attn_q.weight"] == gguf.GGMLQuantizationType.Q4_K
+
+
+def test_transformers_reads_the_k_quant_file_as_the_weights_we_report(tmp_path: Path) -> None:
+    """transformers' GGUF loader (its own k-quant dequantization, llama's q/k permutation undone)
+    gives the logits of our model holding the re-quantized weights: the file is what we claim."""
+    from checkpoint_helpers import logits
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_text_model("llama", **WIDE)
+    results = rtn_state(model, KTYPES["q4_k"], override={"model.layers.0.mlp.down_proj": KTYPES["q6_k"]})
+    with pytest.warns(UserWarning, match="re-quantizes"):
+        out = save_quantized(model, results, tmp_path / "g", format="gguf:q4_k_m", inplace=False)
+    on_grid = logits(model)
+    with torch.no_grad():
+        for name, r in results.items():
+            lin = model.get_submodule(name)
+            codes = quantize_codes(to_groups(lin.weight, r.spec.group_size), r.scale.float(), r.zero.float(), r.spec)
+            qw = QuantizedWeight(from_groups(codes, lin.in_features).int(), r.scale, r.zero, r.spec)
+            lin.weight.copy_(torch.from_numpy(encode_kquant(qw, {4: "q4_k", 6: "q6_k"}[r.spec.bits]).dequantized))
+    theirs = AutoModelForCausalLM.from_pretrained(str(out), gguf_file="model-q4_k_m.gguf").eval()
+    torch.testing.assert_close(logits(theirs), logits(model), rtol=0, atol=2e-3)
+    assert float((logits(theirs) - on_grid).abs().max()) > 1e-2  # SignRound's grid itself is not what the file holds
