@@ -102,3 +102,18 @@ def test_torchrun_is_refused_with_the_two_step_recipe(tok, monkeypatch) -> None:
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="--plan-out plan.json"):
         AutoRound(_model(tok), tok, target_bits=3.0, candidates=CANDIDATES, **SMALL)
+
+
+def test_mllm_on_image_text_calibration() -> None:
+    """AutoRoundMLLM takes the same arguments; the scores run the VLM's forward on image-text batches."""
+    from vlm_helpers import qwen2_vl_with_processor
+
+    from signround.adapters.frontends.facade import AutoRoundMLLM
+
+    model, tok, proc = qwen2_vl_with_processor()
+    ar = AutoRoundMLLM(model, tok, processor=proc, dataset="embedded", target_bits=4.0, candidates=CANDIDATES,
+                       **{**SMALL, "seqlen": 256})
+    plan = ar.mixed_plan()
+    assert plan.average_bits <= 4.0 and plan.score_tokens > 0
+    assert all(n.startswith("model.language_model.layers.") for n in plan.specs)
+    assert {n: r.spec for n, r in ar.quantize().layers.items()} == plan.specs
