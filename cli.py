@@ -514,6 +514,24 @@ def inspect(
             print_runtime_plan(info["runtime"])
 
 
+@app.command("gguf-mix")
+@user_errors
+def gguf_mix(
+    model: Path = typer.Argument(..., help="A model directory (config.json; no weights are read)."),
+    format: Format = typer.Option(..., "--format", help="A k-quant GGUF format: gguf:q4_k_m or gguf:q2_k_s."),
+) -> None:
+    """llama.cpp's layer mix for a k-quant GGUF format as --layer-config JSON (which layers take Q6_K / Q4_K;
+    spec/format.md, "GGUF")."""
+    import json
+
+    from signround.adapters.checkpoint.gguf import llama_cpp_mix
+    from signround.adapters.hf.streaming import skeleton
+
+    if not (model / "config.json").is_file():
+        raise FileNotFoundError(f"{model}: not a model directory (no config.json)")
+    typer.echo(json.dumps(llama_cpp_mix(format.value, skeleton(model)), indent=1))
+
+
 @app.command()
 @user_errors
 def demo(

@@ -145,7 +145,8 @@ def test_llama_cpp_mix_layers() -> None:
 
 
 def test_cli_writes_q4_k_m_with_the_mix_as_layer_config(tmp_path: Path) -> None:
-    """The spec's command: --asym --group-size 32 --format gguf:q4_k_m --layer-config mix.json."""
+    """The spec's commands: signround gguf-mix, then quantize --asym --group-size 32 --format gguf:q4_k_m
+    --layer-config mix.json."""
     from checkpoint_helpers import tiny_tokenizer
     from typer.testing import CliRunner
 
@@ -154,7 +155,9 @@ def test_cli_writes_q4_k_m_with_the_mix_as_layer_config(tmp_path: Path) -> None:
     model = tiny_text_model("qwen2", **WIDE)
     model.save_pretrained(tmp_path / "m")
     tiny_tokenizer().save_pretrained(tmp_path / "m")
-    (tmp_path / "mix.json").write_text(json.dumps(llama_cpp_mix("gguf:q4_k_m", model)))
+    mix = CliRunner().invoke(app, ["gguf-mix", str(tmp_path / "m"), "--format", "gguf:q4_k_m"])
+    assert mix.exit_code == 0 and json.loads(mix.output) == llama_cpp_mix("gguf:q4_k_m", model), mix.output
+    (tmp_path / "mix.json").write_text(mix.output)
     res = CliRunner().invoke(app, ["quantize", str(tmp_path / "m"), "-o", str(tmp_path / "q"), "--recipe", "rtn",
                                    "--group-size", "32", "--asym", "--format", "gguf:q4_k_m",
                                    "--layer-config", str(tmp_path / "mix.json")])
