@@ -314,15 +314,24 @@ def tune_block(block_fn: BlockFn, weights: Mapping[str, Tensor], specs: Mapping[
     """
     prepared = prepare(weights, specs)
     state = init(prepared, specs, recipe, optimizer)
+    losses: list[Tensor] = []
+    if recipe.iters > 0:
+        for parts in (batches if batches is not None else step_batches(inputs, targets, recipe)):
+            state, loss = step(block_fn, weights, prepared, specs, state, parts, ops=ops, reduce=reduce, donate=True)
+            losses.append(loss)
+    return finish(state, prepared, specs, recipe, losses)
+
+
+def finish(state: TuneState, prepared: Mapping[str, GroupedWeight], specs: Mapping[str, QuantSpec], recipe: Recipe,
+           losses: Sequence[Tensor]) -> TuneResult:
+    """The TuneResult of a finished loop: the chosen iterate and the per-step losses (device
+    scalars, read with one host sync here, after the loop; a recipe with iters > 0 must have run
+    at least one step)."""
     if recipe.iters == 0:
         nan = float("nan")
         return TuneResult(quantized=result(state, prepared, specs, recipe), params=state.params,
                           losses=torch.zeros(0), best_loss=nan, first_loss=nan, iters=0)
-    losses = []
-    for parts in (batches if batches is not None else step_batches(inputs, targets, recipe)):
-        state, loss = step(block_fn, weights, prepared, specs, state, parts, ops=ops, reduce=reduce, donate=True)
-        losses.append(loss)
-    history = torch.stack(losses).float().cpu()  # one host sync, after the loop
+    history = torch.stack(list(losses)).float().cpu()
     best = float(history.min()) if recipe.use_best else float(history[-1])
     return TuneResult(quantized=result(state, prepared, specs, recipe), params=dict(state.params), losses=history,
                       best_loss=best, first_loss=float(history[0]), iters=len(losses))
@@ -344,5 +353,5 @@ def block_loss(block_fn: BlockFn, weights: Mapping[str, Tensor], inputs: BlockIn
 
 
 __all__ = ["BlockFn", "BlockInputs", "LOSS_SCALE", "ReduceFn", "StepParts", "TuneResult", "TuneState", "accumulate",
-           "block_loss", "init", "loss_and_grads", "masked_mse", "optimizer_for", "prepare",
+           "block_loss", "finish", "init", "loss_and_grads", "masked_mse", "optimizer_for", "prepare",
            "quantized_weights", "result", "sample_indices", "split_step", "step", "step_batches", "tune_block"]

@@ -37,6 +37,16 @@ def tiny_text_model(model_type: str, seed: int = 0, **overrides: Any) -> Any:
     return AutoModelForCausalLM.from_config(text_config(model_type, **overrides)).eval()
 
 
+def save_tiny_text_model(directory: Any, model_type: str = "llama") -> Any:
+    """A tiny text model and its byte-level tokenizer saved as a model directory (for the CLI)."""
+    from _templating_helpers import byte_tokenizer
+
+    tok = byte_tokenizer([])
+    tiny_text_model(model_type, vocab_size=len(tok)).save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
+
+
 def vlm_config(model_type: str, **text_overrides: Any) -> Any:
     text = {**TEXT, **text_overrides}
     kw: dict[str, Any]

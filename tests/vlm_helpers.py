@@ -25,22 +25,29 @@ def qwen2_vl_image_batch(offsets: tuple[int, ...], seqlen: int = 20) -> dict[str
             "mm_token_type_ids": (ids == IMAGE_TOKEN).long()}
 
 
-def qwen2_vl_with_processor():
-    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor
+def _qwen_vl_with_processor(model_type: str, processor_cls: Any) -> tuple[Any, Any, Any]:
+    """A tiny Qwen2-VL-family model with a byte tokenizer carrying its vision tokens, and its processor."""
+    from transformers import Qwen2VLImageProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
     specials = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
     tok = byte_tokenizer(specials)
-    model = tiny_vlm("qwen2_vl", vocab_size=len(tok))
+    model = tiny_vlm(model_type, vocab_size=len(tok))
     cfg = model.config
     cfg.image_token_id = tok.convert_tokens_to_ids("<|image_pad|>")
     cfg.video_token_id = tok.convert_tokens_to_ids("<|video_pad|>")
     cfg.vision_start_token_id = tok.convert_tokens_to_ids("<|vision_start|>")
     cfg.vision_end_token_id = tok.convert_tokens_to_ids("<|vision_end|>")
-    proc = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112),
-                            tokenizer=tok, video_processor=Qwen2VLVideoProcessor(),
-                            chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    proc = processor_cls(image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112),
+                         tokenizer=tok, video_processor=Qwen2VLVideoProcessor(),
+                         chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
     return model, tok, proc
+
+
+def qwen2_vl_with_processor():
+    from transformers import Qwen2VLProcessor
+
+    return _qwen_vl_with_processor("qwen2_vl", Qwen2VLProcessor)
 
 
 def _llama_text(vocab: int, **extra: Any) -> dict[str, Any]:
@@ -117,19 +124,8 @@ def mllama_parts() -> tuple[Any, Any, Any]:
 def qwen2_5_vl_with_processor(window_size: int = 56):
     """A tiny Qwen2.5-VL (one window-attention block, one full-attention block; windows of 4x4
     patches) with its processor: images of 8x8 patches or more get several windows."""
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor
-    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+    from transformers import Qwen2_5_VLProcessor
 
-    specials = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-    tok = byte_tokenizer(specials)
-    model = tiny_vlm("qwen2_5_vl", vocab_size=len(tok))
-    cfg = model.config
-    cfg.vision_config.window_size = model.model.visual.window_size = window_size
-    cfg.image_token_id = tok.convert_tokens_to_ids("<|image_pad|>")
-    cfg.video_token_id = tok.convert_tokens_to_ids("<|video_pad|>")
-    cfg.vision_start_token_id = tok.convert_tokens_to_ids("<|vision_start|>")
-    cfg.vision_end_token_id = tok.convert_tokens_to_ids("<|vision_end|>")
-    proc = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112),
-                               tokenizer=tok, video_processor=Qwen2VLVideoProcessor(),
-                               chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    model, tok, proc = _qwen_vl_with_processor("qwen2_5_vl", Qwen2_5_VLProcessor)
+    model.config.vision_config.window_size = model.model.visual.window_size = window_size
     return model, tok, proc

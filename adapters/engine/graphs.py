@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from signround.rounding import BlockInputs, QdqOps, QuantSpec, Recipe, StepParts, TuneResult
-from signround.rounding.tune import BlockFn, TuneState, init, optimizer_for, prepare, result, step
+from signround.rounding.tune import BlockFn, TuneState, finish, init, optimizer_for, prepare, step
 
 WARMUP = 3  # eager steps before the capture: the compiled halves and every buffer exist by then
 
@@ -180,14 +180,7 @@ def tune_graphed(block_fn: BlockFn, weights: Mapping[str, Tensor], specs: Mappin
             eager(parts)
             continue
         losses.append(replay().clone())  # the replay's loss buffer is overwritten by the next one
-    if recipe.iters == 0 or not losses:
-        nan = float("nan")
-        return TuneResult(quantized=result(state, prepared, specs, recipe), params=state.params,
-                          losses=torch.zeros(0), best_loss=nan, first_loss=nan, iters=0)
-    history = torch.stack(losses).float().cpu()  # one host sync, after the loop
-    best = float(history.min()) if recipe.use_best else float(history[-1])
-    return TuneResult(quantized=result(state, prepared, specs, recipe), params=dict(state.params), losses=history,
-                      best_loss=best, first_loss=float(history[0]), iters=len(losses))
+    return finish(state, prepared, specs, recipe, losses)
 
 
 def failures() -> dict[str, str]:

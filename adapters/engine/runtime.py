@@ -52,6 +52,12 @@ COMPILE_OPTIONS = {"emulate_precision_casts": True}
 GRAPHS_MAX_WEIGHTS = 24_000_000
 
 
+def host_bound(tuned_weights: int) -> bool:
+    """Whether a block of this many tuned weights is small enough that the host limits its steps
+    (CUDA graphs by default) rather than the GPU (the compiled block forward by default)."""
+    return tuned_weights <= GRAPHS_MAX_WEIGHTS
+
+
 @attrs.frozen
 class Runtime:
     """How tuning runs on one device: compiled qdq halves or not, block forward compiled or not,
@@ -162,7 +168,7 @@ def block_call_for(runtime: Runtime, block: Any, specs: Mapping[str, QuantSpec])
     its size when the runtime leaves it to the size (see the module docstring)."""
     on = runtime.compile_block
     if on is None:
-        on = sum(block.get_parameter(k).numel() for k in specs) > GRAPHS_MAX_WEIGHTS
+        on = not host_bound(sum(block.get_parameter(k).numel() for k in specs))
     return block_call(attrs.evolve(runtime, compile_block=on))
 
 
@@ -332,7 +338,7 @@ def uses_graphs(runtime: Runtime, weights: Mapping[str, Tensor], specs: Mapping[
     """Whether this block's steps are replayed from a CUDA graph under `runtime`."""
     if not specs or runtime.cuda_graphs is False:
         return False
-    return runtime.cuda_graphs is True or sum(weights[k].numel() for k in specs) <= GRAPHS_MAX_WEIGHTS
+    return runtime.cuda_graphs is True or host_bound(sum(weights[k].numel() for k in specs))
 
 
 def _side_stream(device: torch.device) -> Any:

@@ -50,7 +50,8 @@ def one(name: str, args: argparse.Namespace) -> dict:
                       "state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                       "peak_memory_bytes": report.peak_memory_bytes}
         del model
-        torch.cuda.empty_cache() if accel.device.type == "cuda" else None
+        if accel.device.type == "cuda":
+            torch.cuda.empty_cache()
     a, b = runs["eager"]["state"], runs["graphs"]["state"]
     differ = [k for k in a if not torch.equal(a[k], b[k])]
     out = {"shape": name, "config": cfg.to_dict(), "graphs_failure": graphs.failure(), "tensors": len(a),

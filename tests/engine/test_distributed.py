@@ -13,17 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from _templating_helpers import byte_tokenizer
-from tiny_models import tiny_text_model
+from tiny_models import save_tiny_text_model
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-llama-dp")
-    tok = byte_tokenizer([])
-    tiny_text_model("llama", vocab_size=len(tok)).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return save_tiny_text_model(tmp_path_factory.mktemp("tiny-llama-dp"))
 
 
 def _args(model_dir: Path, out: Path, batch_size: int, gas: int) -> list[str]:

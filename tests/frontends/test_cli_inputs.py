@@ -13,13 +13,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from _templating_helpers import byte_tokenizer
 from signround.adapters.checkpoint.files import dir_lock
 from signround.adapters.frontends import arguments
 from signround.adapters.frontends.facade import AutoRound
 from signround.adapters.hf import model_io
 from signround.cli import app
-from tiny_models import tiny_text_model
+from tiny_models import save_tiny_text_model
 
 runner = CliRunner()
 FAST = ["--group-size", "32", "--iters", "2", "--nsamples", "4", "--seqlen", "32", "--batch-size", "4"]
@@ -28,11 +27,7 @@ RTN = ["--group-size", "32", "--recipe", "rtn"]
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-llama")
-    tok = byte_tokenizer([])
-    tiny_text_model("llama", vocab_size=len(tok)).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return save_tiny_text_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="module")

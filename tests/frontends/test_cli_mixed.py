@@ -8,9 +8,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from _templating_helpers import byte_tokenizer
 from signround.cli import app
-from tiny_models import tiny_text_model
+from tiny_models import save_tiny_text_model
 
 runner = CliRunner()
 RECIPE = ["--group-size", "32", "--iters", "2", "--nsamples", "4", "--seqlen", "16", "--batch-size", "2"]
@@ -18,11 +17,7 @@ RECIPE = ["--group-size", "32", "--iters", "2", "--nsamples", "4", "--seqlen", "
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-llama")
-    tok = byte_tokenizer([])
-    tiny_text_model("llama", vocab_size=len(tok)).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return save_tiny_text_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def test_dry_run_prints_and_writes_the_plan(model_dir, tmp_path):
