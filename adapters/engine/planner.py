@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
 import attrs
@@ -78,6 +79,41 @@ def current_rss() -> int:
         import psutil
 
         return int(psutil.Process().memory_info().rss)
+
+
+UNREAD = "model weights not yet read from the memory-mapped checkpoint"
+
+
+def unread_mapped_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the file mappings holding these CPU tensors that are not resident yet (Linux; 0 elsewhere).
+
+    A model loaded from safetensors holds views of the memory-mapped checkpoint: its pages count in the
+    RSS only once read, and every quantized weight is written (so becomes private memory) by the end
+    of a run. The RSS before the run misses what is unread; this is that part (`/proc/self/smaps`:
+    size less Rss of each file mapping a tensor points into)."""
+    ptrs = sorted({t.untyped_storage().data_ptr() for t in tensors if t.device.type == "cpu" and t.numel()})
+    if not ptrs:
+        return 0
+    try:
+        text = Path("/proc/self/smaps").read_text()
+    except OSError:
+        return 0
+    maps: list[tuple[int, int, int]] = []  # (start, end, resident bytes) of file-backed mappings
+    start = end = 0
+    named = False
+    for line in text.splitlines():
+        head = line.split(None, 6)
+        if head and "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+            lo, hi = head[0].split("-")
+            start, end = int(lo, 16), int(hi, 16)
+            named = len(head) >= 6 and head[4] != "0" and head[5].startswith("/")
+        elif named and line.startswith("Rss:"):
+            maps.append((start, end, int(line.split()[1]) * 1024))
+    unread = 0
+    for lo, hi, rss in maps:
+        if any(lo <= ptr < hi for ptr in ptrs):
+            unread += max(hi - lo - rss, 0)
+    return unread
 
 
 def machine_budgets(device: torch.device) -> tuple[Optional[int], int]:
@@ -232,13 +268,15 @@ def step_tokens(recipe: Recipe, batch_size: int) -> int:
 
 
 def estimate(shape: ModelShape, recipe: Recipe, settings: Settings, *, device_type: str, amp: Optional[bool] = None,
-             compiled: Optional[bool] = None, baseline: int = 0, model_in_baseline: bool = False) -> Estimate:
+             compiled: Optional[bool] = None, baseline: int = 0, model_in_baseline: bool = False,
+             unread: int = 0) -> Estimate:
     """Peak memory of a run of `recipe` on `shape` with `settings` (formulas: spec/performance.md).
 
     device_type: "cuda", "xpu", "hpu" or "cpu". amp: bf16 autocast on an accelerator (default
     recipe.amp). compiled: the qdq halves compiled (default: on CUDA, as runtime.policy decides).
     baseline: the process's RSS before the run (interpreter, libraries); model_in_baseline: the
-    model is already loaded and counted there (a facade given a model object)."""
+    model is already loaded and counted there (a facade given a model object); unread: the bytes of it
+    not yet read from a memory-mapped checkpoint (`unread_mapped_bytes`), which the run will read."""
     s = shape
     accel = device_type != "cpu"
     amp = recipe.amp if amp is None else amp
@@ -280,11 +318,12 @@ def estimate(shape: ModelShape, recipe: Recipe, settings: Settings, *, device_ty
         device = _max_phase({k: {**resident, **v} for k, v in work.items()})
         host_cache = 0 if settings.cache in ("device", "disk") else sets
         host = Peak("run", {k: v for k, v in {"process before the run": baseline,
+                                              UNREAD: unread,
                                               "model weights" + (" (streamed)" if settings.stream else ""): held,
                                               "activation cache": host_cache}.items() if v})
         return Estimate(settings, device, host)
     # on the CPU the "device" is the RAM: the block being tuned is part of the model already held
-    base = {"process before the run": baseline,
+    base = {"process before the run": baseline, UNREAD: unread,
             "model weights" + (" (streamed)" if settings.stream else ""): held}
     return Estimate(settings, None, _max_phase({k: {**base, **v} for k, v in work.items()}))
 
@@ -343,7 +382,7 @@ def cache_order(device_type: str, cache: str = "auto") -> list[str]:
 def choose(shape: ModelShape, recipe: Recipe, *, device_type: str, max_device: Optional[int] = None,
            max_host: Optional[int] = None, cache: str = "auto", stream: Optional[bool] = None,
            can_stream: bool = True, amp: Optional[bool] = None, compiled: Optional[bool] = None,
-           baseline: int = 0, model_in_baseline: bool = False) -> MemoryPlan:
+           baseline: int = 0, model_in_baseline: bool = False, unread: int = 0) -> MemoryPlan:
     """The first settings (in the order of the module docstring) whose estimate fits both budgets.
 
     cache: "auto" (the planner may place it) or a placement the user asked for (kept). stream:
@@ -353,7 +392,7 @@ def choose(shape: ModelShape, recipe: Recipe, *, device_type: str, max_device: O
     streams = [True] if stream else ([False, True] if (stream is None and can_stream) else [False])
     b, g = recipe.batch_size, recipe.gradient_accumulate_steps
     kw = dict(device_type=device_type, amp=amp, compiled=compiled, baseline=baseline,
-              model_in_baseline=model_in_baseline)
+              model_in_baseline=model_in_baseline, unread=unread)
     tried = []
     for k in _splits(b):
         for st in streams:
@@ -418,4 +457,5 @@ def _refusal(shape: ModelShape, tried: list[Estimate], max_device: Optional[int]
 
 
 __all__ = ["DEVICE_RESERVE", "Estimate", "GiB", "HOST_MARGIN", "MemoryPlan", "ModelShape", "Peak", "Settings",
-           "cache_order", "choose", "current_rss", "estimate", "fmt_bytes", "machine_budgets", "parse_size"]
+           "UNREAD", "cache_order", "choose", "current_rss", "estimate", "fmt_bytes", "machine_budgets", "parse_size",
+           "unread_mapped_bytes"]

@@ -21,6 +21,7 @@ import attrs
 import torch
 from torch import Tensor, nn
 
+from signround.adapters.hf.placement import move_outside, restore
 from signround.rounding import QuantSpec, qdq
 
 Batch = Union[Tensor, Mapping[str, Any]]
@@ -99,11 +100,11 @@ def score_layers(model: nn.Module, batches: Iterable[Batch], candidates: Mapping
 
     start = time.perf_counter()
     tokens = 0
+    moved: list = []
     try:
         for p in params:
             p.requires_grad_(False)
-        if run_on != home:
-            model.to(run_on)
+        moved = move_outside(model, (), run_on)  # back into the CPU tensors they came from, afterwards
         # the embeddings' output is where the gradient starts, so no weight takes one
         handles.append(model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_(True)))
         handles += [modules[n].register_forward_hook(on_forward(n)) for n in candidates]
@@ -116,8 +117,7 @@ def score_layers(model: nn.Module, batches: Iterable[Batch], candidates: Mapping
     finally:
         for h in handles:
             h.remove()
-        if run_on != home:
-            model.to(home)
+        restore(moved)
         for p, g in zip(params, grads):
             p.requires_grad_(g)
     if tokens == 0:

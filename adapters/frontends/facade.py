@@ -524,7 +524,8 @@ def _plan_memory_of(model: nn.Module, blocks: Sequence[str], plan: LayerPlan, re
     return memory.choose(memory.ModelShape.of(model, blocks, plan), recipe, device_type=dev.type,
                          max_device=budgets[0], max_host=budgets[1], cache=cache,
                          stream=True if stream else (None if skeleton else False), can_stream=skeleton,
-                         amp=recipe.amp, baseline=memory.current_rss(), model_in_baseline=not skeleton)
+                         amp=recipe.amp, baseline=memory.current_rss(), model_in_baseline=not skeleton,
+                         unread=0 if skeleton else memory.unread_mapped_bytes([*model.parameters(), *model.buffers()]))
 
 
 def _plan_memory(model: nn.Module, blocks: Sequence[str], plan: LayerPlan, recipe: Recipe, device: Optional[str],

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from signround.adapters.hf.blocks import blocks_of, is_vision_name
+from signround.adapters.hf.placement import on_device
 from signround.adapters.hf.vision import fold_per_sample, image_rows, is_packed_call, packed_capture
 from signround.rounding import BlockInputs
 
@@ -326,12 +327,8 @@ def _capture(model: nn.Module, batches: list[Batch], prefix: str, nsamples: Opti
             if index == 0 and not output_template:  # learn the block's output structure once
                 # The block may still sit on the CPU while inputs live on the accelerator (blocks
                 # move to the device one at a time): run this one call where the inputs are.
-                home = next(block.parameters(), h).device
-                block.to(h.device)
-                try:
+                with on_device(block, h.device):
                     output_template.append(original(block, *args, **kwargs))
-                finally:
-                    block.to(home)
             if index == last:
                 raise _StopForward
             template = output_template[0]

@@ -101,3 +101,25 @@ def test_refusals_name_what_does_not_fit() -> None:
     plan = choose(shape, attrs.evolve(recipe, nsamples=16), device_type="cuda", max_device=80 * GiB,
                   max_host=512 * GiB, cache="device")
     assert plan.settings.cache == "device"
+
+
+def test_unread_mapped_bytes_counts_what_a_loaded_checkpoint_has_not_paged_in_yet(tmp_path):
+    """A model loaded from safetensors is a view of the mapped file: the RSS before a run misses the
+    pages not read yet, which the run will read (and, for quantized weights, write)."""
+    from tiny_models import tiny_text_model
+
+    from signround.adapters.engine.planner import unread_mapped_bytes
+
+    tiny_text_model("llama", hidden_size=256, intermediate_size=1024).save_pretrained(tmp_path)
+    size = sum(f.stat().st_size for f in tmp_path.glob("*.safetensors"))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    tensors = [*model.parameters(), *model.buffers()]
+    before = unread_mapped_bytes(tensors)
+    if not Path("/proc/self/smaps").exists():
+        assert before == 0
+        return
+    assert 0 < before <= size + 2**16  # a mapping is whole pages
+    for t in tensors:
+        float(t.float().sum())  # read every weight: the pages are resident now
+    assert unread_mapped_bytes(tensors) < 0.1 * before
+    assert unread_mapped_bytes([torch.zeros(1000)]) == 0  # anonymous memory has nothing unread
