@@ -27,17 +27,24 @@ AUTO_ROUND_METHOD = "auto-round"
 GPTQ_METHOD = "gptq"
 COMPRESSED_METHOD = "compressed-tensors"  # llm-compressor's checkpoints (adapters/checkpoint/compressed.py)
 GGUF_METHOD = "gguf"  # llama.cpp's single-file format (adapters/checkpoint/gguf.py)
-#: GGUF block types that hold a SignRound grid exactly: name -> (bits, sym), 32 weights per block
-GGUF_TYPES: Mapping[str, tuple[int, bool]] = {"q4_0": (4, True), "q4_1": (4, False), "q8_0": (8, True)}
+#: GGUF block types that hold a SignRound grid exactly: name -> (bits, sym), 32 weights per block (Q5_0 / Q5_1
+#: are also llama.cpp's fallback for Q5_K where in_features is not a multiple of 256)
+GGUF_TYPES: Mapping[str, tuple[int, bool]] = {"q4_0": (4, True), "q4_1": (4, False), "q5_0": (5, True),
+                                            "q5_1": (5, False), "q8_0": (8, True)}
 GGUF_BLOCK = 32
 #: llama.cpp k-quant types: name -> the SignRound grid (bits, sym, group_size) mapped onto it. Their
-#: 256-weight super-blocks re-quantize the group scales to 6/8/4-bit sub-block scales and re-round the
+#: 256-weight super-blocks re-quantize the group scales to 4/6/8-bit sub-block scales and re-round the
 #: codes (`gguf_kquants.py`): not exact, and only the k-quant formats below write them
 GGUF_KTYPES: Mapping[str, tuple[int, bool, int]] = {"q4_k": (4, False, 32), "q6_k": (6, True, 16),
-                                                    "q2_k": (2, False, 16)}
+                                                    "q2_k": (2, False, 16), "q3_k": (3, True, 16),
+                                                    "q5_k": (5, False, 32)}
 GGUF_SUPER_BLOCK = 256
-#: k-quant formats -> the k types each writes (its llama.cpp mix; `gguf.llama_cpp_mix` gives the plan)
-GGUF_KFORMATS: Mapping[str, tuple[str, ...]] = {"q4_k_m": ("q4_k", "q6_k"), "q2_k_s": ("q2_k", "q4_k", "q6_k")}
+_K_ORDER = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
+#: k-quant format -> its base type (every layer llama.cpp's mix does not raise; `gguf.llama_cpp_mix`)
+GGUF_KBASE: Mapping[str, str] = {"q2_k_s": "q2_k", "q3_k_s": "q3_k", "q3_k_m": "q3_k", "q4_k_m": "q4_k",
+                                 "q5_k_s": "q5_k", "q5_k_m": "q5_k"}
+#: k-quant formats -> the k types each writes: its base type and every wider one (the mix raises layers)
+GGUF_KFORMATS: Mapping[str, tuple[str, ...]] = {f: _K_ORDER[_K_ORDER.index(b):] for f, b in GGUF_KBASE.items()}
 _GPTQ_BITS = (2, 3, 4, 5, 6, 7, 8)  # the bit stream of rounding/pack.py holds any width
 
 
@@ -204,7 +211,7 @@ def _k_holds(fmt: str) -> str:
     if not kinds:
         return GGUF_HOLDS
     ks = ", ".join(f"W{b} {'sym' if sym else 'asym'} g{g} ({t}, scales re-quantized)"
-                   for t, (b, sym, g) in GGUF_KTYPES.items() if t in kinds)
+                   for t in kinds for b, sym, g in [GGUF_KTYPES[t]])
     return f"{fmt} writes {ks}; exactly: {_GGUF_EXACT}"
 
 

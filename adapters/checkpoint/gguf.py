@@ -9,11 +9,14 @@ hyper-parameters llama.cpp reads for the family, the tokenizer (byte-level BPE, 
 |---|---|---|---|
 | Q4_0 | 4-bit sym, w = s·(q − 8) | fp16 d = s, 16 bytes: q[j] | q[j+16] << 4 | d·(q − 8) |
 | Q4_1 | 4-bit asym, w = s·(q − z) | fp16 d = s, fp16 m = −s·z, 16 bytes as Q4_0 | d·q + m |
+| Q5_0 | 5-bit sym, w = s·(q − 16) | fp16 d = s, 4 bytes of bit 4 (uint32, bit j), 16 nibble bytes | d·(q − 16) |
+| Q5_1 | 5-bit asym, w = s·(q − z) | fp16 d = s, fp16 m = −s·z, then as Q5_0 | d·q + m |
 | Q8_0 | 8-bit sym, w = s·(q − 128) | fp16 d = s, 32 int8 q − 128 | d·q |
 
-Q4_0 and Q8_0 hold our codes and fp16 scales exactly; Q4_1 rounds m = −s·z to fp16 (the codes
-and d are exact). The k-quant formats (`gguf:q4_k_m`, `gguf:q2_k_s`) also write Q4_K / Q6_K / Q2_K
-for W4 asym g32 / W6 sym g16 / W2 asym g16 layers whose in_features is a multiple of 256: their
+Q4_0, Q5_0 and Q8_0 hold our codes and fp16 scales exactly; Q4_1 / Q5_1 round m = −s·z to fp16 (the
+codes and d are exact). The k-quant formats (`gguf:q2_k_s`, `q3_k_s`, `q3_k_m`, `q4_k_m`, `q5_k_s`,
+`q5_k_m`) also write Q2_K / Q3_K / Q4_K / Q5_K / Q6_K for W2 asym g16 / W3 sym g16 / W4 asym g32 /
+W5 asym g32 / W6 sym g16 layers whose in_features is a multiple of 256: their
 sub-block scales are re-quantized and the codes re-rounded (`gguf_kquants.py`), which is not
 exact; `write_gguf` warns with the error it adds and stores it in the file
 (``signround.requantization``). Full-precision Linears and embeddings are F16, norms and biases F32.
@@ -34,8 +37,8 @@ import torch
 from torch import nn
 
 from signround.adapters.checkpoint import gguf_kquants
-from signround.adapters.checkpoint.formats import (GGUF_KFORMATS, GGUF_KTYPES, GGUF_SUPER_BLOCK, GGUF_TYPES, gguf_problems,
-                                                   gguf_type)
+from signround.adapters.checkpoint.formats import (GGUF_KBASE, GGUF_KFORMATS, GGUF_KTYPES, GGUF_SUPER_BLOCK, GGUF_TYPES,
+                                                   gguf_problems, gguf_type)
 from signround.rounding.grid import QuantizedWeight
 
 #: model_type -> (gguf architecture, q/k rows permuted to llama.cpp's rotary layout)
@@ -71,6 +74,12 @@ def encode_blocks(qw: QuantizedWeight, type_name: str) -> np.ndarray:
     elif type_name == "q4_1":
         zero = qw.zero.float().numpy().reshape(n, g)
         parts = [_fp16_bytes(scale), _fp16_bytes(-scale * zero), _nibbles(codes)]
+    elif type_name in ("q5_0", "q5_1"):
+        # bit 4 of element j is bit j of a little-endian uint32 after d (and m); the low nibbles as Q4_0
+        high = np.packbits((codes >> 4).astype(np.uint8), axis=-1, bitorder="little")
+        lows = [_fp16_bytes(scale)] + ([] if type_name == "q5_0" else
+                                       [_fp16_bytes(-scale * qw.zero.float().numpy().reshape(n, g))])
+        parts = [*lows, high, _nibbles(codes & 15)]
     elif type_name == "q8_0":
         parts = [_fp16_bytes(scale), (codes - 128).astype(np.int8).view(np.uint8)]
     else:
@@ -81,46 +90,80 @@ def encode_blocks(qw: QuantizedWeight, type_name: str) -> np.ndarray:
 def encode_kquant(qw: QuantizedWeight, type_name: str) -> gguf_kquants.KBlocks:
     """The k-quant blocks of one layer and what re-quantization changed (`gguf_kquants`)."""
     codes, scale = qw.codes.to(torch.int32).numpy(), qw.scale.float().numpy()
-    if type_name == "q6_k":
-        return gguf_kquants.encode_q6_k(codes, scale)
-    encode = {"q4_k": gguf_kquants.encode_q4_k, "q2_k": gguf_kquants.encode_q2_k}[type_name]
-    return encode(codes, scale, qw.zero.to(torch.int32).numpy())
+    if qw.spec.sym:  # q3_k, q6_k
+        return getattr(gguf_kquants, f"encode_{type_name}")(codes, scale)
+    return getattr(gguf_kquants, f"encode_{type_name}")(codes, scale, qw.zero.to(torch.int32).numpy())
+
+
+def _mix_type(main: str, leaf: str, i: int, n: int, n_gqa: int) -> str:
+    """The k type llama.cpp gives layer `i` of `n` (its tensor `leaf`) in k-quant format `main`:
+    llama-quant.cpp's `llama_tensor_get_type_impl` for a dense (no experts), non-Falcon model."""
+    base = GGUF_KBASE[main]
+    more = i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2  # its use_more_bits
+    if leaf == "self_attn.v_proj":
+        if main == "q2_k_s" and n_gqa >= 4:
+            return "q4_k"
+        if main == "q3_k_m":
+            return "q5_k" if i < 2 else "q4_k"
+        if main in ("q4_k_m", "q5_k_m") and more:
+            return "q6_k"
+    elif leaf == "mlp.down_proj":
+        if main == "q2_k_s" and i < n // 8:
+            return "q4_k"
+        if main == "q3_k_m":
+            return "q5_k" if i < n // 16 else "q4_k"
+        if main in ("q4_k_m", "q5_k_m") and more:
+            return "q6_k"
+    elif leaf == "self_attn.o_proj" and main == "q3_k_m":
+        return "q4_k"
+    return base
+
+
+#: llama.cpp's `tensor_type_fallback` where in_features is not a multiple of 256, as a grid: Q2_K / Q3_K
+#: -> Q4_0 (W4 sym g32), Q6_K -> Q8_0. Q5_K -> Q5_1 holds W5 asym g32 as it is, and Q4_K's W4 asym g32
+#: stays as Q4_1 (llama.cpp takes Q5_0 there; Q4_1 is SignRound's grid exactly), so neither needs an entry.
+_NARROW: Mapping[str, tuple[int, bool, int]] = {"q2_k": (4, True, 32), "q3_k": (4, True, 32), "q6_k": (8, True, 32)}
 
 
 def llama_cpp_mix(fmt: str, model: nn.Module) -> dict[str, dict[str, Any]]:
     """llama.cpp's mix for a k-quant format as a `layer_config` for `model` (module name → grid;
     llama-quant.cpp's `llama_tensor_get_type`), so SignRound tunes those layers at the grid they
-    are stored in; the other layers keep the run's grid (W4 asym g32 / W2 asym g16).
+    are stored in; the other layers keep the run's grid, the format's base type (`GGUF_KBASE`:
+    W2 asym g16, W3 sym g16, W4 asym g32, W5 asym g32 for q2_k / q3_k / q4_k / q5_k files).
 
-    q4_k_m: attn_v and ffn_down of the `use_more_bits` layers (the first and last eighth, and every
-    third between: of 8 layers 0, 3, 6, 7) are Q6_K (W6 sym g16). q2_k_s: ffn_down of the first
-    eighth, and attn_v when n_head / n_kv >= 4, are Q4_K (W4 asym g32). Where in_features is not a
-    multiple of 256, Q6_K becomes Q8_0 (W8 sym g32), as llama.cpp's fallback does; Q4_K's grid is
-    then written as Q4_1. llama.cpp's Q6_K output / tied embedding is not here: the embeddings
-    and an unquantized lm_head stay F16.
-    """
+    Raised layers (`use_more_bits`: the first and last eighth and every third between; of 8
+    layers 0, 3, 6, 7): q4_k_m and q5_k_m put attn_v and ffn_down of those at Q6_K (W6 sym g16);
+    q3_k_m puts attn_v of layers 0-1 and ffn_down of the first sixteenth at Q5_K (W5 asym g32), the
+    other attn_v and ffn_down and every attn_output at Q4_K (W4 asym g32); q2_k_s puts ffn_down of
+    the first eighth, and attn_v when n_head / n_kv >= 4, at Q4_K; q3_k_s and q5_k_s raise nothing.
+    Where in_features is not a multiple of 256, llama.cpp's fallback (`_NARROW`): a Q2_K / Q3_K
+    layer is Q4_0 (W4 sym g32, listed here even when it is a base layer), Q6_K is Q8_0 (W8 sym g32).
+    Not copied: llama.cpp's Q6_K output / tied embedding (ours stay F16, as an unquantized
+    lm_head), its 70B attn_v rule and its MoE rules (our GGUF families are dense)."""
+    from signround.adapters.checkpoint.gguf_mmproj import VISION_FAMILIES
+
     main = fmt.split(":", 1)[-1]
     if main not in GGUF_KFORMATS:
         raise ValueError(f"{fmt!r} is not a k-quant GGUF format ({', '.join('gguf:' + k for k in GGUF_KFORMATS)})")
-    cfg = model.config
+    family = VISION_FAMILIES.get(getattr(model.config, "model_type", ""))
+    cfg = model.config.get_text_config() if family else model.config
+    layers = (family.text_prefix if family else "model.") + "layers."
     n = cfg.num_hidden_layers
     n_gqa = cfg.num_attention_heads // (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
-    if main == "q4_k_m":
-        more = {i for i in range(n) if i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2}
-        picks = {"self_attn.v_proj": more, "mlp.down_proj": more}
-        kind = "q6_k"
-    else:
-        picks = {"mlp.down_proj": set(range(n // 8)), "self_attn.v_proj": set(range(n)) if n_gqa >= 4 else set()}
-        kind = "q4_k"
+    base = GGUF_KBASE[main]
     mix: dict[str, dict[str, Any]] = {}
     for name, module in model.named_modules():
-        head, _, rest = name.partition(".layers.")
-        index, _, leaf = rest.partition(".")
-        if not (head and index.isdigit() and isinstance(module, nn.Linear) and int(index) in picks.get(leaf, ())):
+        index, _, leaf = name[len(layers):].partition(".")
+        if not (name.startswith(layers) and index.isdigit() and isinstance(module, nn.Linear)):
             continue
-        bits, sym, group = GGUF_KTYPES[kind]
-        if module.in_features % GGUF_SUPER_BLOCK and kind == "q6_k":
-            bits, sym, group = 8, True, 32  # llama.cpp's fallback for Q6_K, exact here
+        kind = _mix_type(main, leaf, int(index), n, n_gqa)
+        narrow = module.in_features % GGUF_SUPER_BLOCK != 0
+        if narrow and kind in _NARROW:
+            bits, sym, group = _NARROW[kind]
+        elif kind != base:
+            bits, sym, group = GGUF_KTYPES[kind]
+        else:
+            continue
         mix[name] = {"bits": bits, "group_size": group, "sym": sym}
     return mix
 

@@ -1,4 +1,4 @@
-"""SignRound grids as llama.cpp k-quant blocks (Q4_K, Q6_K, Q2_K): pure numpy, one layer at a time.
+"""SignRound grids as llama.cpp k-quant blocks (Q2_K ... Q6_K): pure numpy, one layer at a time.
 
 A k-quant super-block holds 256 weights along K as sub-blocks that share one fp16 `d` (and `dmin`):
 
@@ -7,6 +7,8 @@ A k-quant super-block holds 256 weights along K as sub-blocks that share one fp1
 | Q4_K | W4 asym g32 | 8 × 32 | 6-bit sc, 6-bit m | d·sc·q − dmin·m, q 0..15 |
 | Q6_K | W6 sym g16 | 16 × 16 | int8 sc | d·sc·(q − 32), q 0..63 |
 | Q2_K | W2 asym g16 | 16 × 16 | 4-bit sc, 4-bit m | d·sc·q − dmin·m, q 0..3 |
+| Q3_K | W3 sym g16 | 16 × 16 | 6-bit signed sc (−32..31) | d·sc·(q − 4), q 0..7 |
+| Q5_K | W5 asym g32 | 8 × 32 | 6-bit sc, 6-bit m | d·sc·q − dmin·m, q 0..31 |
 
 SignRound's group scale s and zero z are fp16/integer per group, so they do not fit exactly:
 s is re-quantized to d·sc (d = fp16(max s / sc_max), sc = round(s / d)), the offset s·z to
@@ -108,16 +110,21 @@ def requantize_asym(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray, sub:
     return d, dmin, sc.astype(np.uint8), m.astype(np.uint8), q.astype(np.uint8), new, w, q0
 
 
-def requantize_sym(codes: np.ndarray, scale: np.ndarray, sub: int, half: int) -> tuple[np.ndarray, ...]:
-    """Symmetric groups (w = s·(q − half), s signed) -> (d, sc int8, q, w_new, w, q0), as `requantize_asym`."""
+def requantize_sym(codes: np.ndarray, scale: np.ndarray, sub: int, half: int,
+                   sc_range: tuple[int, int] = (-127, 127)) -> tuple[np.ndarray, ...]:
+    """Symmetric groups (w = s·(q − half), s signed) -> (d, sc int8, q, w_new, w, q0), as `requantize_asym`.
+
+    sc_range: the signed sub-block scales the type holds (Q6_K int8 −127..127, Q3_K six bits
+    −32..31); d = fp16(max |s| / sc_range[1]), so every rounded sc fits before the ±1 search."""
     n, k = codes.shape
+    lo, hi = sc_range
     q0 = codes.reshape(n, k // QK_K, QK_K // sub, sub).astype(np.float32)
     s = scale.astype(np.float32).reshape(n, k // QK_K, QK_K // sub)
     w = s[..., None] * (q0 - half)
-    d = _fp16(np.abs(s).max(-1) / 127.0)
+    d = _fp16(np.abs(s).max(-1) / float(hi))
     with np.errstate(divide="ignore", invalid="ignore"):
-        sc = np.where(d[..., None] > 0, np.clip(np.rint(s / d[..., None]), -127, 127), 0)
-    sc, _, q, new = _search(w, d, None, sc, None, (-127, 127), 0, (0, 2 * half - 1), half)
+        sc = np.where(d[..., None] > 0, np.clip(np.rint(s / d[..., None]), lo, hi), 0)
+    sc, _, q, new = _search(w, d, None, sc, None, sc_range, 0, (0, 2 * half - 1), half)
     return d, sc.astype(np.int8), q.astype(np.uint8), new, w, q0
 
 
@@ -173,3 +180,28 @@ def encode_q6_k(codes: np.ndarray, scale: np.ndarray) -> KBlocks:
     blocks = np.concatenate([ql.reshape(*q.shape[:2], 128), qh.reshape(*q.shape[:2], 64),
                              sc.view(np.uint8), _f16_bytes(d)], axis=-1)
     return _report("q6_k", blocks, new, w, q != q0)
+
+
+def encode_q3_k(codes: np.ndarray, scale: np.ndarray) -> KBlocks:
+    """W3 sym g16 -> Q3_K blocks (110 bytes: 32 bytes of high bits, 64 bytes of 2-bit codes, 12 scale
+    bytes, d). ggml: w = d·(u − 32)·(q − 4) with u the stored six-bit scale, q = low 2 bits + 4·high bit."""
+    d, sc, q, new, w, q0 = requantize_sym(codes, scale, 16, 4, (-32, 31))
+    flat = q.reshape(*q.shape[:2], 256)
+    hmask = _pack_bits(flat >> 2, 8, 1)  # element 32·j + l: bit j of byte l
+    qs = _pack_bits((flat & 3).reshape(*q.shape[:2], 2, 128), 4, 2).reshape(*q.shape[:2], 64)  # as Q2_K
+    u = (sc.astype(np.int16) + 32).astype(np.uint8)  # 0..63
+    low = (u[..., :8] & 15) | ((u[..., 8:] & 15) << 4)  # byte i: scale i (low nibble), i + 8 (high)
+    high = _pack_bits(u >> 4, 4, 2)  # byte 8 + k: bits 4-5 of scale 4·j + k at bits 2·j
+    blocks = np.concatenate([hmask, qs, low, high, _f16_bytes(d)], axis=-1)
+    return _report("q3_k", blocks, new, w, q != q0)
+
+
+def encode_q5_k(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> KBlocks:
+    """W5 asym g32 -> Q5_K blocks (176 bytes: d, dmin, 12 scale bytes as Q4_K, 32 bytes of high bits,
+    128 low-nibble bytes as Q4_K)."""
+    d, dmin, sc, m, q, new, w, q0 = requantize_asym(codes, scale, zero, 32, 6, 31)
+    qh = _pack_bits((q >> 4).reshape(*q.shape[:2], 256), 8, 1)  # sub-block j, element l: bit j of byte l
+    low = q & 15
+    qs = (low[..., 0::2, :] | (low[..., 1::2, :] << 4)).reshape(*q.shape[:2], 128)
+    blocks = np.concatenate([_f16_bytes(d), _f16_bytes(dmin), _q4_k_scales(sc, m), qh, qs], axis=-1)
+    return _report("q5_k", blocks, new, w, q != q0)

@@ -7,7 +7,7 @@ builds from source, ~10 min on 2 cores, in its own venv). Results: spec/format.m
 
 `write`: a tiny model (hidden 128, 2 layers) with a byte-level BPE tokenizer trained on the shared
 eval text, RTN at the type's grid, exported as gguf:<type>, plus our greedy continuation of a
-prompt. The k-quant types (q4_k_m, q2_k_s) use hidden 256 (a 256-weight super-block per row
+prompt. The k-quant types (q2_k_s, q3_k_s, q3_k_m, q4_k_m, q5_k_s, q5_k_m) use hidden 256 (a 256-weight super-block per row
 segment), 4 layers and llama.cpp's mix (`gguf.llama_cpp_mix`); as their blocks re-quantize
 SignRound's grid, `write` also records the continuation of our model holding the re-quantized
 weights (what the file claims), and `run` compares llama.cpp with both. `run`: llama.cpp tokenizes
@@ -34,7 +34,7 @@ def write(root: Path, family: str, qtype: str) -> None:
     from tiny_models import tiny_text_model
 
     from signround.adapters.checkpoint.export import save_quantized
-    from signround.adapters.checkpoint.formats import GGUF_KFORMATS, GGUF_TYPES
+    from signround.adapters.checkpoint.formats import GGUF_KBASE, GGUF_KFORMATS, GGUF_KTYPES, GGUF_TYPES
     from signround.adapters.checkpoint.gguf import llama_cpp_mix
     from signround.rounding import QuantSpec
 
@@ -51,8 +51,10 @@ def write(root: Path, family: str, qtype: str) -> None:
                                                                                           intermediate_size=256)
     model = tiny_text_model(family, vocab_size=512, num_attention_heads=4, num_key_value_heads=2,
                             tie_word_embeddings=False, **dims)
-    base = {"q4_k_m": QuantSpec(4, 32, False), "q2_k_s": QuantSpec(2, 16, False)}.get(qtype)
-    if base is None:
+    if k:  # the format's base k type (its grid); llama.cpp's mix raises some layers above it
+        bits, sym, group = GGUF_KTYPES[GGUF_KBASE[qtype]]
+        base = QuantSpec(bits, group, sym)
+    else:
         bits, sym = GGUF_TYPES[qtype]
         base = QuantSpec(bits, 32, sym)
     mix = llama_cpp_mix(f"gguf:{qtype}", model) if k else {}
@@ -72,7 +74,8 @@ def write(root: Path, family: str, qtype: str) -> None:
                 codes = quantize_codes(to_groups(lin.weight, r.spec.group_size), r.scale.float(), r.zero.float(), r.spec)
                 qw = QuantizedWeight(from_groups(codes, lin.in_features).int(), r.scale, r.zero, r.spec)
                 t = gguf_type(f"gguf:{qtype}", qw.spec, lin.in_features)
-                lin.weight.copy_(torch.from_numpy(encode_kquant(qw, t).dequantized))
+                if t in GGUF_KTYPES:  # the exact 32-weight types hold the grid as it is
+                    lin.weight.copy_(torch.from_numpy(encode_kquant(qw, t).dequantized))
         record["greedy_file_weights"] = _greedy(model, ids)
         record["logits_file_weights"] = _last_logits(model, ids)
     (out / "ours.json").write_text(json.dumps(record))
@@ -89,7 +92,7 @@ def smollm2(root: Path, qtype: str) -> None:
     from checkpoint_helpers import rtn_state
 
     from signround.adapters.checkpoint.export import save_quantized
-    from signround.adapters.checkpoint.formats import GGUF_KTYPES, gguf_type
+    from signround.adapters.checkpoint.formats import GGUF_KBASE, GGUF_KTYPES, gguf_type
     from signround.adapters.checkpoint.gguf import encode_kquant, llama_cpp_mix
     from signround.adapters.frontends.assets import load_smollm2
     from signround.adapters.frontends.evaluate import perplexity
@@ -120,7 +123,8 @@ def smollm2(root: Path, qtype: str) -> None:
     text = (Path(__file__).resolve().parents[3] / "shared/data/wiki-eval.txt").read_text()
     ids_all = tok(text, return_tensors="pt").input_ids[0]
     ppl = {"float": perplexity(model, ids_all, seqlen=512, max_windows=16)}
-    base = {"q4_k_m": QuantSpec(4, 32, False), "q2_k_s": QuantSpec(2, 16, False)}[qtype]
+    bits, sym, group = GGUF_KTYPES[GGUF_KBASE[qtype]]
+    base = QuantSpec(bits, group, sym)
     mix = llama_cpp_mix(f"gguf:{qtype}", model)
     results = rtn_state(model, base, override={n: QuantSpec(**g) for n, g in mix.items()})
     ppl["signround_grid_rtn"] = perplexity(model, ids_all, seqlen=512, max_windows=16)

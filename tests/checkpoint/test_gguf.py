@@ -1,4 +1,4 @@
-"""GGUF export (gguf:q4_0 / q4_1 / q8_0) through the gguf package's writer, read back with its
+"""GGUF export (gguf:q4_0 / q4_1 / q5_0 / q5_1 / q8_0) through the gguf package's writer, read back with its
 reader (tensor types, shapes, dequantized values vs ours) and by transformers' GGUF loader.
 llama.cpp itself: spec/format.md (tests/checkpoint/llama_cpp_check.py, not run in CI)."""
 
@@ -18,7 +18,8 @@ from signround.adapters.frontends.facade import AutoRound
 from signround.rounding import QuantSpec
 
 gguf = pytest.importorskip("gguf")
-CASES = {"q4_0": QuantSpec(4, 32, True), "q4_1": QuantSpec(4, 32, False), "q8_0": QuantSpec(8, 32, True)}
+CASES = {"q4_0": QuantSpec(4, 32, True), "q4_1": QuantSpec(4, 32, False), "q5_0": QuantSpec(5, 32, True),
+         "q5_1": QuantSpec(5, 32, False), "q8_0": QuantSpec(8, 32, True)}
 V = "model.layers.0.self_attn.v_proj"
 
 
@@ -58,8 +59,8 @@ def test_reader_types_shapes_and_values(tmp_path: Path, family: str, fmt: str) -
             w = layer.get_submodule(hf).weight.detach().numpy()
             assert t.tensor_type == qtype and tuple(int(x) for x in t.shape) == (w.shape[1], w.shape[0])
             deq = gguf.quants.dequantize(t.data, t.tensor_type)
-            # Q4_0 / Q8_0 hold our codes and fp16 scales exactly; Q4_1 rounds m = -scale·zero to fp16
-            np.testing.assert_allclose(deq, w, rtol=0, atol=0 if fmt != "q4_1" else 1e-3 * np.abs(w).max())
+            # Q4_0 / Q5_0 / Q8_0 hold our codes and fp16 scales exactly; Q4_1 / Q5_1 round m = -scale·zero to fp16
+            np.testing.assert_allclose(deq, w, rtol=0, atol=0 if fmt not in ("q4_1", "q5_1") else 1e-3 * np.abs(w).max())
     assert tensors["token_embd.weight"].tensor_type == gguf.GGMLQuantizationType.F16
     assert tensors["blk.0.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
     fields = reader.fields

@@ -131,7 +131,8 @@ def test_grids_a_format_does_not_hold_are_refused_at_construction(tmp_path: Path
 
 def test_llama_cpp_mix_layers() -> None:
     """llama.cpp's choices: q4_k_m's use_more_bits layers (Q6_K, or its Q8_0 fallback on a narrow
-    layer); q2_k_s's first-eighth ffn_down and, at n_gqa 4, every attn_v as Q4_K."""
+    layer); q2_k_s's first-eighth ffn_down and, at n_gqa 4, every attn_v as Q4_K, narrow Q2_K layers
+    as Q4_0."""
     model = tiny_text_model("llama", num_hidden_layers=8, hidden_size=64, intermediate_size=256,
                             num_attention_heads=4, num_key_value_heads=1)
     mix = llama_cpp_mix("gguf:q4_k_m", model)
@@ -140,8 +141,14 @@ def test_llama_cpp_mix_layers() -> None:
     assert mix["model.layers.3.mlp.down_proj"] == {"bits": 6, "group_size": 16, "sym": True}  # in_features 256
     assert mix["model.layers.3.self_attn.v_proj"] == {"bits": 8, "group_size": 32, "sym": True}  # 64: Q8_0
     mix = llama_cpp_mix("gguf:q2_k_s", model)
-    assert sorted(mix) == ["model.layers.0.mlp.down_proj", *(f"model.layers.{i}.self_attn.v_proj" for i in range(8))]
-    assert set(map(str, mix.values())) == {str({"bits": 4, "group_size": 32, "sym": False})}
+    q4_k = {"bits": 4, "group_size": 32, "sym": False}
+    raised = ["model.layers.0.mlp.down_proj", *(f"model.layers.{i}.self_attn.v_proj" for i in range(8))]
+    assert {n: g for n, g in mix.items() if g == q4_k} == dict.fromkeys(raised, q4_k)
+    # Q2_K layers of in_features 64 take llama.cpp's fallback, Q4_0 (W4 sym g32); ffn_down (256) stays Q2_K
+    narrow = {n for n, m in model.named_modules() if n.startswith("model.layers.") and hasattr(m, "in_features")
+              and m.in_features == 64 and n not in raised}
+    assert {n for n, g in mix.items() if g != q4_k} == narrow and len(narrow) == 8 * 5
+    assert {str(mix[n]) for n in narrow} == {str({"bits": 4, "group_size": 32, "sym": True})}
 
 
 def test_cli_writes_q4_k_m_with_the_mix_as_layer_config(tmp_path: Path) -> None:
