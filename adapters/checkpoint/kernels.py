@@ -7,6 +7,11 @@
 | `int8` | 8, symmetric, one group per row | CPU (bfloat16), CUDA where torch registers it | `aten._weight_int8pack_mm` |
 | `dequant` | any | any | any | the reference: `QuantLinear.dequant_forward` (dequantize, then `F.linear`) |
 
+Many rows (prefill, batched scoring): tinygemm's time grows with the rows, cuBLAS's barely does
+(26× slower at 2048 rows on an H200, spec/performance.md). Above `WIDE_ROWS[device type]` rows an
+int4 layer instead dequantizes its words in one fused pass (`dequant_rows`, compiled on CUDA) and
+runs `F.linear`: the same weight as the reference, so the same output as `dequant_forward`.
+
 The int4 kernels compute `w = (q - 8) · s + m` per group, so our grid `s · (q - z)` is passed as
 `m = s · (8 - z)`, both in the compute dtype; a group size they do not take (> 256, or -1) is
 expressed exactly by repeating each scale over sub-groups of 256/128/64/32. Their tolerance against
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import warnings
 import weakref
 from collections import Counter
@@ -167,9 +173,108 @@ def _bias(layer: "QuantLinear", dtype: torch.dtype) -> Optional[Tensor]:
     return layer.bias.to(dtype) if layer.bias is not None else None
 
 
+#: rows above which an int4 layer dequantizes and runs F.linear instead of its kernel, per device type
+#: (H200: tinygemm ≈ cuBLAS at 8 rows, 3× slower at 64; CPU, one thread: the int4 kernel costs ~22 µs a row
+#: at 1536×576, the eager one-pass dequantization ~3 ms; spec/performance.md "row switch")
+WIDE_ROWS = {"cuda": 16, "cpu": 128}
+
+
+def dequant_rows(qweight: Tensor, qzeros: Tensor, scales: Tensor, bits: int, group: int, zero_offset: int,
+                 dtype: torch.dtype) -> Tensor:
+    """The weight [N, K] of GPTQ words packed along K (bits 2, 4 or 8: no code straddles a word), as the
+    reference computes it: fp32 s · (q − z) cast to `dtype`, in a few elementwise passes (one kernel
+    when compiled). The words are transposed, not the weight: 32/bits times less to move."""
+    per = 32 // bits
+    mask = (1 << bits) - 1
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=qweight.device)
+    n, k = qweight.shape[1], qweight.shape[0] * per
+    codes = ((qweight.t().unsqueeze(-1) >> shifts) & mask).reshape(n, k // group, group)
+    zeros = ((qzeros.unsqueeze(-1) >> shifts) & mask).reshape(qzeros.shape[0], -1)[:, :n] + zero_offset
+    d = codes.float() - zeros.t().float().unsqueeze(-1)  # exact small integers
+    return (d * scales.t().float().unsqueeze(-1)).reshape(n, k).to(dtype)
+
+
+def dequant_rows_bytes(qweight: Tensor, qzeros: Tensor, scales: Tensor, bits: int, group: int, zero_offset: int,
+                       dtype: torch.dtype) -> Tensor:
+    """`dequant_rows` for eager CPU runs, the same values about twice as fast: the codes are read from the
+    words' bytes (little-endian: code i of a word is in its byte i·bits/8) and the passes run in place."""
+    per_byte = 8 // bits
+    mask = (1 << bits) - 1
+    n, k = qweight.shape[1], qweight.shape[0] * (32 // bits)
+    b = qweight.t().contiguous().view(torch.uint8)  # [N, K·bits/8]
+    if per_byte == 1:
+        c = b
+    else:
+        c = torch.empty(n, b.shape[1], per_byte, dtype=torch.uint8, device=b.device)
+        for i in range(per_byte):
+            torch.bitwise_and(b >> (i * bits) if i else b, mask, out=c[..., i])
+    zeros = unpack_words(qzeros, bits)[:, :n] + zero_offset  # [G, N]
+    d = c.reshape(n, k // group, group).float().sub_(zeros.t().float().unsqueeze(-1))
+    return d.mul_(scales.t().float().unsqueeze(-1)).reshape(n, k).to(dtype)
+
+
+def unpack_words(words: Tensor, bits: int) -> Tensor:
+    """int32 words [R, C] → codes [R, C·32/bits], code i of a word at bits i·bits (the qzeros layout)."""
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=words.device)
+    return ((words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(words.shape[0], -1)
+
+
+_DEQUANT: dict[str, Callable[..., Tensor]] = {}
+
+
+def fast_dequant(device_type: str) -> Callable[..., Tensor]:
+    """`dequant_rows` compiled for CUDA (one fused kernel instead of a dozen passes), eager elsewhere;
+    a compile that fails falls back to eager with one warning (the values are the same)."""
+    fn = _DEQUANT.get(device_type)
+    if fn is None:
+        fn = dequant_rows_bytes if sys.byteorder == "little" else dequant_rows
+        if device_type == "cuda":
+            compiled = torch.compile(dequant_rows, dynamic=None)
+            try:
+                q = torch.zeros(16, 64, dtype=torch.int32, device="cuda")
+                z = torch.zeros(1, 8, dtype=torch.int32, device="cuda")
+                sc = torch.ones(1, 64, dtype=torch.float16, device="cuda")
+                if torch.equal(compiled(q, z, sc, 4, 128, 0, torch.bfloat16), dequant_rows(q, z, sc, 4, 128, 0, torch.bfloat16)):
+                    fn = compiled
+                else:
+                    warnings.warn("signround: the compiled dequantization differs from eager; prefill dequantizes eagerly",
+                                  stacklevel=2)
+            except Exception as err:  # noqa: BLE001 - any compile failure (no triton, no compiler) means eager
+                warnings.warn(f"signround: torch.compile of the dequantization failed ({type(err).__name__}); "
+                              "prefill dequantizes eagerly", stacklevel=2)
+        _DEQUANT[device_type] = fn
+    return fn
+
+
+@attrs.frozen(eq=False)
+class WideRun:
+    """Many rows: dequantize the layer's words (held weakly) and run `F.linear`, as the reference does."""
+
+    layer: Any  # weakref.ref to the QuantLinear
+    dequant: Callable[..., Tensor]
+    bits: int
+    group: int
+    zero_offset: int
+
+    def __call__(self, x: Tensor) -> Tensor:
+        layer = self.layer()
+        w = self.dequant(layer.qweight, layer.qzeros, layer.scales, self.bits, self.group, self.zero_offset, x.dtype)
+        bias = layer.bias.to(x.dtype) if layer.bias is not None else None
+        return nn.functional.linear(x, w, bias)
+
+
+def wide_run(layer: "QuantLinear", device_type: str) -> Optional[WideRun]:
+    """The many-rows path for `layer`, or None where its layout has none (AWQ, 3-bit, act-order, ragged groups)."""
+    g = Geometry.of(layer)
+    if layer.layout.awq or g.act_order or g.bits not in (2, 4, 8) or g.in_features % g.group_size:
+        return None
+    return WideRun(weakref.ref(layer), fast_dequant(device_type), g.bits, g.group_size, layer.layout.zero_offset)
+
+
 @attrs.frozen(eq=False)
 class Int4Run:
-    """y = x · W (int4 weight-only kernel) + bias; activations cast to `compute` when it differs."""
+    """y = x · W (int4 weight-only kernel) + bias; activations cast to `compute` when it differs. Above
+    `wide_rows` rows, `wide` runs instead (None: the kernel at every row count)."""
 
     op: Any
     weight: Tensor
@@ -177,10 +282,15 @@ class Int4Run:
     group: int
     compute: torch.dtype
     bias: Optional[Tensor]
+    wide: Optional[WideRun] = None
+    wide_rows: int = 0
 
     def __call__(self, x: Tensor) -> Tensor:
         flat = x.dim() == 2
         x2 = x if flat else x.reshape(-1, x.shape[-1])
+        if self.wide is not None and x2.shape[0] > self.wide_rows:
+            y = self.wide(x2)
+            return y if flat else y.reshape(*x.shape[:-1], y.shape[-1])
         if x2.dtype != self.compute:
             x2 = x2.to(self.compute)
         if not x2.is_contiguous():
@@ -287,7 +397,8 @@ def _tinygemm_build(layer: "QuantLinear", t: Target) -> Int4Run:
     codes, sz = _int4_operands(layer, group, torch.bfloat16)
     packed_in = tinygemm_nibbles(codes) if tinygemm_takes_uint8() else codes
     weight = _aten("_convert_weight_to_int4pack")(packed_in.contiguous(), inner_k_tiles(g.in_features))
-    return Int4Run(_aten("_weight_int4pack_mm"), weight, sz, group, torch.bfloat16, _bias(layer, t.dtype))
+    return Int4Run(_aten("_weight_int4pack_mm"), weight, sz, group, torch.bfloat16, _bias(layer, t.dtype),
+                   wide_run(layer, "cuda"), WIDE_ROWS["cuda"])
 
 
 def _int4_cpu_why_not(g: Geometry, t: Target) -> Optional[str]:
@@ -299,7 +410,8 @@ def _int4_cpu_build(layer: "QuantLinear", t: Target) -> Int4Run:
     assert group is not None
     codes, sz = _int4_operands(layer, group, t.dtype)
     weight = _aten("_convert_weight_to_int4pack_for_cpu")(codes, 1)  # innerKTiles: unused by the CPU kernel
-    return Int4Run(_aten("_weight_int4pack_mm_for_cpu"), weight, sz, group, t.dtype, _bias(layer, t.dtype))
+    return Int4Run(_aten("_weight_int4pack_mm_for_cpu"), weight, sz, group, t.dtype, _bias(layer, t.dtype),
+                   wide_run(layer, "cpu"), WIDE_ROWS["cpu"])
 
 
 def _int8_why_not(g: Geometry, t: Target) -> Optional[str]:
@@ -387,8 +499,10 @@ def probe(kernel: Kernel, target: Target) -> Optional[str]:
         try:
             layer = _probe_layer(kernel.probe_bits, target.device)
             run = kernel.build_fn(layer, target)
-            x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(1)).to(target.device, target.dtype)
-            err = relative_error(run(x), reference_output(layer, x))
+            gen = torch.Generator().manual_seed(1)
+            # 3 rows: the kernel; 64 rows: an int4 layer's many-rows path (WIDE_ROWS) as well
+            err = max(relative_error(run(x), reference_output(layer, x)) for x in (
+                torch.randn(rows, layer.in_features, generator=gen).to(target.device, target.dtype) for rows in (3, 64)))
             tol = TOLERANCE.get(target.dtype, 1e-2)
             if not err <= tol:
                 reason = f"probe error {err:.2e} exceeds the tolerance {tol:.0e}"

@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import attrs
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -213,7 +214,9 @@ def table(rows: list[dict[str, Any]], batches: list[int], base_path: str) -> str
 def layer_bench(shapes: list[tuple[int, int]], *, device: torch.device, dtypes: list[torch.dtype], rows: list[int],
                 group_size: int, repeats: int) -> list[dict[str, Any]]:
     """One Linear at a time: `F.linear` on the full-precision weight vs our layer on each kernel that serves
-    it (the reference `dequant` included: dequantize + linear on every call). Times: fastest of `repeats`."""
+    it (the reference `dequant` included: dequantize + linear on every call); for an int4 kernel also each
+    side of its row switch (`_kernel_ms`: the kernel alone, `_wide_ms`: one-pass dequantize + linear).
+    Times: fastest of `repeats`."""
     from signround.adapters.checkpoint import kernels
     from signround.adapters.checkpoint.qlinear import QuantLinear
     from signround.rounding import QuantSpec, quantize_weight
@@ -238,6 +241,12 @@ def layer_bench(shapes: list[tuple[int, int]], *, device: torch.device, dtypes: 
                         run = layer.kernel.run
                         run(x)
                         rec[f"{name}_ms"] = timed(lambda: run(x), device, repeats)[0] * 1e3
+                        wide = getattr(run, "wide", None)
+                        if wide is not None:  # the row switch's two sides, each at every row count
+                            alone = attrs.evolve(run, wide=None)
+                            rec[f"{name}_kernel_ms"] = timed(lambda: alone(x), device, repeats)[0] * 1e3
+                            wide(x)
+                            rec[f"{name}_wide_ms"] = timed(lambda: wide(x), device, repeats)[0] * 1e3
                 out.append(rec)
                 print(json.dumps(rec), flush=True)
     return out

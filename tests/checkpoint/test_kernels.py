@@ -77,6 +77,50 @@ def test_int4_cpu_error_is_that_of_bf16_arithmetic() -> None:
     assert err_kernel <= 2 * err_dequant + 1e-3, (err_kernel, err_dequant)
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(bits=st.sampled_from([2, 4, 8]), k=st.sampled_from([64, 128, 192, 576]), n=st.sampled_from([32, 64, 96]),
+       group=st.sampled_from([32, 64, -1]), sym=st.booleans(), packing=st.sampled_from(["auto_round:auto_gptq", "auto_round"]),
+       dtype=st.sampled_from([FP32, BF16, torch.float16]), seed=st.integers(0, 2**16))
+def test_dequant_rows_is_the_reference_weight_bit_for_bit(bits: int, k: int, n: int, group: int, sym: bool, packing: str,
+                                                          dtype: torch.dtype, seed: int) -> None:
+    """The many-rows path's one-pass dequantization equals `QuantLinear.dequantize` exactly (every width
+    whose codes do not straddle words, both GPTQ zero conventions), so its F.linear is the reference's."""
+    spec = QuantSpec(bits, group, sym)
+    qw = quantize_weight(torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.02, spec)
+    assume(not (packing == "auto_round:auto_gptq" and int(qw.zero.min()) == 0))  # GPTQ v1 cannot hold z = 0
+    layer = QuantLinear.from_quantized(qw, None, packing=packing, compute_dtype=FP32)
+    ref = layer.dequantize(dtype)
+    for fn in (kernels.dequant_rows, kernels.dequant_rows_bytes):
+        w = fn(layer.qweight, layer.qzeros, layer.scales, bits, spec.effective_group_size(k), layer.layout.zero_offset, dtype)
+        assert w.shape == (n, k) and w.is_contiguous()
+        assert torch.equal(w, ref), fn.__name__
+
+
+@pytest.mark.parametrize("packing", ["auto_round:auto_gptq", "auto_round"])
+def test_many_rows_switch_from_the_int4_kernel_to_the_reference_weight(packing: str) -> None:
+    """Up to WIDE_ROWS rows the int4 kernel runs; above, the dequantized weight and F.linear: the
+    reference's output exactly (prefill at cuBLAS speed instead of tinygemm's)."""
+    layer = _layer(96, 256, QuantSpec(4, 64, True), packing=packing)
+    kernels.prepare(layer, "cpu", BF16)
+    run = layer.kernel.run
+    assert layer.kernel.kernel == "int4_cpu" and run.wide is not None
+    limit = kernels.WIDE_ROWS["cpu"]
+    many = _x(2, limit, 256, dtype=BF16)  # 2·limit rows
+    assert torch.equal(layer(many), layer.dequant_forward(many))
+    few = _x(limit, 256, dtype=BF16)
+    y = layer(few)
+    assert not torch.equal(y, layer.dequant_forward(few))  # the kernel's own bf16 arithmetic
+    assert relative_error(y, reference_output(layer, few)) <= TOLERANCE[BF16]
+
+
+def test_layouts_without_a_one_pass_dequantization_keep_the_kernel_at_every_row_count() -> None:
+    awq = _layer(96, 256, QuantSpec(4, 64, False), packing="auto_round:auto_awq")
+    kernels.prepare(awq, "cpu", BF16)
+    assert awq.kernel.kernel == "int4_cpu" and awq.kernel.run.wide is None
+    x = _x(300, 256, dtype=BF16)
+    assert relative_error(awq(x), reference_output(awq, x)) <= TOLERANCE[BF16]
+
+
 @pytest.mark.parametrize("packing", ["auto_round:auto_gptq", "auto_round"])
 def test_int8_per_channel_sym(packing: str) -> None:
     layer = _layer(96, 256, QuantSpec(8, -1, True), packing=packing)
@@ -350,6 +394,16 @@ def test_tinygemm_on_cuda(spec: QuantSpec, packing: str, dtype: torch.dtype) -> 
     y = layer(x)
     assert layer.kernel.kernel == "int4_tinygemm" and y.dtype == dtype
     assert relative_error(y, reference_output(layer, x)) <= TOLERANCE[dtype]
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [BF16, torch.float16])
+def test_tinygemm_many_rows_run_the_compiled_dequantization_bit_for_bit(dtype: torch.dtype) -> None:
+    layer = _layer(256, 576, QuantSpec(4, 64, True)).to("cuda")
+    x = _x(3, 100, 576, dtype=dtype).cuda()  # 300 rows > WIDE_ROWS["cuda"]
+    y = layer(x)
+    assert layer.kernel.kernel == "int4_tinygemm" and layer.kernel.run.wide is not None
+    assert torch.equal(y, layer.dequant_forward(x))
 
 
 @needs_cuda
