@@ -10,6 +10,14 @@
 #                                     # from disk, the two checkpoints compared, the 70B plan; issue 18: CUDA
 #                                     # kernel tests, decode/prefill of a Qwen2-1.5B-shaped model, per-layer
 #                                     # GEMMs                                                           ~5.5 min
+#   bash tests/bench/gpu_scale.sh d   # the defaults of 2026-12-02 (graphs / block compile by block size):
+#                                     # 2b and 8b vs auto-round and auto-round low_gpu_mem_usage, 2b warm ~8 min
+#   bash tests/bench/gpu_scale.sh e   # SmolLM2-135M real weights, whole model, default recipe, ours vs
+#                                     # auto-round (tests/bench/accuracy.py; SMOL_GGUF, SMOL_DATA); CUDA kernel
+#                                     # tests; per-layer row switch; decode/prefill of Qwen2-1.5B; the 8-block
+#                                     # 8B-shaped checkpoint for part f                                ~8 min
+#   bash tests/bench/gpu_scale.sh f   # issue 16: that checkpoint quantized in RAM (RSS vs the planner) and
+#                                     # streamed; 70b vs auto-round                                       ~7 min
 #   bash tests/bench/gpu_scale.sh tiny  # a dry run on a CPU (no wheels; uses $PYTHON, default python3)
 #
 # On the device machine: carry `.whl` (orjson, auto-round 0.16.1 and the auto-round needs the image lacks)
@@ -21,7 +29,7 @@
 # Each run has its own timeout so that one stuck run leaves the others' numbers.
 set -uo pipefail
 
-PART=${1:?usage: bash tests/bench/gpu_scale.sh a|b|tiny}
+PART=${1:?usage: bash tests/bench/gpu_scale.sh a|b|c|d|e|f|tiny}
 REPO=$PWD
 OUT=${OUT:-/tmp/gpu_scale-out}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)  # absolute: the bench runs from /tmp
@@ -112,11 +120,31 @@ case $PART in
      step decode-layers 90 "$PY" "$REPO/tests/bench/decode_bench.py" --device cuda --group-size 128 \
        --layers 1536x1536,8960x1536,1536x8960,4096x4096,14336x4096 --layer-rows 1,8,64,512,2048 --repeats 20 \
        --json "$RAW/layers-cuda.json" ;;
+  d) run 2b 2b 220 --reference-low-mem
+     run 2b-warm 2b 90 --no-reference          # first-block overhead with the compile caches warm
+     run 8b 8b 300 --reference-low-mem ;;
+  e) A=$REPO/tests/bench/accuracy.py
+     step smol-accuracy 330 "$PY" "$A" --model "${SMOL_GGUF:?SMOL_GGUF: the SmolLM2 GGUF}" \
+       --calib "${SMOL_DATA:?SMOL_DATA: a folder with news-calib.jsonl and wiki-eval.txt}/news-calib.jsonl" \
+       --eval "$SMOL_DATA/wiki-eval.txt" --device cuda --recipe default --seqlen 512 --eval-windows 40 \
+       --eval-seqlen 2048 --configs W4G64 --methods rtn,signround,auto-round --seed 42 --json "$RAW/smol-accuracy.json"
+     step kernels-cuda 90 "$PY" -m pytest -q -p no:cacheprovider "$REPO/tests/checkpoint/test_kernels.py" -k cuda
+     step decode-layers 60 "$PY" "$REPO/tests/bench/decode_bench.py" --device cuda --group-size 128 \
+       --layers 1536x1536,8960x1536,1536x8960,4096x4096,14336x4096 --layer-rows 1,8,16,32,64,512,2048 --repeats 20 \
+       --json "$RAW/layers-cuda.json"
+     step decode-qwen2 150 "$PY" "$REPO/tests/bench/decode_bench.py" --model qwen2-1.5b --device cuda \
+       --paths bf16,ours,auto-round --json "$RAW/decode-qwen2-1.5b.json"
+     step stream-build 130 "$PY" "$REPO/tests/bench/stream_gpu.py" build --dir /tmp/m8b --layers 8 ;;
+  f) S=$REPO/tests/bench/stream_gpu.py
+     [ -d /tmp/m8b ] || step stream-build 130 "$PY" "$S" build --dir /tmp/m8b --layers 8
+     step stream-ram 130 "$PY" "$S" ram --dir /tmp/m8b --out "$RAW" --layers 8
+     rm -rf "$RAW/q-ram" "$RAW/calib.txt"
+     run 70b 70b 330 ;;
   tiny) run tiny tiny 300 --device cpu --profile "$RAW/prof-tiny"
         S=$REPO/tests/bench/stream_gpu.py
         step stream-build 120 "$PY" "$S" build --dir /tmp/m-tiny --layers 2 --tiny
         step stream-stream 120 "$PY" "$S" stream --dir /tmp/m-tiny --out "$RAW" --layers 2 --tiny --device cpu --iters 2 ;;
-  *) echo "unknown part $PART (a, b, c or tiny)" >&2; exit 2 ;;
+  *) echo "unknown part $PART (a to f, or tiny)" >&2; exit 2 ;;
 esac
 
 # The table last: one row per size, and this part's spec/performance.json records.
