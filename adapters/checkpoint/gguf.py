@@ -22,7 +22,10 @@ exact; `write_gguf` warns with the error it adds and stores it in the file
 (``signround.requantization``). Full-precision Linears and embeddings are F16, norms and biases F32.
 Llama/Mistral q and k rows are permuted to llama.cpp's rotary layout (pairs interleaved), as its
 converter does; Qwen2 keeps HF's (NeoX) layout. A VLM of `gguf_mmproj.VISION_FAMILIES` gives its
-text decoder here and its vision tower to ``mmproj-model-f16.gguf`` (`gguf_mmproj.py`).
+text decoder here and its vision tower to ``mmproj-model-f16.gguf`` (`gguf_mmproj.py`): the text
+decoders of Qwen2-VL / Qwen2.5-VL are llama.cpp's ``qwen2vl`` (qwen2 tensors, M-RoPE sections) and
+Gemma 3's its ``gemma3`` (norms + 1, sliding-window layers and their rope base); a config llama.cpp
+would compute differently (Gemma 3's query scale) is refused before any file is written.
 """
 
 from __future__ import annotations
@@ -43,7 +46,55 @@ from signround.rounding.grid import QuantizedWeight
 
 #: model_type -> (gguf architecture, q/k rows permuted to llama.cpp's rotary layout)
 GGUF_ARCHS: Mapping[str, tuple[str, bool]] = {"llama": ("llama", True), "mistral": ("llama", True),
-                                              "qwen2": ("qwen2", False)}
+                                              "qwen2": ("qwen2", False), "qwen2_vl_text": ("qwen2vl", False),
+                                              "qwen2_5_vl_text": ("qwen2vl", False), "gemma3_text": ("gemma3", False)}
+
+
+def _rope(cfg: Any, layer_type: str = "full_attention") -> Mapping[str, Any]:
+    """The rope parameters of `cfg` (transformers 5 nests them per layer type for Gemma 3)."""
+    params = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
+    params = params.get(layer_type, params)
+    if getattr(cfg, "rope_theta", None) is not None:
+        params.setdefault("rope_theta", cfg.rope_theta)
+    return params
+
+
+def _text_problems(arch: str, cfg: Any) -> list[str]:
+    """Why llama.cpp's `arch` graph would not compute what transformers does for this config."""
+    out = []
+    if arch == "gemma3":
+        n_head, head_dim = cfg.num_attention_heads, cfg.head_dim
+        # llama.cpp's Gemma 3 scales queries by 1/sqrt(head_dim), or 1/sqrt(hidden / heads) at 62 layers (27B)
+        want = cfg.hidden_size // n_head if cfg.num_hidden_layers == 62 else head_dim
+        if cfg.query_pre_attn_scalar != want:
+            out.append(f"query_pre_attn_scalar {cfg.query_pre_attn_scalar}: llama.cpp's gemma3 scales queries by "
+                       f"1/sqrt({want}) for this model (set query_pre_attn_scalar={want} or keep it out of GGUF)")
+        if getattr(cfg, "attn_logit_softcapping", None):
+            out.append("attn_logit_softcapping: llama.cpp's gemma3 has none")
+    for kind in ("full_attention", "sliding_attention") if arch == "gemma3" else ("full_attention",):
+        rope_type = _rope(cfg, kind).get("rope_type", "default")
+        if rope_type not in ("default", "mrope") and not (arch == "gemma3" and kind == "full_attention"
+                                                           and rope_type == "linear"):
+            out.append(f"{kind} rope_type {rope_type!r}: not written to GGUF here")
+    return out
+
+
+def _add_arch_keys(writer: Any, arch: str, cfg: Any) -> None:
+    """Keys llama.cpp's converter writes for qwen2vl (M-RoPE sections) and gemma3 (sliding window)."""
+    gguf = _gguf()
+    if arch == "qwen2vl":
+        sections = list(_rope(cfg)["mrope_section"])
+        writer.add_rope_dimension_sections((sections + [0] * 4)[:4])
+    elif arch == "gemma3":
+        writer.add_sliding_window(int(cfg.sliding_window))
+        writer.add_sliding_window_pattern([t == "sliding_attention" for t in cfg.layer_types])
+        writer.add_rope_freq_base_swa(float(_rope(cfg, "sliding_attention")["rope_theta"]))
+        full = _rope(cfg)
+        if full.get("rope_type") == "linear":  # global layers only; the sliding ones keep scale 1 in llama.cpp
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(float(full["factor"]))
+        if getattr(cfg, "final_logit_softcapping", None):
+            writer.add_final_logit_softcapping(float(cfg.final_logit_softcapping))
 
 
 def _gguf() -> Any:
@@ -217,7 +268,7 @@ def write_gguf(model: nn.Module, qweights: Mapping[str, QuantizedWeight], path: 
     `formats.gguf_problems`). Returns what export adds to its config: ``requantization`` (k-quant
     formats: {layers: {module: {type, rel_mse, codes_changed}}, exact: layers written as a 32-weight
     type}) and ``mmproj_file``."""
-    from signround.adapters.checkpoint.gguf_mmproj import VISION_FAMILIES, write_mmproj
+    from signround.adapters.checkpoint.gguf_mmproj import VISION_FAMILIES, mmproj_problems, write_mmproj
 
     gguf = _gguf()
     model_type = getattr(model.config, "model_type", "")
@@ -230,6 +281,10 @@ def write_gguf(model: nn.Module, qweights: Mapping[str, QuantizedWeight], path: 
     arch, permute = GGUF_ARCHS[text_type]
     prefix = family.text_prefix if family else "model."
     qweights = {n: qw for n, qw in qweights.items() if n.startswith(prefix) or n.startswith("lm_head")}
+    problems = _text_problems(arch, cfg) + (mmproj_problems(model, family) if family else [])
+    if problems:  # before either file is written
+        raise ValueError(f"{path.name}: llama.cpp would not compute what this {model_type} computes: "
+                         + "; ".join(problems))
     problems = gguf_problems(fmt, [(n, qw.codes.shape[1], qw.spec) for n, qw in qweights.items()])
     if problems:  # in_features is only known here when the plan was not checked against llama.cpp
         raise ValueError(f"{path.name}: " + "; ".join(problems))
@@ -247,9 +302,10 @@ def write_gguf(model: nn.Module, qweights: Mapping[str, QuantizedWeight], path: 
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
-    rope = getattr(cfg, "rope_theta", None) or (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta")
+    rope = _rope(cfg).get("rope_theta")
     if rope is not None:
         writer.add_rope_freq_base(float(rope))
+    _add_arch_keys(writer, arch, cfg)
     writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
     writer.add_vocab_size(cfg.vocab_size)
     writer.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{main.upper()}"))
@@ -292,6 +348,8 @@ def write_gguf(model: nn.Module, qweights: Mapping[str, QuantizedWeight], path: 
         t = tensor.detach().float()
         if needs_permute:
             t = _permute(t, rows)
+        if arch == "gemma3" and key.endswith("norm.weight"):
+            t = t + 1  # Gemma3RMSNorm scales by 1 + w, llama.cpp by w (its converter adds the 1)
         data = t.numpy().astype(np.float16 if t.dim() == 2 else np.float32)
         writer.add_tensor(target, data)
     out: dict[str, Any] = {}
