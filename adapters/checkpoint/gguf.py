@@ -73,10 +73,38 @@ def _text_problems(arch: str, cfg: Any) -> list[str]:
             out.append("attn_logit_softcapping: llama.cpp's gemma3 has none")
     for kind in ("full_attention", "sliding_attention") if arch == "gemma3" else ("full_attention",):
         rope_type = _rope(cfg, kind).get("rope_type", "default")
-        if rope_type not in ("default", "mrope") and not (arch == "gemma3" and kind == "full_attention"
-                                                           and rope_type == "linear"):
-            out.append(f"{kind} rope_type {rope_type!r}: not written to GGUF here")
+        if rope_type not in ("default", "mrope") and (arch, kind, rope_type) not in (
+                ("gemma3", "full_attention", "linear"), ("llama", "full_attention", "llama3")):
+            out.append(f"{kind} rope_type {rope_type!r}: this GGUF writer has no llama.cpp form for it (it writes "
+                       "default, M-RoPE, Llama 3's frequency factors and Gemma 3's linear scaling)")
     return out
+
+
+def llama3_rope_factors(cfg: Any) -> np.ndarray | None:
+    """Llama 3's rope frequency factors (rope_type llama3) as llama.cpp's ``rope_freqs.weight``, float32
+    [head_dim / 2]: 1 for wavelengths under original_max_position_embeddings / high_freq_factor,
+    `factor` above original / low_freq_factor, smoothly between (its converter's LlamaModel); None
+    for other rope types."""
+    import math
+
+    rope = _rope(cfg)
+    if rope.get("rope_type") != "llama3":
+        return None
+    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    freqs = 1.0 / (float(rope.get("rope_theta", 10000.0)) ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    factor, low, high = float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"])
+    old = float(rope["original_max_position_embeddings"])
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / float(freq)
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, np.float32)
 
 
 def _add_arch_keys(writer: Any, arch: str, cfg: Any) -> None:
@@ -314,6 +342,9 @@ def write_gguf(model: nn.Module, qweights: Mapping[str, QuantizedWeight], path: 
                       "tokenizer metadata was written: llama.cpp needs it to load the file (transformers' gguf "
                       "loader reads the weights without it)", stacklevel=4)
     names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), cfg.num_hidden_layers)
+    factors = llama3_rope_factors(cfg) if arch == "llama" else None
+    if factors is not None:  # llama.cpp divides each rotary frequency by its factor
+        writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors)
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     report: dict[str, Any] = {}
     exact: list[str] = []

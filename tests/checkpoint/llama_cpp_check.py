@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 
 PROMPT = "The history of the"
+LLAMA3_ROPE = {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 16, "rope_theta": 10000.0}}
 
 
 def write(root: Path, family: str, qtype: str) -> None:
@@ -49,8 +51,9 @@ def write(root: Path, family: str, qtype: str) -> None:
     k = qtype in GGUF_KFORMATS
     dims = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4) if k else dict(hidden_size=128,
                                                                                           intermediate_size=256)
-    model = tiny_text_model(family, vocab_size=512, num_attention_heads=4, num_key_value_heads=2,
-                            tie_word_embeddings=False, **dims)
+    rope = LLAMA3_ROPE if family == "llama3" else {}  # "llama3": a llama with Llama 3's rope frequency factors
+    model = tiny_text_model("llama" if family == "llama3" else family, vocab_size=512, num_attention_heads=4,
+                            num_key_value_heads=2, tie_word_embeddings=False, **dims, **rope)
     if k:  # the format's base k type (its grid); llama.cpp's mix raises some layers above it
         bits, sym, group = GGUF_KTYPES[GGUF_KBASE[qtype]]
         base = QuantSpec(bits, group, sym)
