@@ -203,3 +203,20 @@ def test_llama_cpp_mix_of_a_vlm_covers_its_text_decoder_only() -> None:
         mix = llama_cpp_mix("gguf:q3_k_m", model)
         assert mix and all(n.startswith("model.language_model.layers.") for n in mix)
         assert mix["model.language_model.layers.0.self_attn.v_proj"] == {"bits": 5, "group_size": 32, "sym": False}
+
+
+def test_a_quantized_vision_layer_is_written_as_its_grid(tmp_path: Path) -> None:
+    """quant_nontext_module: the tower's fused qkv on SignRound's grid is split and written in F16 as
+    that grid (fp16 of the grid values), not as packed codes."""
+    from transformers import Qwen2VLImageProcessor
+
+    model = tiny_vlm("qwen2_vl")
+    qkv = "model.visual.blocks.0.attn.qkv"
+    results = rtn_state(model, Q4, extra=[qkv])
+    assert qkv in results
+    out = save_quantized(model, results, tmp_path / "g", format="gguf:q4_0", image_processor=Qwen2VLImageProcessor(),
+                         inplace=False)
+    t = _tensors(gguf.GGUFReader(str(out / "mmproj-model-f16.gguf")))
+    grid = model.get_submodule(qkv).weight  # rtn_state left SignRound's dequantized grid in the model
+    for i, part in enumerate("qkv"):
+        _check(t, f"v.blk.0.attn_{part}.weight", grid.chunk(3)[i], "F16")
