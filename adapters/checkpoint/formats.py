@@ -41,8 +41,8 @@ GGUF_KTYPES: Mapping[str, tuple[int, bool, int]] = {"q4_k": (4, False, 32), "q6_
 GGUF_SUPER_BLOCK = 256
 _K_ORDER = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
 #: k-quant format -> its base type (every layer llama.cpp's mix does not raise; `gguf.llama_cpp_mix`)
-GGUF_KBASE: Mapping[str, str] = {"q2_k_s": "q2_k", "q3_k_s": "q3_k", "q3_k_m": "q3_k", "q4_k_m": "q4_k",
-                                 "q5_k_s": "q5_k", "q5_k_m": "q5_k"}
+GGUF_KBASE: Mapping[str, str] = {"q2_k_s": "q2_k", "q3_k_s": "q3_k", "q3_k_m": "q3_k", "q3_k_l": "q3_k",
+                                 "q4_k_s": "q4_k", "q4_k_m": "q4_k", "q5_k_s": "q5_k", "q5_k_m": "q5_k"}
 #: k-quant formats -> the k types each writes: its base type and every wider one (the mix raises layers)
 GGUF_KFORMATS: Mapping[str, tuple[str, ...]] = {f: _K_ORDER[_K_ORDER.index(b):] for f, b in GGUF_KBASE.items()}
 _GPTQ_BITS = (2, 3, 4, 5, 6, 7, 8)  # the bit stream of rounding/pack.py holds any width

@@ -14,8 +14,8 @@ hyper-parameters llama.cpp reads for the family, the tokenizer (byte-level BPE, 
 | Q8_0 | 8-bit sym, w = s·(q − 128) | fp16 d = s, 32 int8 q − 128 | d·q |
 
 Q4_0, Q5_0 and Q8_0 hold our codes and fp16 scales exactly; Q4_1 / Q5_1 round m = −s·z to fp16 (the
-codes and d are exact). The k-quant formats (`gguf:q2_k_s`, `q3_k_s`, `q3_k_m`, `q4_k_m`, `q5_k_s`,
-`q5_k_m`) also write Q2_K / Q3_K / Q4_K / Q5_K / Q6_K for W2 asym g16 / W3 sym g16 / W4 asym g32 /
+codes and d are exact). The k-quant formats (`gguf:q2_k_s`, `q3_k_s`, `q3_k_m`, `q3_k_l`, `q4_k_s`,
+`q4_k_m`, `q5_k_s`, `q5_k_m`) also write Q2_K / Q3_K / Q4_K / Q5_K / Q6_K for W2 asym g16 / W3 sym g16 / W4 asym g32 /
 W5 asym g32 / W6 sym g16 layers whose in_features is a multiple of 256: their
 sub-block scales are re-quantized and the codes re-rounded (`gguf_kquants.py`), which is not
 exact; `write_gguf` warns with the error it adds and stores it in the file
@@ -184,6 +184,8 @@ def _mix_type(main: str, leaf: str, i: int, n: int, n_gqa: int) -> str:
             return "q4_k"
         if main == "q3_k_m":
             return "q5_k" if i < 2 else "q4_k"
+        if main == "q3_k_l" or (main == "q4_k_s" and i < 4):
+            return "q5_k"
         if main in ("q4_k_m", "q5_k_m") and more:
             return "q6_k"
     elif leaf == "mlp.down_proj":
@@ -191,10 +193,12 @@ def _mix_type(main: str, leaf: str, i: int, n: int, n_gqa: int) -> str:
             return "q4_k"
         if main == "q3_k_m":
             return "q5_k" if i < n // 16 else "q4_k"
+        if main == "q3_k_l" or (main == "q4_k_s" and i < n // 8):
+            return "q5_k"
         if main in ("q4_k_m", "q5_k_m") and more:
             return "q6_k"
-    elif leaf == "self_attn.o_proj" and main == "q3_k_m":
-        return "q4_k"
+    elif leaf == "self_attn.o_proj" and main in ("q3_k_m", "q3_k_l"):
+        return "q4_k" if main == "q3_k_m" else "q5_k"
     return base
 
 
@@ -213,8 +217,10 @@ def llama_cpp_mix(fmt: str, model: nn.Module) -> dict[str, dict[str, Any]]:
     Raised layers (`use_more_bits`: the first and last eighth and every third between; of 8
     layers 0, 3, 6, 7): q4_k_m and q5_k_m put attn_v and ffn_down of those at Q6_K (W6 sym g16);
     q3_k_m puts attn_v of layers 0-1 and ffn_down of the first sixteenth at Q5_K (W5 asym g32), the
-    other attn_v and ffn_down and every attn_output at Q4_K (W4 asym g32); q2_k_s puts ffn_down of
-    the first eighth, and attn_v when n_head / n_kv >= 4, at Q4_K; q3_k_s and q5_k_s raise nothing.
+    other attn_v and ffn_down and every attn_output at Q4_K (W4 asym g32); q3_k_l every attn_v,
+    ffn_down and attn_output at Q5_K; q4_k_s attn_v of layers 0-3 and ffn_down of the first eighth
+    at Q5_K; q2_k_s puts ffn_down of the first eighth, and attn_v when n_head / n_kv >= 4, at Q4_K;
+    q3_k_s and q5_k_s raise nothing.
     Where in_features is not a multiple of 256, llama.cpp's fallback (`_NARROW`): a Q2_K / Q3_K
     layer is Q4_0 (W4 sym g32, listed here even when it is a base layer), Q6_K is Q8_0 (W8 sym g32).
     Not copied: llama.cpp's Q6_K output / tied embedding (ours stay F16, as an unquantized

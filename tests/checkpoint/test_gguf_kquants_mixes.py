@@ -1,4 +1,4 @@
-"""GGUF k-quants Q3_K and Q5_K, and the files that use them (gguf:q3_k_s, q3_k_m, q5_k_s, q5_k_m):
+"""GGUF k-quants Q3_K and Q5_K, and the files that use them (gguf:q3_k_s/m/l, q4_k_s, q5_k_s/m):
 every k type's blocks against the gguf package's dequantizer on random grids (hypothesis), the
 llama.cpp mixes (`llama_cpp_mix`), and each format written and read back with the gguf reader.
 llama.cpp itself: tests/checkpoint/llama_cpp_check.py (not CI), results in spec/format.md."""
@@ -104,7 +104,8 @@ def _grid(t: str) -> dict:
 def test_llama_cpp_mixes_for_q3_and_q5() -> None:
     """llama-quant.cpp's rules on 16 layers (in_features 256, n_gqa 2): q3_k_s and q5_k_s raise
     nothing; q3_k_m: attn_v 0-1 and ffn_down of the first sixteenth Q5_K, the other attn_v / ffn_down
-    and every attn_output Q4_K; q5_k_m: attn_v and ffn_down of the use_more_bits layers Q6_K."""
+    and every attn_output Q4_K; q3_k_l: all three Q5_K; q4_k_s: attn_v 0-3 and ffn_down of the first
+    eighth Q5_K; q5_k_m: attn_v and ffn_down of the use_more_bits layers Q6_K."""
     model = tiny_text_model("llama", num_hidden_layers=16, hidden_size=256, intermediate_size=256)
     assert llama_cpp_mix("gguf:q3_k_s", model) == {} == llama_cpp_mix("gguf:q5_k_s", model)
     mix = llama_cpp_mix("gguf:q3_k_m", model)
@@ -118,6 +119,11 @@ def test_llama_cpp_mixes_for_q3_and_q5() -> None:
     mix = llama_cpp_mix("gguf:q5_k_m", model)
     assert mix == {f"model.layers.{i}.{m}": _grid("q6_k") for i in more for m in ("self_attn.v_proj", "mlp.down_proj")}
     assert mix == {n: _grid("q6_k") for n in llama_cpp_mix("gguf:q4_k_m", model)}  # q4_k_m raises the same layers
+    leaves = ("self_attn.v_proj", "mlp.down_proj", "self_attn.o_proj")
+    assert llama_cpp_mix("gguf:q3_k_l", model) == {f"model.layers.{i}.{m}": _grid("q5_k") for i in range(16) for m in leaves}
+    assert llama_cpp_mix("gguf:q4_k_s", model) == {  # attn_v of layers 0-3, ffn_down of the first eighth
+        **{f"model.layers.{i}.self_attn.v_proj": _grid("q5_k") for i in range(4)},
+        **{f"model.layers.{i}.mlp.down_proj": _grid("q5_k") for i in range(2)}}
 
 
 def test_narrow_layers_take_llama_cpp_fallbacks() -> None:
@@ -135,7 +141,7 @@ def test_narrow_layers_take_llama_cpp_fallbacks() -> None:
     assert mix["model.layers.0.self_attn.q_proj"] == {"bits": 4, "group_size": 32, "sym": True}
 
 
-@pytest.mark.parametrize("fmt", ["q3_k_s", "q3_k_m", "q5_k_s", "q5_k_m"])
+@pytest.mark.parametrize("fmt", ["q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q5_k_s", "q5_k_m"])
 def test_file_holds_the_mix_with_the_reported_error(tmp_path: Path, fmt: str) -> None:
     """Write + read with the gguf reader: file type, each layer's type from the mix, its values the
     re-quantized weights whose error against SignRound's grid the file's report gives."""

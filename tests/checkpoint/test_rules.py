@@ -93,7 +93,8 @@ def test_packing_table() -> None:
                              "auto_round:auto_awq"}
     assert FORMAT_NAMES == ("auto_round", "auto_gptq", "auto_round:auto_awq", "compressed_tensors", "gguf:q4_0",
                             "gguf:q4_1", "gguf:q5_0", "gguf:q5_1", "gguf:q8_0", "gguf:q2_k_s", "gguf:q3_k_s",
-                            "gguf:q3_k_m", "gguf:q4_k_m", "gguf:q5_k_s", "gguf:q5_k_m") == tuple(EXPORT_FORMATS)
+                            "gguf:q3_k_m", "gguf:q3_k_l", "gguf:q4_k_s", "gguf:q4_k_m", "gguf:q5_k_s",
+                            "gguf:q5_k_m") == tuple(EXPORT_FORMATS)
     sym4, asym4, asym3 = QuantSpec(4, 32, True), QuantSpec(4, 32, False), QuantSpec(3, 32, False)
     assert choose_packing("auto_round", sym4, [sym4, QuantSpec(8, 32, True)]).name == "auto_round:auto_gptq"
     assert choose_packing("auto_round", asym4, [asym4]).name == "auto_round:auto_awq"
