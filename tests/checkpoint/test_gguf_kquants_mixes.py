@@ -192,3 +192,30 @@ def test_narrow_model_q3_k_s_and_q5_k_s_write_the_exact_fallbacks(tmp_path: Path
         types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out / f"model-{fmt}.gguf")).tensors}
         assert types["blk.0.attn_q.weight"] == types["blk.1.ffn_up.weight"] == exact == q_type
         assert types["blk.0.ffn_down.weight"] == GGUF_KBASE[fmt].upper()
+
+
+def test_transformers_reads_a_q3_k_m_file_as_the_weights_we_report(tmp_path: Path) -> None:
+    """transformers' GGUF loader (the gguf package's Q3_K / Q4_K / Q5_K dequantization, llama's q/k
+    permutation undone) gives the logits of our model holding the re-quantized weights."""
+    from checkpoint_helpers import logits
+    from transformers import AutoModelForCausalLM
+
+    from signround.adapters.checkpoint.gguf import encode_kquant
+    from signround.rounding.grid import QuantizedWeight, from_groups, quantize_codes, to_groups
+
+    model = tiny_text_model("llama", num_hidden_layers=2, **WIDE)
+    mix = llama_cpp_mix("gguf:q3_k_m", model)
+    results = rtn_state(model, SPECS["q3_k"], override={n: QuantSpec(g["bits"], g["group_size"], g["sym"])
+                                                        for n, g in mix.items()})
+    with pytest.warns(UserWarning, match="re-quantizes"):
+        out = save_quantized(model, results, tmp_path / "g", format="gguf:q3_k_m", inplace=False)
+    on_grid = logits(model)
+    with torch.no_grad():
+        for name, r in results.items():
+            lin = model.get_submodule(name)
+            codes = quantize_codes(to_groups(lin.weight, r.spec.group_size), r.scale.float(), r.zero.float(), r.spec)
+            qw = QuantizedWeight(from_groups(codes, lin.in_features).int(), r.scale, r.zero, r.spec)
+            lin.weight.copy_(torch.from_numpy(encode_kquant(qw, gguf_type("gguf:q3_k_m", r.spec, 256)).dequantized))
+    theirs = AutoModelForCausalLM.from_pretrained(str(out), gguf_file="model-q3_k_m.gguf").eval()
+    torch.testing.assert_close(logits(theirs), logits(model), rtol=0, atol=2e-3)
+    assert float((logits(theirs) - on_grid).abs().max()) > 1e-2  # SignRound's grid itself is not what the file holds
