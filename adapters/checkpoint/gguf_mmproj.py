@@ -112,9 +112,13 @@ def _llava_problems(cfg: Any) -> list[str]:
     if cfg.projector_hidden_act != "gelu" or not getattr(cfg, "multimodal_projector_bias", True):
         out.append("llama.cpp's `mlp` projector is Linear + bias, gelu, Linear + bias; this model's is "
                    f"{cfg.projector_hidden_act} (bias {getattr(cfg, 'multimodal_projector_bias', True)})")
-    if any(not 0 < v <= vcfg.num_hidden_layers for v in _feature_layers(cfg)):
+    layers = _feature_layers(cfg)
+    if any(not 0 < v <= vcfg.num_hidden_layers for v in layers):
         out.append(f"vision_feature_layer {cfg.vision_feature_layer}: llama.cpp's clip takes layer outputs "
                    f"1..{vcfg.num_hidden_layers} (0 marks an unset entry there)")
+    elif layers != sorted(set(layers)):
+        out.append(f"vision_feature_layer {cfg.vision_feature_layer}: llama.cpp concatenates the feature layers "
+                   "in depth order, transformers in the listed one")
     return out
 
 

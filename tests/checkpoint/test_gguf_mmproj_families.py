@@ -164,6 +164,9 @@ def test_what_llama_cpp_would_compute_differently_is_refused_before_any_file(tmp
     model.config.vision_feature_select_strategy = "full"
     with pytest.raises(ValueError, match="always drops the CLS token"):
         save_quantized(model, rtn_state(model, Q4), tmp_path / "a", format="gguf:q4_0", inplace=False)
+    model.config.vision_feature_select_strategy, model.config.vision_feature_layer = "default", [-1, -2]
+    with pytest.raises(ValueError, match=r"vision_feature_layer \[-1, -2\]: llama.cpp concatenates the feature layers"):
+        save_quantized(model, rtn_state(model, Q4), tmp_path / "a", format="gguf:q4_0", inplace=False)
     model = tiny_vlm("qwen2_5_vl")
     model.config.vision_config.window_size = 56
     with pytest.raises(ValueError, match="window_size 56: llama.cpp's qwen2.5vl windows are 112 pixels"):
