@@ -173,10 +173,12 @@ def _bias(layer: "QuantLinear", dtype: torch.dtype) -> Optional[Tensor]:
     return layer.bias.to(dtype) if layer.bias is not None else None
 
 
-#: rows above which an int4 layer dequantizes and runs F.linear instead of its kernel, per device type
-#: (H200: tinygemm ≈ cuBLAS at 8 rows, 3× slower at 64; CPU, one thread: the int4 kernel costs ~22 µs a row
-#: at 1536×576, the eager one-pass dequantization ~3 ms; spec/performance.md "row switch")
-WIDE_ROWS = {"cuda": 16, "cpu": 128}
+#: rows above which an int4 layer dequantizes and runs F.linear instead of its kernel, per device type,
+#: where the measured times cross (spec/performance.md "row switch"). H200: tinygemm grows ~1-4 µs a
+#: row past 16 rows; the compiled dequantize + cuBLAS costs 0.13-0.64 ms flat at these shapes, so the
+#: switch pays from ~128-512 rows. CPU, one thread: the int4 kernel ~22 µs a row at 1536×576, the
+#: dequantization ~2 ms.
+WIDE_ROWS = {"cuda": 256, "cpu": 128}
 
 
 def dequant_rows(qweight: Tensor, qzeros: Tensor, scales: Tensor, bits: int, group: int, zero_offset: int,
@@ -500,9 +502,10 @@ def probe(kernel: Kernel, target: Target) -> Optional[str]:
             layer = _probe_layer(kernel.probe_bits, target.device)
             run = kernel.build_fn(layer, target)
             gen = torch.Generator().manual_seed(1)
-            # 3 rows: the kernel; 64 rows: an int4 layer's many-rows path (WIDE_ROWS) as well
+            # 3 rows: the kernel; more than any WIDE_ROWS: an int4 layer's many-rows path as well
             err = max(relative_error(run(x), reference_output(layer, x)) for x in (
-                torch.randn(rows, layer.in_features, generator=gen).to(target.device, target.dtype) for rows in (3, 64)))
+                torch.randn(rows, layer.in_features, generator=gen).to(target.device, target.dtype)
+                for rows in (3, max(WIDE_ROWS.values()) + 1)))
             tol = TOLERANCE.get(target.dtype, 1e-2)
             if not err <= tol:
                 reason = f"probe error {err:.2e} exceeds the tolerance {tol:.0e}"

@@ -13,11 +13,14 @@ and Qwen2-VL-2B's block dimensions (`tests/bench/gpu_graphs.py`), and a SmolLM2-
 took 0.36 s instead of 2.59 s.
 
 Not captured (eager as before): gradient accumulation, data parallelism (the cross-rank reduce
-synchronises the host), devices other than CUDA, and blocks whose forward synchronises with the host
-(Qwen2-VL's vision attention splits by `cu_seqlens.tolist()`): the last warm-up step runs under
-torch's sync debug mode, and a block that synchronised is not captured. A capture that fails anyway
-warns once. Either way such blocks (blocks with the same layer names) then run eagerly: the values
-are the same.
+synchronises the host), devices other than CUDA, and blocks whose capture fails: capture runs in
+torch's "global" error mode, so an op that synchronises or reads the host (Qwen2-VL's vision
+attention splits by `cu_seqlens.tolist()`) raises there instead of being recorded with this step's
+host values. A failed capture warns once and such blocks (blocks with the same layer names) then run
+eagerly: the values are the same. The last warm-up step runs under torch's sync debug mode and what
+it reports is kept (`warmup_syncs`), to name the op when a capture fails. It does not stop the
+capture: on an H200 it flagged SmolLM2-shaped text blocks whose capture had replayed bit for bit
+(2026-12-02: 2.59 s per block eager vs 0.36 s captured, before the check existed).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ WARMUP = 3  # eager steps before the capture: the compiled halves and every buff
 Capture = Callable[[Callable[[], Tensor], Any], Callable[[], Tensor]]
 
 _FAILED: dict[tuple, str] = {}  # per process and block layout (its tuned weight names): why not captured
+_SYNCED: dict[tuple, str] = {}  # per block layout: what the sync debug mode reported in its last warm-up step
 
 
 def cuda_capture(fn: Callable[[], Tensor], stream: Any) -> Callable[[], Tensor]:
@@ -60,9 +64,9 @@ def deferred_capture(fn: Callable[[], Tensor], stream: Any) -> Callable[[], Tens
     return fn
 
 
-def synchronises(fn: Callable[[], Any]) -> tuple[Any, bool]:
-    """Run `fn`; whether it synchronised the host with the device (torch's sync debug mode, which
-    warns and goes on, so the step completes as usual)."""
+def synchronises(fn: Callable[[], Any]) -> tuple[Any, list[str]]:
+    """Run `fn`; what torch's sync debug mode reported while it ran (it warns and goes on, so the step
+    completes as usual): empty when it never synchronised the host with the device."""
     previous = torch.cuda.get_sync_debug_mode()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -75,7 +79,7 @@ def synchronises(fn: Callable[[], Any]) -> tuple[Any, bool]:
     for w in caught:  # everything else is the caller's to see
         if w not in syncs:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return out, bool(syncs)
+    return out, [f"{w.filename}:{w.lineno}: {str(w.message)[:160]}" for w in syncs]
 
 
 def _static(parts: Sequence[tuple[BlockInputs, Tensor]]) -> list[tuple[BlockInputs, Tensor]]:
@@ -115,12 +119,16 @@ def capturable(parts: StepParts) -> bool:
 
 def tune_graphed(block_fn: BlockFn, weights: Mapping[str, Tensor], specs: Mapping[str, QuantSpec],
                  recipe: Recipe, batches: Iterable[StepParts], *, ops: QdqOps = QdqOps(),
-                 capture: Capture = cuda_capture, stream: Any = None, warmup: int = WARMUP) -> TuneResult:
+                 capture: Capture = cuda_capture, stream: Any = None, warmup: int = WARMUP,
+                 sync_check: Optional[Callable[[Callable[[], Any]], tuple[Any, list[str]]]] = None) -> TuneResult:
     """`rounding.tune_block` with every step after the first `warmup` replayed from one capture.
 
     The loop is the core's public steps (prepare, init, step, result); only how a step is launched
     changes. `stream`: the CUDA stream the warm-up and the capture run on (a side stream, as CUDA
-    graphs require); replays run on the caller's stream."""
+    graphs require); replays run on the caller's stream. sync_check: runs the last warm-up step and
+    says where it synchronised the host (default: `synchronises` on CUDA, none elsewhere)."""
+    if sync_check is None and stream is not None:
+        sync_check = synchronises
     prepared = prepare(weights, specs)
     state = init(prepared, specs, recipe, optimizer_for(recipe))
     losses: list[Tensor] = []
@@ -133,7 +141,12 @@ def tune_graphed(block_fn: BlockFn, weights: Mapping[str, Tensor], specs: Mappin
         nonlocal state
 
         def run() -> tuple[TuneState, Tensor]:
-            return step(block_fn, weights, prepared, specs, state, parts, ops=ops, donate=True)
+            if not (check and sync_check is not None):
+                return step(block_fn, weights, prepared, specs, state, parts, ops=ops, donate=True)
+            out, syncs = sync_check(lambda: step(block_fn, weights, prepared, specs, state, parts, ops=ops, donate=True))
+            if syncs:
+                _SYNCED[key] = "; ".join(sorted(set(syncs)))[:400]
+            return out
 
         if stream is None:
             state, loss = run()
@@ -141,12 +154,7 @@ def tune_graphed(block_fn: BlockFn, weights: Mapping[str, Tensor], specs: Mappin
             main = torch.cuda.current_stream(stream.device)
             stream.wait_stream(main)
             with torch.cuda.stream(stream):
-                if check:
-                    (state, loss), syncs = synchronises(run)
-                    if syncs:
-                        _FAILED[key] = "the block synchronises with the host"
-                else:
-                    state, loss = run()
+                state, loss = run()
             main.wait_stream(stream)
         losses.append(loss)
 
@@ -168,7 +176,8 @@ def tune_graphed(block_fn: BlockFn, weights: Mapping[str, Tensor], specs: Mappin
                 if stream is not None:
                     torch.cuda.current_stream(stream.device).wait_stream(stream)
             except Exception as exc:  # noqa: BLE001 - anything the block does that a graph cannot hold
-                _FAILED[key] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                _FAILED[key] = f"{type(exc).__name__}: {str(exc)[:200]}" + (
+                    f" (its last warm-up step synchronised the host: {_SYNCED[key]})" if key in _SYNCED else "")
                 warnings.warn(f"CUDA graph capture of the tuning step failed ({_FAILED[key]}); running "
                               "blocks of this layout eagerly (same values)", RuntimeWarning, stacklevel=2)
                 if stream is not None:
@@ -188,10 +197,15 @@ def failures() -> dict[str, str]:
     return {", ".join(k[:3]) + (", …" if len(k) > 3 else ""): why for k, why in _FAILED.items()}
 
 
+def warmup_syncs() -> dict[str, str]:
+    """Every block layout whose last warm-up step synchronised the host, and where (captured or not)."""
+    return {", ".join(k[:3]) + (", …" if len(k) > 3 else ""): why for k, why in _SYNCED.items()}
+
+
 def failure() -> Optional[str]:
     """Why some block layout runs without graphs in this process (None while all are captured)."""
     return next(iter(_FAILED.values()), None)
 
 
 __all__ = ["Capture", "WARMUP", "capturable", "cuda_capture", "deferred_capture", "failure", "failures", "synchronises",
-           "tune_graphed"]
+           "tune_graphed", "warmup_syncs"]

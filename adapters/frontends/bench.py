@@ -249,7 +249,8 @@ def run_ours(model: Any, batches: list[torch.Tensor], cfg: BenchConfig, accel: A
            **_memory(report.peak_memory_bytes, resident, report.peak_memory_kind),
            "report_loss_rtn": [b.loss_rtn for b in report.blocks],
            "report_loss_tuned": [b.loss_tuned for b in report.blocks],
-           "cuda_graphs_not_used": graphs.failures()}  # block layouts that fell back to eager steps
+           "cuda_graphs_not_used": graphs.failures(),  # block layouts that fell back to eager steps
+           "cuda_graphs_warmup_syncs": graphs.warmup_syncs()}  # and where a warm-up step synchronised
     return model, out
 
 

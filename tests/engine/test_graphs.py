@@ -31,8 +31,10 @@ def _problem(seed=0, n=24, d=32, hidden=64):
 @pytest.fixture(autouse=True)
 def _fresh_process_state():
     graphs._FAILED.clear()
+    graphs._SYNCED.clear()
     yield
     graphs._FAILED.clear()
+    graphs._SYNCED.clear()
 
 
 def _same(a, b) -> None:
@@ -70,6 +72,38 @@ def test_a_failed_capture_warns_once_and_gives_the_same_values():
                                   capture=broken)
     _same(out, tune_block(_block, weights, SPECS, inputs, targets, recipe))
     assert "stream is capturing" in graphs.failure()
+
+
+def test_a_warm_up_step_that_synchronised_is_still_captured_and_reported():
+    """The sync debug mode's report does not stop the capture (a real host read fails the capture,
+    which then falls back); it is kept, and named when a capture fails."""
+    weights, inputs, targets = _problem(seed=4)
+    recipe = Recipe(iters=8, nsamples=24, batch_size=8)
+    checked = []
+
+    def sync_check(fn):
+        checked.append(1)
+        return fn(), ["block.py:7: called a synchronizing CUDA operation"]
+
+    captures = []
+
+    def capture(fn, stream):
+        captures.append(fn)
+        return graphs.deferred_capture(fn, stream)
+
+    out = graphs.tune_graphed(_block, weights, SPECS, recipe, core.step_batches(inputs, targets, recipe),
+                              capture=capture, sync_check=sync_check)
+    _same(out, tune_block(_block, weights, SPECS, inputs, targets, recipe))
+    assert checked == [1] and len(captures) == 1 and graphs.failure() is None  # the last warm-up step only
+    assert list(graphs.warmup_syncs().values()) == ["block.py:7: called a synchronizing CUDA operation"]
+
+    def broken(fn, stream):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    graphs._FAILED.clear()
+    with pytest.warns(RuntimeWarning, match="synchronised the host: block.py:7"):
+        graphs.tune_graphed(_block, weights, SPECS, recipe, core.step_batches(inputs, targets, recipe),
+                            capture=broken, sync_check=sync_check)
 
 
 def test_steps_that_cannot_be_replayed_run_eagerly():
