@@ -518,7 +518,7 @@ def inspect(
 @user_errors
 def gguf_mix(
     model: Path = typer.Argument(..., help="A model directory (config.json; no weights are read)."),
-    format: Format = typer.Option(..., "--format", help="A k-quant GGUF format: gguf:q4_k_m or gguf:q2_k_s."),
+    format: Format = typer.Option(..., "--format", help="A k-quant GGUF format: gguf:q2_k_s, q3_k_s, q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s or q5_k_m."),
 ) -> None:
     """llama.cpp's layer mix for a k-quant GGUF format as --layer-config JSON (which layers take Q6_K / Q4_K;
     spec/format.md, "GGUF")."""
