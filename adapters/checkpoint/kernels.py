@@ -184,16 +184,19 @@ WIDE_ROWS = {"cuda": 256, "cpu": 128}
 def dequant_rows(qweight: Tensor, qzeros: Tensor, scales: Tensor, bits: int, group: int, zero_offset: int,
                  dtype: torch.dtype) -> Tensor:
     """The weight [N, K] of GPTQ words packed along K (bits 2, 4 or 8: no code straddles a word), as the
-    reference computes it: fp32 s · (q − z) cast to `dtype`, in a few elementwise passes (one kernel
-    when compiled). The words are transposed, not the weight: 32/bits times less to move."""
+    reference computes it: fp32 s · (q − z) cast to `dtype` (one kernel when compiled). Each input
+    column's group comes from an index tensor, not from splitting K into (groups, group): with the
+    layer dimensions symbolic, a split makes the compiled kernel divide by the group count at every
+    element (64-bit division; the H200's layer table showed 0.1-0.6 ms a call)."""
     per = 32 // bits
     mask = (1 << bits) - 1
     shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=qweight.device)
     n, k = qweight.shape[1], qweight.shape[0] * per
-    codes = ((qweight.t().unsqueeze(-1) >> shifts) & mask).reshape(n, k // group, group)
-    zeros = ((qzeros.unsqueeze(-1) >> shifts) & mask).reshape(qzeros.shape[0], -1)[:, :n] + zero_offset
-    d = codes.float() - zeros.t().float().unsqueeze(-1)  # exact small integers
-    return (d * scales.t().float().unsqueeze(-1)).reshape(n, k).to(dtype)
+    codes = ((qweight.t().unsqueeze(-1) >> shifts) & mask).reshape(n, k)
+    zeros = ((qzeros.unsqueeze(-1) >> shifts) & mask).reshape(qzeros.shape[0], -1)[:, :n] + zero_offset  # [G, N]
+    gidx = torch.arange(k, device=qweight.device) // group
+    d = codes.float() - zeros.t().float()[:, gidx]  # exact small integers
+    return (d * scales.t().float()[:, gidx]).to(dtype)
 
 
 def dequant_rows_bytes(qweight: Tensor, qzeros: Tensor, scales: Tensor, bits: int, group: int, zero_offset: int,
