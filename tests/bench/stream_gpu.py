@@ -71,15 +71,43 @@ def _quantize(args: argparse.Namespace, mode: str) -> dict:
     plan = subprocess.run([sys.executable, "-m", "signround", "quantize", args.dir, "--dry-run", *common, *extra],
                           capture_output=True, text=True)
     start = time.perf_counter()
-    run = subprocess.run([sys.executable, "-m", "signround", "quantize", args.dir, "-o", str(out), "--report-json",
-                          str(report), *common, *extra], capture_output=True, text=True)
+    child = subprocess.Popen([sys.executable, "-m", "signround", "quantize", args.dir, "-o", str(out), "--report-json",
+                              str(report), *common, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    timeline = _rss_timeline(child)  # where the run's host memory goes (capture, each block, export)
+    stdout, stderr = child.communicate()
     seconds = time.perf_counter() - start
     rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     rep = json.loads(report.read_text()) if report.is_file() else {}
-    return {"mode": mode, "returncode": run.returncode, "seconds": seconds, "peak_rss_bytes": rss,
+    return {"mode": mode, "returncode": child.returncode, "seconds": seconds, "peak_rss_bytes": rss,
             "gpu_peak_bytes": rep.get("peak_memory_bytes"), "blocks": [b["seconds"] for b in rep.get("blocks", [])],
             "plan": [line for line in plan.stdout.splitlines() if line.startswith(("memory plan", "  "))][-40:],
-            "stderr_tail": run.stderr[-2000:]}
+            "rss_timeline": timeline, "stderr_tail": stderr[-2000:]}
+
+
+def _rss_timeline(child: subprocess.Popen, every: float = 0.5) -> list[tuple[float, int, int]]:
+    """(seconds since start, RSS bytes, of which anonymous) of `child` every `every` s until it ends
+    (Linux /proc; empty elsewhere). The pipes are drained by a thread so the child never blocks."""
+    import threading
+
+    chunks: dict[str, list[str]] = {"out": [], "err": []}
+    drains = [threading.Thread(target=lambda f=f, k=k: chunks[k].extend(f), daemon=True)
+              for k, f in (("out", child.stdout), ("err", child.stderr))]
+    for t in drains:
+        t.start()
+    status = Path(f"/proc/{child.pid}/status")
+    start, out = time.perf_counter(), []
+    while child.poll() is None:
+        try:
+            fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+            kib = lambda k: int(fields.get(k, "0 kB").split()[0]) * 1024  # noqa: E731
+            out.append((round(time.perf_counter() - start, 2), kib("VmRSS"), kib("RssAnon")))
+        except (OSError, ValueError):
+            break
+        time.sleep(every)
+    for t in drains:
+        t.join()
+    child.communicate = lambda: ("".join(chunks["out"]), "".join(chunks["err"]))  # type: ignore[method-assign]
+    return out
 
 
 def compare(args: argparse.Namespace) -> dict:
