@@ -130,31 +130,35 @@ def _compiled_ops() -> QdqOps:
     return _COMPILED["ops"]
 
 
-def _probe(ops: QdqOps, device: torch.device, spec: QuantSpec) -> None:
-    """Run the compiled halves once on a small random layer of `spec`'s grid (raises on a compiler
-    failure; also compiles before the first timed step)."""
+def _probe(ops: QdqOps, device: torch.device, spec: QuantSpec, dtype: torch.dtype = torch.bfloat16) -> None:
+    """Run the compiled halves once on a small random layer of `spec`'s grid in the weights' `dtype`
+    (raises on a compiler failure; also compiles before the first timed step). The vjp runs with
+    grad mode off, as inside autograd's backward: a probe with it on compiled a graph the tuning
+    never used, then the tuning compiled its own."""
     gen = torch.Generator().manual_seed(0)
     gs = spec.group_size if spec.group_size > 0 else 128
     rows, cols = 64, 2 * gs
-    w = torch.randn(rows, cols, generator=gen).to(device, torch.bfloat16)
+    w = torch.randn(rows, cols, generator=gen).to(device, dtype)
     gw = group_weight(w, spec)
     groups = spec.num_groups(cols)
     v = (torch.rand(rows, cols, generator=gen) - 0.5).to(device)
     a, b = torch.rand(rows, groups, generator=gen).to(device), torch.rand(rows, groups, generator=gen).to(device)
-    g = torch.randn(rows, cols, generator=gen).to(device, torch.bfloat16)
-    ops.forward(gw.grouped, gw.wmin, gw.wmax, v, a, b, spec, cols, torch.bfloat16)
-    ops.vjp(gw.grouped, gw.wmin, gw.wmax, v, a, b, spec, cols, torch.bfloat16, g)
+    g = torch.randn(rows, cols, generator=gen).to(device, dtype)
+    ops.forward(gw.grouped, gw.wmin, gw.wmax, v, a, b, spec, cols, dtype)
+    with torch.no_grad():
+        ops.vjp(gw.grouped, gw.wmin, gw.wmax, v, a, b, spec, cols, dtype, g)
 
 
-def qdq_ops(runtime: Runtime, device: torch.device, spec: Optional[QuantSpec] = None) -> QdqOps:
-    """The qdq halves for this runtime: compiled (checked once per process and grid) or eager."""
+def qdq_ops(runtime: Runtime, device: torch.device, spec: Optional[QuantSpec] = None,
+            dtype: torch.dtype = torch.bfloat16) -> QdqOps:
+    """The qdq halves for this runtime: compiled (checked once per process, grid and weight dtype) or eager."""
     if not runtime.compile:
         return QdqOps(forward=qdq_forward, vjp=qdq_vjp)
     spec = spec or QuantSpec()
-    key = f"checked:{device.type}:{spec.bits}:{spec.group_size}:{spec.sym}"
+    key = f"checked:{device.type}:{spec.bits}:{spec.group_size}:{spec.sym}:{dtype}"
     if key not in _COMPILED:
         try:
-            _probe(_compiled_ops(), device, spec)
+            _probe(_compiled_ops(), device, spec, dtype)
             _COMPILED[key] = True
         except Exception as exc:  # noqa: BLE001 - any compiler failure: eager from now on
             warnings.warn(f"torch.compile of the tuning step failed ({type(exc).__name__}: {str(exc)[:200]}); "
@@ -318,7 +322,9 @@ def tune(fn: Any, weights: Mapping[str, Tensor], specs: Mapping[str, QuantSpec],
     """Tune one block with the runtime this device gets (see the module docstring)."""
     runtime = runtime or policy(accel)
     batches = step_batches(inputs, targets, recipe, accel, data_parallel)
-    ops = qdq_ops(runtime, accel.device, next(iter(specs.values()), None))
+    first = next(iter(specs), None)
+    ops = qdq_ops(runtime, accel.device, specs[first] if first else None,
+                  weights[first].dtype if first else torch.bfloat16)
     if uses_graphs(runtime, weights, specs) and data_parallel is None and recipe.gradient_accumulate_steps == 1:
         return graphs.tune_graphed(fn, weights, specs, recipe, batches, ops=ops, stream=_side_stream(accel.device))
     return tune_block(fn, weights, specs, inputs, targets, recipe, batches=batches, ops=ops,

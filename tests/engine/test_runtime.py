@@ -47,14 +47,20 @@ def test_compiled_step_runs_and_matches_eager():
     cpu = resolve("cpu")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ops = runtime.qdq_ops(runtime.Runtime(compile=True, compile_block=False), cpu.device)
+        ops = runtime.qdq_ops(runtime.Runtime(compile=True, compile_block=False), cpu.device, SPECS["up"])
     if ops.vjp is qdq_vjp:  # the compiler is unavailable here: the fallback warned and chose eager
         assert any("running eager" in str(w.message) for w in caught)
         pytest.skip("torch.compile cannot build on this machine")
     weights, inputs, targets = _problem()
     recipe = Recipe(iters=8, nsamples=16, batch_size=4)
     eager = tune_block(_block, weights, SPECS, inputs, targets, recipe)
+    from torch._dynamo.utils import counters
+
+    graphs_before = counters["stats"]["unique_graphs"]
     fast = tune_block(_block, weights, SPECS, inputs, targets, recipe, ops=ops)
+    # The probe compiled what tuning runs on its grid (the weights' dtype, the vjp with grad mode off as
+    # in autograd's backward): the only new graphs are the two halves for "down"'s other grid (asym).
+    assert counters["stats"]["unique_graphs"] - graphs_before == 2
     # inductor honours the fp16 rounding of scales (emulate_precision_casts): codes and v gradients
     # are the eager ones; alpha/beta gradient sums may reassociate (spec/rounding.md, tolerance).
     assert torch.allclose(eager.losses, fast.losses, rtol=1e-5, atol=1e-8)
