@@ -57,6 +57,10 @@ def write(root: Path, family: str, qtype: str) -> None:
     tk.train_from_iterator([text], trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>"],
                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    if family == "llama_spm":  # a llama with a Llama-2-style SentencePiece vocabulary (test_gguf_tokenizer's)
+        from test_gguf_tokenizer import llama2_tokenizer
+
+        tok, family = llama2_tokenizer(), "llama"
     torch.manual_seed(0)
     k = qtype in GGUF_KFORMATS
     dims = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4) if k else dict(hidden_size=128,
@@ -72,10 +76,13 @@ def write(root: Path, family: str, qtype: str) -> None:
         base = QuantSpec(bits, 32, sym)
     mix = llama_cpp_mix(f"gguf:{qtype}", model) if k else {}
     results = rtn_state(model, base, override={n: QuantSpec(**g) for n, g in mix.items()})
-    out = root / f"{family}-{qtype}"
+    spm = tok.get_vocab().get("<0x00>") is not None
+    out = root / f"{'llama_spm' if spm else family}-{qtype}"
     save_quantized(model, results, out, format=f"gguf:{qtype}", inplace=False, tokenizer=tok, overwrite=True)
-    ids = tok(PROMPT, return_tensors="pt").input_ids
+    ids = tok(PROMPT, return_tensors="pt", add_special_tokens=False).input_ids
     record = {"prompt_ids": ids[0].tolist(), "greedy": _greedy(model, ids), "logits": _last_logits(model, ids)}
+    if spm:  # with <s> as the tokenizer adds it; run compares llama.cpp's ids (byte fallback for what is unknown)
+        record["tokenize"] = {t: tok(t).input_ids for t in ["the cat sat on the mat", PROMPT, "that  hat\n é"]}
     if k:  # the weights the file holds: each k layer dequantized as ggml does
         from signround.adapters.checkpoint.formats import gguf_type
         from signround.adapters.checkpoint.gguf import encode_kquant
@@ -521,14 +528,16 @@ def run(root: Path, family: str, qtype: str) -> int:
         greedy.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
         llm.eval([greedy[-1]])
     held = ours.get("greedy_file_weights", ours["greedy"])
+    tokenize = {t: llm.tokenize(t.encode(), add_bos=True, special=True) == v for t, v in ours.get("tokenize", {}).items()}
     forced = _run_forced(llm, ours)
     # same: the prompt tokenizes alike and llama.cpp's logits match ours at every position of the
     # forced sequence: within 15 % of the largest logit, the argmax equal wherever our top-2 margin
     # exceeds the largest gap (near-ties may flip under llama.cpp's 8-bit activations in its
     # quantized dot products; random tiny models are full of them)
-    same = (ids == ours["prompt_ids"] and forced["argmax_same_where_clear"]
+    same = (ids == ours["prompt_ids"] and forced["argmax_same_where_clear"] and all(tokenize.values())
             and forced["max_abs_gap"] < 0.15 * forced["max_abs_ours"])
     print(json.dumps({"family": family, "type": qtype, "tokenize_same": ids == ours["prompt_ids"],
+                      **({"tokenize_with_bos_same": tokenize} if tokenize else {}),
                       "llama_cpp": greedy, "ours": ours["greedy"], "ours_file_weights": held,
                       "greedy_same": greedy == held, "same_as_signround_grid": greedy == ours["greedy"],
                       "max_abs_logit_gap": gap, "forced": forced, "same": same}))
