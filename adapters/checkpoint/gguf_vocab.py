@@ -191,7 +191,7 @@ def _special_vocab(tokenizer: Any, config: Any, n_vocab: int) -> Any:
         special = gguf.SpecialVocab(tmp, load_merges=False, n_vocab=n_vocab)
     with_special = tokenizer("a").input_ids
     bare = tokenizer("a", add_special_tokens=False).input_ids
-    for kind, at in (("bos", 0), ("eos", -1)):
+    for kind, ends in (("bos", lambda ids: ids[:1]), ("eos", lambda ids: ids[-1:])):
         tid = getattr(tokenizer, f"{kind}_token_id", None)
-        special.add_special_token[kind] = tid is not None and with_special[at] == tid and bare[at] != tid
+        special.add_special_token[kind] = tid is not None and ends(with_special) == [tid] != ends(bare)
     return special
