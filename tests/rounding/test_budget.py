@@ -31,14 +31,16 @@ def problems(draw, max_items: int = 5, max_options: int = 4):
 
 
 def brute_force(items, budget):
-    """(min loss, min cost at that loss) over all choices within budget, or None."""
+    """(min loss, min cost at that loss) over all choices within budget, or None. Losses count as equal
+    only within float summation error (a loss lower by 1e-9 is lower: the solver is exact)."""
     best = None
     for choice in itertools.product(*(it.options for it in items)):
         cost = sum(o.cost for o in choice)
         if cost > budget:
             continue
         loss = sum(o.loss for o in choice)
-        if best is None or loss < best[0] - 1e-9 or (abs(loss - best[0]) <= 1e-9 and cost < best[1]):
+        tie = best is not None and math.isclose(loss, best[0], rel_tol=1e-12, abs_tol=1e-12)
+        if best is None or (loss < best[0] and not tie) or (tie and cost < best[1]):
             best = (loss, cost)
     return best
 
