@@ -48,3 +48,22 @@ def logits(model: nn.Module, seed: int = 0) -> torch.Tensor:
     ids = torch.randint(3, 240, (2, 10), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         return model(input_ids=ids).logits.float()
+
+
+def check_asym_k_exact(encode, qtype, rows: int, levels: int, rng) -> None:  # type: ignore[no-untyped-def]
+    """An asym k-quant encoder (Q4_K, Q5_K) given d·sc scales and dmin·m offsets already on its
+    sub-block grid (the largest sc and m at 63, dmin = d) writes them exactly and moves no code: the
+    file dequantizes (gguf's own arithmetic) to SignRound's s · (q − z) bit for bit."""
+    import gguf
+    import numpy as np
+
+    d = np.float32(2.0 ** -12)
+    sc = rng.integers(1, 8, size=(rows, 2, 8)).astype(np.float32)
+    sc[..., 0] = 63
+    zero = rng.integers(0, 8, size=(rows, 2, 8))
+    zero[..., 0] = 1  # the offsets s·z = d·sc·z are multiples of dmin = d, the largest 63·d
+    codes = rng.integers(0, levels, size=(rows, 512))
+    kb = encode(codes, (d * sc).reshape(rows, 16), zero.reshape(rows, 16))
+    assert kb.rel_mse == 0 and kb.codes_changed == 0
+    ours = (d * sc).reshape(rows, 16).repeat(32, 1) * (codes - zero.reshape(rows, 16).repeat(32, 1))
+    np.testing.assert_array_equal(gguf.quants.dequantize(kb.blocks, qtype), ours)

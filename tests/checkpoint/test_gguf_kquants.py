@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from checkpoint_helpers import rtn_state
+from checkpoint_helpers import check_asym_k_exact, rtn_state
 from tiny_models import tiny_text_model
 
 from signround.adapters.checkpoint import gguf_kquants
@@ -52,17 +52,7 @@ def test_blocks_dequantize_to_what_we_claim_and_the_added_error_is_small(type_na
 
 def test_scales_already_on_the_sub_block_grid_are_written_exactly() -> None:
     """d·sc scales and dmin·m offsets with the largest at 63: Q4_K holds the grid, no code moves."""
-    rng = np.random.default_rng(0)
-    d = np.float32(2.0 ** -12)
-    sc = rng.integers(1, 8, size=(4, 2, 8)).astype(np.float32)
-    sc[..., 0] = 63
-    zero = rng.integers(0, 8, size=(4, 2, 8))
-    zero[..., 0] = 1  # the offsets s·z = d·sc·z are multiples of dmin = d, the largest 63·d
-    codes = rng.integers(0, 16, size=(4, 512))
-    kb = gguf_kquants.encode_q4_k(codes, (d * sc).reshape(4, 16), zero.reshape(4, 16))
-    assert kb.rel_mse == 0 and kb.codes_changed == 0
-    ours = (d * sc).reshape(4, 16).repeat(32, 1) * (codes - zero.reshape(4, 16).repeat(32, 1))
-    np.testing.assert_array_equal(gguf.quants.dequantize(kb.blocks, gguf.GGMLQuantizationType.Q4_K), ours)
+    check_asym_k_exact(gguf_kquants.encode_q4_k, gguf.GGMLQuantizationType.Q4_K, 4, 16, np.random.default_rng(0))
 
 
 def test_q4_k_m_file_holds_the_llama_cpp_mix_and_reports_the_error(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from checkpoint_helpers import rtn_state
+from checkpoint_helpers import check_asym_k_exact, rtn_state
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from tiny_models import tiny_text_model
@@ -85,15 +85,7 @@ def test_q3_k_and_q5_k_hold_scales_already_on_their_sub_block_grid_exactly() -> 
     want = (d * sc).reshape(3, 32).repeat(16, 1) * (codes - 4)
     np.testing.assert_array_equal(gguf.quants.dequantize(kb.blocks, gguf.GGMLQuantizationType.Q3_K), want)
 
-    sc = rng.integers(1, 8, size=(3, 2, 8)).astype(np.float32)
-    sc[..., 0] = 63
-    zero = rng.integers(0, 8, size=(3, 2, 8))
-    zero[..., 0] = 1  # offsets d·sc·z are multiples of dmin = d, the largest 63·d
-    codes = rng.integers(0, 32, size=(3, 512))
-    kb = gguf_kquants.encode_q5_k(codes, (d * sc).reshape(3, 16), zero.reshape(3, 16))
-    assert kb.rel_mse == 0 and kb.codes_changed == 0
-    want = (d * sc).reshape(3, 16).repeat(32, 1) * (codes - zero.reshape(3, 16).repeat(32, 1))
-    np.testing.assert_array_equal(gguf.quants.dequantize(kb.blocks, gguf.GGMLQuantizationType.Q5_K), want)
+    check_asym_k_exact(gguf_kquants.encode_q5_k, gguf.GGMLQuantizationType.Q5_K, 3, 32, rng)
 
 
 def _grid(t: str) -> dict:
