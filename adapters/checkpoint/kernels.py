@@ -43,6 +43,8 @@ import attrs
 import torch
 from torch import Tensor, nn
 
+from signround.rounding.pack import unpack_cols
+
 if TYPE_CHECKING:  # pragma: no cover
     from signround.adapters.checkpoint.qlinear import QuantLinear
 
@@ -193,7 +195,7 @@ def dequant_rows(qweight: Tensor, qzeros: Tensor, scales: Tensor, bits: int, gro
     shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=qweight.device)
     n, k = qweight.shape[1], qweight.shape[0] * per
     codes = ((qweight.t().unsqueeze(-1) >> shifts) & mask).reshape(n, k)
-    zeros = ((qzeros.unsqueeze(-1) >> shifts) & mask).reshape(qzeros.shape[0], -1)[:, :n] + zero_offset  # [G, N]
+    zeros = unpack_cols(qzeros, bits)[:, :n] + zero_offset  # [G, N]
     gidx = torch.arange(k, device=qweight.device) // group
     d = codes.float() - zeros.t().float()[:, gidx]  # exact small integers
     return (d * scales.t().float()[:, gidx]).to(dtype)
@@ -213,15 +215,9 @@ def dequant_rows_bytes(qweight: Tensor, qzeros: Tensor, scales: Tensor, bits: in
         c = torch.empty(n, b.shape[1], per_byte, dtype=torch.uint8, device=b.device)
         for i in range(per_byte):
             torch.bitwise_and(b >> (i * bits) if i else b, mask, out=c[..., i])
-    zeros = unpack_words(qzeros, bits)[:, :n] + zero_offset  # [G, N]
+    zeros = unpack_cols(qzeros, bits)[:, :n] + zero_offset  # [G, N]
     d = c.reshape(n, k // group, group).float().sub_(zeros.t().float().unsqueeze(-1))
     return d.mul_(scales.t().float().unsqueeze(-1)).reshape(n, k).to(dtype)
-
-
-def unpack_words(words: Tensor, bits: int) -> Tensor:
-    """int32 words [R, C] → codes [R, C·32/bits], code i of a word at bits i·bits (the qzeros layout)."""
-    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=words.device)
-    return ((words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(words.shape[0], -1)
 
 
 _DEQUANT: dict[str, Callable[..., Tensor]] = {}
