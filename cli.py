@@ -273,7 +273,8 @@ def quantize(
     dtype: str = typer.Option("auto", help="Load dtype: auto, bfloat16, float16, float32."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code/--no-trust-remote-code",
                                            help="Run the model directory's own Python code to load it (off)."),
-    low_gpu_mem_usage: bool = typer.Option(False, help="Keep calibration activations on the CPU."),
+    low_gpu_mem_usage: bool = typer.Option(False, help="Less accelerator memory: calibration activations on the "
+                                            "CPU, each step in sub-batches of at most 4096 tokens (same maths)."),
     cache: str = typer.Option("auto", help="Where calibration activations live: auto (pinned host memory on CUDA, "
                               "streamed ahead), device, host, disk (memory-mapped files in TMPDIR)."),
     stream_from_disk: bool = typer.Option(False, "--stream-from-disk", help="Read each block from the model's "
@@ -571,7 +572,7 @@ def bench(
     device: Optional[str] = typer.Option(None, help="Device (default: best available)."),
     dtype: Optional[str] = typer.Option(None, help="Model dtype on accelerators: bfloat16 (default), float16, "
                                         "float32; always float32 on the CPU."),
-    low_gpu_mem_usage: bool = typer.Option(False, help="Ours: keep the activation cache on the CPU."),
+    low_gpu_mem_usage: bool = typer.Option(False, help="Ours: cache on the CPU, steps in sub-batches of ≤ 4096 tokens."),
     cache: Optional[str] = typer.Option(None, help="Ours: where the activation cache lives: auto, device, host "
                                         "(default: the engine's)."),
     reference: bool = typer.Option(True, help="Also run the auto-round package, when installed, and print ratios."),

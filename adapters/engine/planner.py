@@ -263,6 +263,26 @@ class Estimate:
         return dev, int(self.host.total * (1 + HOST_MARGIN))
 
 
+#: low_gpu_mem_usage on an accelerator: a step's samples go through the block in sub-batches of at most
+#: this many tokens (2 samples of 2048). The saved activations of one sub-batch are the tuning peak's
+#: largest part (spec/performance.md, "low_gpu_mem_usage")
+LOW_MEM_STEP_TOKENS = 4096
+
+
+def low_memory_recipe(recipe: Recipe, device_type: str, max_tokens: int = LOW_MEM_STEP_TOKENS) -> Recipe:
+    """`recipe` with each step cut into gradient-accumulation sub-batches of at most `max_tokens`
+    tokens (the largest divisor of batch_size that fits, at least one sample): the same samples
+    per step, so the same maths, summed in another order. Unchanged on the CPU, where the
+    accelerator's memory is not the limit."""
+    if device_type == "cpu":
+        return recipe
+    b = recipe.batch_size
+    sub = max((k for k in _splits(b) if k * recipe.seqlen <= max_tokens), default=1)
+    if sub == b:
+        return recipe
+    return attrs.evolve(recipe, batch_size=sub, gradient_accumulate_steps=recipe.gradient_accumulate_steps * (b // sub))
+
+
 def step_tokens(recipe: Recipe, batch_size: int) -> int:
     return batch_size * recipe.seqlen
 

@@ -65,6 +65,7 @@ from signround.adapters.engine import distributed
 from signround.adapters.engine import env as signround_env
 from signround.adapters.engine import graphs
 from signround.adapters.engine.device import Accelerator, peak_memory, reset_peak_memory, resolve, synchronize
+from signround.adapters.engine.planner import low_memory_recipe
 from signround.adapters.hf.blocks import blocks_of
 from signround.rounding import QuantSpec, preset
 
@@ -105,7 +106,7 @@ class BenchConfig:
     group_size: int = 128
     device: Optional[str] = None  # cuda, cpu, … (None: best available)
     dtype: str = attrs.field(default="bfloat16", validator=attrs.validators.in_(("bfloat16", "float16", "float32")))
-    low_gpu_mem_usage: bool = False  # ours: keep the activation cache on the CPU
+    low_gpu_mem_usage: bool = False  # ours: the activation cache on the CPU, steps in sub-batches of ≤ 4096 tokens
     cache: Optional[str] = None  # ours: activation cache on auto, device or host; None: the engine's default
     reference: bool = True  # also run auto-round, when it imports
     reference_low_mem: bool = False  # also run auto-round with low_gpu_mem_usage=True
@@ -240,6 +241,8 @@ def run_ours(model: Any, batches: list[torch.Tensor], cfg: BenchConfig, accel: A
              dp: Any) -> tuple[Any, dict[str, Any]]:
     spec = QuantSpec(bits=cfg.bits, group_size=cfg.group_size, sym=True)
     recipe = preset("default", iters=cfg.iters, nsamples=cfg.nsamples, seqlen=cfg.seqlen, batch_size=cfg.batch_size)
+    if cfg.low_gpu_mem_usage:  # as the facade does: small sub-batches on an accelerator
+        recipe = low_memory_recipe(recipe, accel.device.type)
     resident = allocated(accel.device)
     start = time.perf_counter()
     model, report = _quantize(model, batches, spec, recipe, accel, dp)

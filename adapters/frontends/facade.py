@@ -161,7 +161,9 @@ class AutoRound:
     = keep fp; every key must match a layer inside the blocks, or name one outside exactly, such as
     lm_head, which is then rounded to nearest);
     to_quant_block_names (block-list prefixes, or comma-separated regexes; discovered when not
-    given); device; low_gpu_mem_usage; resume_dir (keep finished blocks there); progress (a progress
+    given); device; low_gpu_mem_usage (the activation cache on the host and, on an accelerator, each
+    step's samples in sub-batches of at most 4096 tokens unless gradient_accumulate_steps is given:
+    the same maths, summed in another order); resume_dir (keep finished blocks there); progress (a progress
     bar and a summary on stderr). multimodal: image-text options (AutoRoundMLLM fills them in).
     target: runtimes that must load the checkpoint ("vllm", "transformers", "signround",
     "llama.cpp"): an unloadable plan fails here, before any work, and vLLM's fused q/k/v and gate/up
@@ -227,6 +229,11 @@ class AutoRound:
             model, blocks, select_layers(model, blocks, spec, checked_layers), recipe_value, checked_device,
             "host" if low_gpu_mem_usage and cache == "auto" else cache, bool(stream_from_disk), max_gpu_memory,
             max_cpu_memory)
+        if low_gpu_mem_usage and memory_plan is None and gradient_accumulate_steps is None:
+            # auto-round's flag trades time for accelerator memory; ours also cuts each step's samples
+            # into small sub-batches (same samples, same maths) unless the user chose the split
+            dev_type = (torch.device(checked_device) if checked_device is not None else default_device()).type
+            recipe_value = memory.low_memory_recipe(recipe_value, dev_type)
         if self._stream is not None and isinstance(data, SelfGenerated):
             raise ValueError("dataset='self' generates text with the whole model, which a run streamed from disk "
                              "never holds; use a dataset (or the built-in one), or load the model in RAM")

@@ -24,6 +24,9 @@
 #                                     # dequant indexing fix, decode/prefill of Qwen2-1.5B                ~8 min
 #   bash tests/bench/gpu_scale.sh h   # issue 16's in-RAM run with the RSS timeline (builds the 8-block checkpoint),
 #                                     # 70b with the block compile default (vs auto-round)               ~8 min
+#   bash tests/bench/gpu_scale.sh i   # low_gpu_mem_usage at 2b (ours, now with sub-batches, vs auto-round's), then
+#                                     # part g without the SmolLM2 whole model                         ~7 min
+#   bash tests/bench/gpu_scale.sh j   # the SmolLM2 real-weights whole model alone (SMOL_GGUF, SMOL_DATA) ~5 min
 #   bash tests/bench/gpu_scale.sh tiny  # a dry run on a CPU (no wheels; uses $PYTHON, default python3)
 #
 # On the device machine: carry `.whl` (orjson, auto-round 0.16.1 and the auto-round needs the image lacks)
@@ -35,7 +38,7 @@
 # Each run has its own timeout so that one stuck run leaves the others' numbers.
 set -uo pipefail
 
-PART=${1:?usage: bash tests/bench/gpu_scale.sh a|b|c|d|e|f|g|h|tiny}
+PART=${1:?usage: bash tests/bench/gpu_scale.sh a|b|c|d|e|f|g|h|i|j|tiny}
 REPO=$PWD
 OUT=${OUT:-/tmp/gpu_scale-out}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)  # absolute: the bench runs from /tmp
@@ -162,11 +165,22 @@ case $PART in
      step stream-ram 130 "$PY" "$S" ram --dir /tmp/m8b --out "$RAW" --layers 8
      rm -rf "$RAW/q-ram" "$RAW/calib.txt"
      run 70b 70b 300 ;;
+  i) run 2b-lowmem 2b 220 --low-gpu-mem-usage --no-reference --reference-low-mem
+     run smol 2b 170 "${SMOL[@]}"
+     step decode-layers 60 "$PY" "$REPO/tests/bench/decode_bench.py" --device cuda --group-size 128 \
+       --layers 1536x1536,8960x1536,1536x8960,4096x4096,14336x4096 --layer-rows 1,8,16,32,64,128,256,512,2048 \
+       --repeats 20 --json "$RAW/layers-cuda.json"
+     step decode-qwen2 150 "$PY" "$REPO/tests/bench/decode_bench.py" --model qwen2-1.5b --device cuda \
+       --paths bf16,ours,auto-round --json "$RAW/decode-qwen2-1.5b.json" ;;
+  j) step smol-accuracy 330 "$PY" "$REPO/tests/bench/accuracy.py" --model "${SMOL_GGUF:?SMOL_GGUF: the SmolLM2 GGUF}" \
+       --calib "${SMOL_DATA:?SMOL_DATA: a folder with news-calib.jsonl and wiki-eval.txt}/news-calib.jsonl" \
+       --eval "$SMOL_DATA/wiki-eval.txt" --device cuda --recipe default --seqlen 512 --eval-windows 40 \
+       --eval-seqlen 2048 --configs W4G64 --methods signround,auto-round --seed 42 --json "$RAW/smol-accuracy.json" ;;
   tiny) run tiny tiny 300 --device cpu --profile "$RAW/prof-tiny"
         S=$REPO/tests/bench/stream_gpu.py
         step stream-build 120 "$PY" "$S" build --dir /tmp/m-tiny --layers 2 --tiny
         step stream-stream 120 "$PY" "$S" stream --dir /tmp/m-tiny --out "$RAW" --layers 2 --tiny --device cpu --iters 2 ;;
-  *) echo "unknown part $PART (a to h, or tiny)" >&2; exit 2 ;;
+  *) echo "unknown part $PART (a to j, or tiny)" >&2; exit 2 ;;
 esac
 
 # The table last: one row per size, and this part's spec/performance.json records.

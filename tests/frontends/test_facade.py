@@ -263,3 +263,21 @@ def test_config_is_one_frozen_value(tok):
     assert cfg.layer_config == {"q_proj": {"bits": 8}} and cfg.data.dataset is not None and not cfg.data.images
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         cfg.spec = QuantSpec()
+
+
+def test_low_gpu_mem_usage_cuts_steps_on_an_accelerator_only(tok, monkeypatch):
+    """low_gpu_mem_usage: sub-batches of ≤ 4096 tokens on an accelerator (the device is only
+    resolved here, nothing runs on it), none on the CPU, and an explicit gradient_accumulate_steps
+    is the user's choice."""
+    import signround.adapters.frontends.facade as facade
+
+    kw = dict(SMALL, seqlen=2048, batch_size=8, low_gpu_mem_usage=True)
+    on_cpu = AutoRound(_model(tok), tok, **kw).config.recipe
+    assert (on_cpu.batch_size, on_cpu.gradient_accumulate_steps) == (8, 1)
+    monkeypatch.setattr(facade, "default_device", lambda: torch.device("cuda"))
+    on_gpu = AutoRound(_model(tok), tok, **kw).config.recipe
+    assert (on_gpu.batch_size, on_gpu.gradient_accumulate_steps) == (2, 4)
+    chosen = AutoRound(_model(tok), tok, **kw, gradient_accumulate_steps=1).config.recipe
+    assert (chosen.batch_size, chosen.gradient_accumulate_steps) == (8, 1)
+    plain = AutoRound(_model(tok), tok, **dict(kw, low_gpu_mem_usage=False)).config.recipe
+    assert (plain.batch_size, plain.gradient_accumulate_steps) == (8, 1)
