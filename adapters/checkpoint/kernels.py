@@ -8,9 +8,9 @@
 | `dequant` | any | any | any | the reference: `QuantLinear.dequant_forward` (dequantize, then `F.linear`) |
 
 Many rows (prefill, batched scoring): tinygemm's time grows with the rows, cuBLAS's barely does
-(26× slower at 2048 rows on an H200, spec/performance.md). Above `WIDE_ROWS[device type]` rows an
-int4 layer instead dequantizes its words in one fused pass (`dequant_rows`, compiled on CUDA) and
-runs `F.linear`: the same weight as the reference, so the same output as `dequant_forward`.
+(26× slower at 2048 rows on an H200, spec/performance.md). Above a row count (`wide_rows`: by layer
+size on CUDA, `WIDE_ROWS` on the CPU) an int4 layer instead dequantizes its words in one fused pass
+(`dequant_rows`, compiled on CUDA) and runs `F.linear`: the same weight as the reference, so the same output as `dequant_forward`.
 
 The int4 kernels compute `w = (q - 8) · s + m` per group, so our grid `s · (q - z)` is passed as
 `m = s · (8 - z)`, both in the compute dtype; a group size they do not take (> 256, or -1) is
@@ -175,12 +175,22 @@ def _bias(layer: "QuantLinear", dtype: torch.dtype) -> Optional[Tensor]:
     return layer.bias.to(dtype) if layer.bias is not None else None
 
 
-#: rows above which an int4 layer dequantizes and runs F.linear instead of its kernel, per device type,
-#: where the measured times cross (spec/performance.md "row switch"). H200: tinygemm grows ~1-4 µs a
-#: row past 16 rows; the compiled dequantize + cuBLAS costs 0.13-0.64 ms flat at these shapes, so the
-#: switch pays from ~128-512 rows. CPU, one thread: the int4 kernel ~22 µs a row at 1536×576, the
-#: dequantization ~2 ms.
-WIDE_ROWS = {"cuda": 256, "cpu": 128}
+#: rows above which an int4 layer dequantizes and runs F.linear instead of its kernel on the CPU, where
+#: the measured times cross (spec/performance.md "row switch"). One thread: the int4 kernel ~22 µs a row
+#: at 1536×576, the dequantization ~2 ms.
+WIDE_ROWS = {"cpu": 128}
+#: CUDA, from the H200 layer table of 2026-12-02 (spec/perf-h200-2026-12-02c): tinygemm costs ≈ 7.5e-11
+#: ms per row per weight, the compiled dequantization + cuBLAS ≈ 0.10 ms + 3.5e-9 ms per weight, so
+#: they cross at rows ≈ 47 + 1.33e9 / weights (≈ 70 rows at 14336×4096, 126 at 4096², 610 at 1536²)
+CUDA_CROSSOVER = (47, 1.33e9)
+
+
+def wide_rows(device_type: str, weights: int) -> int:
+    """The row count above which a layer of `weights` weights leaves the int4 kernel on `device_type`."""
+    if device_type == "cuda":
+        base, per_weight = CUDA_CROSSOVER
+        return int(base + per_weight / max(weights, 1))
+    return WIDE_ROWS.get(device_type, WIDE_ROWS["cpu"])
 
 
 def dequant_rows(qweight: Tensor, qzeros: Tensor, scales: Tensor, bits: int, group: int, zero_offset: int,
@@ -399,7 +409,7 @@ def _tinygemm_build(layer: "QuantLinear", t: Target) -> Int4Run:
     packed_in = tinygemm_nibbles(codes) if tinygemm_takes_uint8() else codes
     weight = _aten("_convert_weight_to_int4pack")(packed_in.contiguous(), inner_k_tiles(g.in_features))
     return Int4Run(_aten("_weight_int4pack_mm"), weight, sz, group, torch.bfloat16, _bias(layer, t.dtype),
-                   wide_run(layer, "cuda"), WIDE_ROWS["cuda"])
+                   wide_run(layer, "cuda"), wide_rows("cuda", g.out_features * g.in_features))
 
 
 def _int4_cpu_why_not(g: Geometry, t: Target) -> Optional[str]:
@@ -412,7 +422,7 @@ def _int4_cpu_build(layer: "QuantLinear", t: Target) -> Int4Run:
     codes, sz = _int4_operands(layer, group, t.dtype)
     weight = _aten("_convert_weight_to_int4pack_for_cpu")(codes, 1)  # innerKTiles: unused by the CPU kernel
     return Int4Run(_aten("_weight_int4pack_mm_for_cpu"), weight, sz, group, t.dtype, _bias(layer, t.dtype),
-                   wide_run(layer, "cpu"), WIDE_ROWS["cpu"])
+                   wide_run(layer, "cpu"), wide_rows("cpu", 0))
 
 
 def _int8_why_not(g: Geometry, t: Target) -> Optional[str]:
@@ -501,10 +511,12 @@ def probe(kernel: Kernel, target: Target) -> Optional[str]:
             layer = _probe_layer(kernel.probe_bits, target.device)
             run = kernel.build_fn(layer, target)
             gen = torch.Generator().manual_seed(1)
-            # 3 rows: the kernel; more than any WIDE_ROWS: an int4 layer's many-rows path as well
-            err = max(relative_error(run(x), reference_output(layer, x)) for x in (
-                torch.randn(rows, layer.in_features, generator=gen).to(target.device, target.dtype)
-                for rows in (3, max(WIDE_ROWS.values()) + 1)))
+            # 3 rows: the kernel; an int4 layer's many-rows path as well (called directly: the probe
+            # layer is too small to cross its row switch)
+            paths = [(run, 3)] + ([(run.wide, 129)] if getattr(run, "wide", None) is not None else [])
+            err = max(relative_error(fn(x), reference_output(layer, x)) for fn, x in (
+                (fn, torch.randn(rows, layer.in_features, generator=gen).to(target.device, target.dtype))
+                for fn, rows in paths))
             tol = TOLERANCE.get(target.dtype, 1e-2)
             if not err <= tol:
                 reason = f"probe error {err:.2e} exceeds the tolerance {tol:.0e}"

@@ -41,6 +41,7 @@ def _fresh_probes(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kernels, "_PROBES", {})
 
 
+SPEC = Path(__file__).resolve().parents[2] / "spec"
 PACKINGS = ["auto_round:auto_gptq", "auto_round", "auto_round:auto_awq"]
 
 
@@ -111,6 +112,24 @@ def test_many_rows_switch_from_the_int4_kernel_to_the_reference_weight(packing: 
     y = layer(few)
     assert not torch.equal(y, layer.dequant_forward(few))  # the kernel's own bf16 arithmetic
     assert relative_error(y, reference_output(layer, few)) <= TOLERANCE[BF16]
+
+
+def test_cuda_row_switch_follows_the_h200_layer_table() -> None:
+    """The CUDA switch point shrinks as layers grow and sits where the H200 table of 2026-12-02 has
+    the two paths cross: well above it (1.5×) the dequantized path measured faster, well below it
+    the kernel (within 15 %, the table's noise), at every layer and row count measured."""
+    table = json.loads((SPEC / "perf-h200-2026-12-02c" / "layers-cuda.json").read_text())["layers"]
+    sizes = sorted({r["out"] * r["in"] for r in table})
+    limits = [kernels.wide_rows("cuda", n) for n in sizes]
+    assert limits == sorted(limits, reverse=True) and len(set(limits)) == len(limits)
+    for r in table:
+        limit = kernels.wide_rows("cuda", r["out"] * r["in"])
+        kernel, wide = r["int4_tinygemm_kernel_ms"], r["int4_tinygemm_wide_ms"]
+        if r["rows"] > 1.5 * limit:
+            assert wide <= 1.15 * kernel, r
+        if r["rows"] < limit / 1.5:
+            assert kernel <= 1.15 * wide, r
+    assert kernels.wide_rows("cpu", 10**6) == kernels.WIDE_ROWS["cpu"]
 
 
 def test_layouts_without_a_one_pass_dequantization_keep_the_kernel_at_every_row_count() -> None:
@@ -400,7 +419,10 @@ def test_tinygemm_on_cuda(spec: QuantSpec, packing: str, dtype: torch.dtype) -> 
 @pytest.mark.parametrize("dtype", [BF16, torch.float16])
 def test_tinygemm_many_rows_run_the_compiled_dequantization_bit_for_bit(dtype: torch.dtype) -> None:
     layer = _layer(256, 576, QuantSpec(4, 64, True)).to("cuda")
-    x = _x(3, 100, 576, dtype=dtype).cuda()  # 300 rows > WIDE_ROWS["cuda"]
+    layer(_x(3, 576, dtype=dtype).cuda())  # the kernel is chosen at the first call
+    limit = layer.kernel.run.wide_rows
+    assert limit == kernels.wide_rows("cuda", 256 * 576)
+    x = _x(limit + 1, 576, dtype=dtype).cuda()
     y = layer(x)
     assert layer.kernel.kernel == "int4_tinygemm" and layer.kernel.run.wide is not None
     assert torch.equal(y, layer.dequant_forward(x))
