@@ -189,6 +189,20 @@ def run_signround(model: Any, batches: list[torch.Tensor], spec: QuantSpec, reci
 AR_LOSS = re.compile(r"loss iter 0: ([0-9.eE+-]+) -> iter (\d+): ([0-9.eE+-]+)")
 
 
+def _pad_as(tok: Any, token: Optional[str], batches: list[torch.Tensor]) -> Any:
+    """`tok`, or a copy whose pad token is `token` (refused when the calibration windows hold it)."""
+    if token is None:
+        return tok
+    out = copy.deepcopy(tok)
+    out.pad_token = token
+    pid = out.pad_token_id
+    if pid is None or any(bool((b == pid).any()) for b in batches):
+        raise SystemExit(f"--auto-round-pad-token {token!r} (id {pid}) is not a token absent from the calibration "
+                         "windows; choose one they never hold")
+    print(f"auto-round's pad token: {token!r} (id {pid}; in no calibration window)", flush=True)
+    return out
+
+
 def run_auto_round(model: Any, tok: Any, batches: list[torch.Tensor], spec: QuantSpec, recipe: Any,
                    device: str, amp: bool, layer_config: Optional[dict[str, Any]] = None) -> tuple[Any, dict[str, Any]]:
     from auto_round import AutoRound
@@ -385,6 +399,10 @@ def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="auto-round's amp (auto: on for accelerators; off on cpu, where amp would cast the "
                         "model to bf16 while ours tunes in fp32)")
     p.add_argument("--no-block-losses", action="store_true", help="skip the common per-block MSE score")
+    p.add_argument("--auto-round-pad-token", default=None, metavar="TOKEN",
+                   help="give auto-round a tokenizer with this pad token (it masks pad positions in calibration "
+                        "attention and loss; SmolLM2's pad is its EOS, our document separator): e.g. a token "
+                        "the windows never hold, to compare the tools without that mask")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", default=None, help="write all results here")
     p.add_argument("--show", default=None, metavar="JSON",
@@ -544,7 +562,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                 elif method in ("signround", "signround-asplan"):
                     model, info = run_signround(model, batches, spec, run_recipe, args.device, layer_config)
                 else:
-                    model, info = run_auto_round(model, tok, batches, spec, run_recipe, args.device, ar_amp,
+                    model, info = run_auto_round(model, _pad_as(tok, args.auto_round_pad_token, batches), batches,
+                                                 spec, run_recipe, args.device, ar_amp,
                                                  plan["layer_config"] if mixed_config else None)
                 t = time.perf_counter()
                 ppl = evaluate(model, eval_ids, args, dtype)
