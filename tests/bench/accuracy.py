@@ -189,6 +189,23 @@ def run_signround(model: Any, batches: list[torch.Tensor], spec: QuantSpec, reci
 AR_LOSS = re.compile(r"loss iter 0: ([0-9.eE+-]+) -> iter (\d+): ([0-9.eE+-]+)")
 
 
+def _masked(tok: Any, token: str, batches: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """The windows as {input_ids, attention_mask}, the mask 0 at `token` and at each window's last
+    position: auto-round's calibration mask when `token` is its pad token."""
+    tid = tok.convert_tokens_to_ids(token)
+    if tid is None or tid == tok.unk_token_id:
+        raise SystemExit(f"--signround-mask-token {token!r} is not a token of this tokenizer")
+    out = []
+    for b in batches:
+        mask = (b != tid).long()
+        mask[:, -1] = 0
+        out.append({"input_ids": b, "attention_mask": mask})
+    masked = sum(int((d["attention_mask"] == 0).sum()) for d in out)
+    print(f"ours: {masked} of {sum(b.numel() for b in batches)} positions masked ({token!r}, id {tid}, and the last)",
+          flush=True)
+    return out
+
+
 def _pad_as(tok: Any, token: Optional[str], batches: list[torch.Tensor]) -> Any:
     """`tok`, or a copy whose pad token is `token` (refused when the calibration windows hold it)."""
     if token is None:
@@ -399,6 +416,9 @@ def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="auto-round's amp (auto: on for accelerators; off on cpu, where amp would cast the "
                         "model to bf16 while ours tunes in fp32)")
     p.add_argument("--no-block-losses", action="store_true", help="skip the common per-block MSE score")
+    p.add_argument("--signround-mask-token", default=None, metavar="TOKEN",
+                   help="give ours each window with an attention mask of 0 at this token and at the last position "
+                        "(what auto-round does with its pad token): masked in calibration attention and loss")
     p.add_argument("--auto-round-pad-token", default=None, metavar="TOKEN",
                    help="give auto-round a tokenizer with this pad token (it masks pad positions in calibration "
                         "attention and loss; SmolLM2's pad is its EOS, our document separator): e.g. a token "
@@ -560,7 +580,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                 if method.startswith("rtn"):
                     model, info = run_rtn(model, spec, args.device, layer_config)
                 elif method in ("signround", "signround-asplan"):
-                    model, info = run_signround(model, batches, spec, run_recipe, args.device, layer_config)
+                    ours = batches if args.signround_mask_token is None else _masked(tok, args.signround_mask_token,
+                                                                                      batches)
+                    model, info = run_signround(model, ours, spec, run_recipe, args.device, layer_config)
                 else:
                     model, info = run_auto_round(model, _pad_as(tok, args.auto_round_pad_token, batches), batches,
                                                  spec, run_recipe, args.device, ar_amp,
