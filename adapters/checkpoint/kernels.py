@@ -10,7 +10,8 @@
 Many rows (prefill, batched scoring): tinygemm's time grows with the rows, cuBLAS's barely does
 (26× slower at 2048 rows on an H200, spec/performance.md). Above a row count (`wide_rows`: by layer
 size on CUDA, `WIDE_ROWS` on the CPU) an int4 layer instead dequantizes its words in one fused pass
-(`dequant_rows`, compiled on CUDA) and runs `F.linear`: the same weight as the reference, so the same output as `dequant_forward`.
+(`dequant_rows`, compiled on CUDA) and runs `F.linear`: the same weight as the reference, so the same
+output as `dequant_forward`.
 
 The int4 kernels compute `w = (q - 8) · s + m` per group, so our grid `s · (q - z)` is passed as
 `m = s · (8 - z)`, both in the compute dtype; a group size they do not take (> 256, or -1) is
@@ -422,7 +423,7 @@ def _int4_cpu_build(layer: "QuantLinear", t: Target) -> Int4Run:
     codes, sz = _int4_operands(layer, group, t.dtype)
     weight = _aten("_convert_weight_to_int4pack_for_cpu")(codes, 1)  # innerKTiles: unused by the CPU kernel
     return Int4Run(_aten("_weight_int4pack_mm_for_cpu"), weight, sz, group, t.dtype, _bias(layer, t.dtype),
-                   wide_run(layer, "cpu"), wide_rows("cpu", 0))
+                   wide_run(layer, "cpu"), wide_rows("cpu", layer.out_features * layer.in_features))
 
 
 def _int8_why_not(g: Geometry, t: Target) -> Optional[str]:
@@ -514,9 +515,10 @@ def probe(kernel: Kernel, target: Target) -> Optional[str]:
             # 3 rows: the kernel; an int4 layer's many-rows path as well (called directly: the probe
             # layer is too small to cross its row switch)
             paths = [(run, 3)] + ([(run.wide, 129)] if getattr(run, "wide", None) is not None else [])
-            err = max(relative_error(fn(x), reference_output(layer, x)) for fn, x in (
-                (fn, torch.randn(rows, layer.in_features, generator=gen).to(target.device, target.dtype))
-                for fn, rows in paths))
+            err = 0.0
+            for fn, rows in paths:
+                x = torch.randn(rows, layer.in_features, generator=gen).to(target.device, target.dtype)
+                err = max(err, relative_error(fn(x), reference_output(layer, x)))
             tol = TOLERANCE.get(target.dtype, 1e-2)
             if not err <= tol:
                 reason = f"probe error {err:.2e} exceeds the tolerance {tol:.0e}"

@@ -232,8 +232,7 @@ class AutoRound:
         if low_gpu_mem_usage and memory_plan is None and gradient_accumulate_steps is None:
             # auto-round's flag trades time for accelerator memory; ours also cuts each step's samples
             # into small sub-batches (same samples, same maths) unless the user chose the split
-            dev_type = (torch.device(checked_device) if checked_device is not None else default_device()).type
-            recipe_value = memory.low_memory_recipe(recipe_value, dev_type)
+            recipe_value = memory.low_memory_recipe(recipe_value, _tuning_device(checked_device).type)
         if self._stream is not None and isinstance(data, SelfGenerated):
             raise ValueError("dataset='self' generates text with the whole model, which a run streamed from disk "
                              "never holds; use a dataset (or the built-in one), or load the model in RAM")
@@ -518,11 +517,16 @@ class AutoRound:
                                self._stream is not None, None, None)
 
 
+def _tuning_device(device: Optional[str]) -> torch.device:
+    """The device blocks are tuned on: the one asked for, else the best available."""
+    return torch.device(device) if device is not None else default_device()
+
+
 def _plan_memory_of(model: nn.Module, blocks: Sequence[str], plan: LayerPlan, recipe: Recipe, device: Optional[str],
                     cache: str, stream: bool, max_gpu: Union[int, str, None],
                     max_cpu: Union[int, str, None]) -> memory.MemoryPlan:
     """The planner's choice for this model (a skeleton may stream) on `device` under the budgets."""
-    dev = torch.device(device) if device is not None else default_device()
+    dev = _tuning_device(device)
     budgets = [memory.parse_size(max_gpu), memory.parse_size(max_cpu)]
     if "auto" in budgets:
         machine = memory.machine_budgets(dev)

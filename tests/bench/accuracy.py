@@ -488,6 +488,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                                      source=str(args.calib))
     ids = torch.stack([s["input_ids"] for s in calib.samples])
     batches = [ids[i:i + recipe.batch_size] for i in range(0, ids.shape[0], recipe.batch_size)]
+    # each tool's calibration view, built and checked once, before any run
+    ours_batches = batches if args.signround_mask_token is None else _masked(tok, args.signround_mask_token, batches)
+    ar_tok = _pad_as(tok, args.auto_round_pad_token, batches)
     eval_ids = torch.tensor(tok(read_eval_text(eval_path))["input_ids"], dtype=torch.long)
     have_ar = True
     ar_version = None
@@ -580,12 +583,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                 if method.startswith("rtn"):
                     model, info = run_rtn(model, spec, args.device, layer_config)
                 elif method in ("signround", "signround-asplan"):
-                    ours = batches if args.signround_mask_token is None else _masked(tok, args.signround_mask_token,
-                                                                                      batches)
-                    model, info = run_signround(model, ours, spec, run_recipe, args.device, layer_config)
+                    model, info = run_signround(model, ours_batches, spec, run_recipe, args.device, layer_config)
                 else:
-                    model, info = run_auto_round(model, _pad_as(tok, args.auto_round_pad_token, batches), batches,
-                                                 spec, run_recipe, args.device, ar_amp,
+                    model, info = run_auto_round(model, ar_tok, batches, spec, run_recipe, args.device, ar_amp,
                                                  plan["layer_config"] if mixed_config else None)
                 t = time.perf_counter()
                 ppl = evaluate(model, eval_ids, args, dtype)

@@ -10,10 +10,9 @@ from pathlib import Path
 import attrs
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
-
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from signround.adapters.engine.planner import (LOW_MEM_STEP_TOKENS, GiB, ModelShape, Settings, choose, estimate,
                                               low_memory_recipe, parse_size)
