@@ -171,10 +171,15 @@ class QuantizedWeight:
     spec: QuantSpec
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        gs = self.spec.effective_group_size(self.codes.shape[1])
-        grouped = to_groups(self.codes.float(), gs)
-        w = dequantize_codes(grouped, self.scale.float(), self.zero.float())
-        return from_groups(w, self.codes.shape[1]).to(dtype)
+        return dequantize_weight(self.codes, self.scale, self.zero, self.spec, dtype)
+
+
+def dequantize_weight(codes: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec,
+                      dtype: torch.dtype = torch.float32) -> Tensor:
+    """`QuantizedWeight.dequantize` on plain tensors (what torch.compile traces): fp32 s · (q − z), in `dtype`."""
+    gs = spec.effective_group_size(codes.shape[1])
+    w = dequantize_codes(to_groups(codes.float(), gs), scale.float(), zero.float())
+    return from_groups(w, codes.shape[1]).to(dtype)
 
 
 @torch.no_grad()

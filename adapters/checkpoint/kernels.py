@@ -212,6 +212,24 @@ def dequant_rows(qweight: Tensor, qzeros: Tensor, scales: Tensor, bits: int, gro
     return (d * scales.t().float()[:, gidx]).to(dtype)
 
 
+def dequant_cols(qweight: Tensor, qzeros: Tensor, scales: Tensor, bits: int, group: int, zero_offset: int,
+                 dtype: torch.dtype) -> Tensor:
+    """`dequant_rows` transposed: Wᵀ [K, N], the same values. Its element (k, n) reads word (k / per, n) and
+    scale (k / group, n), so neighbouring threads read neighbouring words, scales and outputs (coalesced on
+    a GPU); `dequant_rows` reads the words down their columns. `F.linear(x, Wᵀ.t())` then runs cuBLAS
+    on the transposed operand without a copy."""
+    per = 32 // bits
+    mask = (1 << bits) - 1
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=qweight.device).view(1, per, 1)
+    words, n = qweight.shape
+    k = words * per
+    codes = ((qweight.unsqueeze(1) >> shifts) & mask).reshape(k, n)
+    zeros = unpack_cols(qzeros, bits)[:, :n] + zero_offset  # [G, N]
+    gidx = torch.arange(k, device=qweight.device) // group
+    d = codes.float() - zeros.float()[gidx]  # exact small integers
+    return (d * scales.float()[gidx]).to(dtype)
+
+
 def dequant_rows_bytes(qweight: Tensor, qzeros: Tensor, scales: Tensor, bits: int, group: int, zero_offset: int,
                        dtype: torch.dtype) -> Tensor:
     """`dequant_rows` for eager CPU runs, the same values about twice as fast: the codes are read from the
@@ -231,31 +249,34 @@ def dequant_rows_bytes(qweight: Tensor, qzeros: Tensor, scales: Tensor, bits: in
     return d.mul_(scales.t().float().unsqueeze(-1)).reshape(n, k).to(dtype)
 
 
-_DEQUANT: dict[str, Callable[..., Tensor]] = {}
+_DEQUANT: dict[str, tuple[Callable[..., Tensor], bool]] = {}
 
 
-def fast_dequant(device_type: str) -> Callable[..., Tensor]:
-    """`dequant_rows` compiled for CUDA (one fused kernel instead of a dozen passes), eager elsewhere;
-    a compile that fails falls back to eager with one warning (the values are the same)."""
-    fn = _DEQUANT.get(device_type)
-    if fn is None:
-        fn = dequant_rows_bytes if sys.byteorder == "little" else dequant_rows
+def fast_dequant(device_type: str) -> tuple[Callable[..., Tensor], bool]:
+    """(dequantize, transposed): on CUDA `dequant_cols` compiled (one fused, coalesced kernel; it returns
+    Wᵀ), eager `dequant_rows_bytes` / `dequant_rows` elsewhere (they return W); a compile that fails or
+    differs falls back to eager with one warning (the values are the same)."""
+    got = _DEQUANT.get(device_type)
+    if got is None:
+        got = (dequant_rows_bytes if sys.byteorder == "little" else dequant_rows, False)
         if device_type == "cuda":
-            compiled = torch.compile(dequant_rows, dynamic=None)
+            compiled = torch.compile(dequant_cols, dynamic=None)
             try:
-                q = torch.zeros(16, 64, dtype=torch.int32, device="cuda")
-                z = torch.zeros(1, 8, dtype=torch.int32, device="cuda")
-                sc = torch.ones(1, 64, dtype=torch.float16, device="cuda")
-                if torch.equal(compiled(q, z, sc, 4, 128, 0, torch.bfloat16), dequant_rows(q, z, sc, 4, 128, 0, torch.bfloat16)):
-                    fn = compiled
+                gen = torch.Generator().manual_seed(0)
+                q = torch.randint(-2**31, 2**31 - 1, (16, 64), generator=gen, dtype=torch.int32).cuda()
+                z = torch.randint(-2**31, 2**31 - 1, (1, 8), generator=gen, dtype=torch.int32).cuda()
+                sc = torch.rand(1, 64, generator=gen).half().cuda()
+                if torch.equal(compiled(q, z, sc, 4, 128, 0, torch.bfloat16).t(),
+                               dequant_rows(q, z, sc, 4, 128, 0, torch.bfloat16)):
+                    got = (compiled, True)
                 else:
                     warnings.warn("signround: the compiled dequantization differs from eager; prefill dequantizes eagerly",
                                   stacklevel=2)
             except Exception as err:  # noqa: BLE001 - any compile failure (no triton, no compiler) means eager
                 warnings.warn(f"signround: torch.compile of the dequantization failed ({type(err).__name__}); "
                               "prefill dequantizes eagerly", stacklevel=2)
-        _DEQUANT[device_type] = fn
-    return fn
+        _DEQUANT[device_type] = got
+    return got
 
 
 @attrs.frozen(eq=False)
@@ -267,12 +288,13 @@ class WideRun:
     bits: int
     group: int
     zero_offset: int
+    transposed: bool = False  # dequant returns Wᵀ [K, N]
 
     def __call__(self, x: Tensor) -> Tensor:
         layer = self.layer()
         w = self.dequant(layer.qweight, layer.qzeros, layer.scales, self.bits, self.group, self.zero_offset, x.dtype)
         bias = layer.bias.to(x.dtype) if layer.bias is not None else None
-        return nn.functional.linear(x, w, bias)
+        return nn.functional.linear(x, w.t() if self.transposed else w, bias)
 
 
 def wide_run(layer: "QuantLinear", device_type: str) -> Optional[WideRun]:
@@ -280,7 +302,8 @@ def wide_run(layer: "QuantLinear", device_type: str) -> Optional[WideRun]:
     g = Geometry.of(layer)
     if layer.layout.awq or g.act_order or g.bits not in (2, 4, 8) or g.in_features % g.group_size:
         return None
-    return WideRun(weakref.ref(layer), fast_dequant(device_type), g.bits, g.group_size, layer.layout.zero_offset)
+    fn, transposed = fast_dequant(device_type)
+    return WideRun(weakref.ref(layer), fn, g.bits, g.group_size, layer.layout.zero_offset, transposed)
 
 
 @attrs.frozen(eq=False)
@@ -638,6 +661,14 @@ def forward(layer: "QuantLinear", x: Tensor) -> Tensor:
     """`QuantLinear.forward`: through the layer's prepared kernel, re-prepared if x's device or dtype (or
     the layer's buffers) changed; the reference when gradients are needed."""
     p = layer.kernel
+    if torch.compiler.is_compiling():
+        # Traced by torch.compile (a static-cache decode step): the runner chosen at load is traced as
+        # it is. The freshness check reads weak references and version counters, which dynamo cannot
+        # follow; the compiled graph guards on x's device and dtype itself.
+        if p is not None and p.kernel != REFERENCE and p.device == x.device and p.dtype == x.dtype \
+                and not (x.requires_grad and torch.is_grad_enabled()):
+            return p.run(x)
+        return layer.dequant_forward(x)
     if p is None or not p.fresh(layer, x):
         p = prepare(layer, x.device, x.dtype, p.requested if p is not None else AUTO)
     if p.kernel != REFERENCE and x.requires_grad and torch.is_grad_enabled():

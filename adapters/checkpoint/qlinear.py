@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from signround.adapters.checkpoint import kernels
 from signround.adapters.checkpoint.formats import AWQ_ORDER, AWQ_SLOT, SYM_PACKING, Packing, get_packing
-from signround.rounding.grid import QuantizedWeight
+from signround.rounding.grid import QuantizedWeight, dequantize_weight
 from signround.rounding.pack import pack_cols, pack_rows, unpack_cols, unpack_rows
 from signround.rounding.spec import QuantSpec
 
@@ -114,6 +114,10 @@ class QuantLinear(nn.Module):
 
     def quantized_weight(self) -> QuantizedWeight:
         """Unpack to codes [out, in], scale [out, groups] (fp16), zero [out, groups] (int32)."""
+        codes, scale, zero = self._unpacked()
+        return QuantizedWeight(codes=codes, scale=scale, zero=zero, spec=self.spec)
+
+    def _unpacked(self) -> tuple[Tensor, Tensor, Tensor]:
         bits = self.spec.bits
         if self.layout.awq:
             codes = _awq_reorder(unpack_cols(self.qweight, bits), AWQ_SLOT).t()
@@ -121,25 +125,26 @@ class QuantLinear(nn.Module):
         else:
             codes = unpack_rows(self.qweight, bits, self.in_features).t()
             zeros = unpack_cols(self.qzeros, bits)[:, : self.out_features] + self.layout.zero_offset
-        return QuantizedWeight(codes=codes.contiguous(), scale=self.scales.t().contiguous(),
-                               zero=zeros.t().contiguous(), spec=self.spec)
+        return codes.contiguous(), self.scales.t().contiguous(), zeros.t().contiguous()
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         """Full-precision weight [out, in] in `dtype` (default `compute_dtype`)."""
         dtype = dtype or self.compute_dtype
         gs = self.spec.effective_group_size(self.in_features)
         g_idx = self.g_idx
-        if g_idx is not None and not torch.equal(g_idx.long(), torch.arange(self.in_features, device=g_idx.device) // gs):
+        # Under torch.compile the order test (data-dependent) is not traced: the per-column path gives the
+        # same values for an in-order g_idx too, only slower.
+        if g_idx is not None and (torch.compiler.is_compiling() or not torch.equal(
+                g_idx.long(), torch.arange(self.in_features, device=g_idx.device) // gs)):
             return self._dequantize_g_idx(dtype)
-        return self.quantized_weight().dequantize(dtype)
+        codes, scale, zero = self._unpacked()
+        return dequantize_weight(codes, scale, zero, self.spec, dtype)
 
     def _dequantize_g_idx(self, dtype: torch.dtype) -> Tensor:
         """Act-order GPTQ checkpoints: input row k uses group g_idx[k]."""
-        qw = self.quantized_weight()
+        codes, scale, zero = self._unpacked()
         idx = self.g_idx.long()
-        scale = qw.scale.float()[:, idx]
-        zero = qw.zero.float()[:, idx]
-        return (scale * (qw.codes.float() - zero)).to(dtype)
+        return (scale.float()[:, idx] * (codes.float() - zero.float()[:, idx])).to(dtype)
 
     @property
     def weight(self) -> Tensor:

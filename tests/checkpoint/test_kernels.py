@@ -91,10 +91,14 @@ def test_dequant_rows_is_the_reference_weight_bit_for_bit(bits: int, k: int, n: 
     assume(not (packing == "auto_round:auto_gptq" and int(qw.zero.min()) == 0))  # GPTQ v1 cannot hold z = 0
     layer = QuantLinear.from_quantized(qw, None, packing=packing, compute_dtype=FP32)
     ref = layer.dequantize(dtype)
+    args = (layer.qweight, layer.qzeros, layer.scales, bits, spec.effective_group_size(k), layer.layout.zero_offset, dtype)
     for fn in (kernels.dequant_rows, kernels.dequant_rows_bytes):
-        w = fn(layer.qweight, layer.qzeros, layer.scales, bits, spec.effective_group_size(k), layer.layout.zero_offset, dtype)
+        w = fn(*args)
         assert w.shape == (n, k) and w.is_contiguous()
         assert torch.equal(w, ref), fn.__name__
+    wt = kernels.dequant_cols(*args)  # the coalesced CUDA layout: Wᵀ
+    assert wt.shape == (k, n) and wt.is_contiguous()
+    assert torch.equal(wt.t(), ref)
 
 
 @pytest.mark.parametrize("packing", ["auto_round:auto_gptq", "auto_round"])
@@ -399,6 +403,24 @@ def test_inspect_runtime(bf16_checkpoint: tuple[Path, torch.Tensor]) -> None:
     assert "why earlier kernels were passed over" in res.output and "chosen for bfloat16" in res.output
 
 
+def test_a_compiled_forward_traces_the_chosen_kernel_in_one_graph() -> None:
+    """torch.compile(fullgraph=True) of a prepared layer (a static-cache decode step compiles this way)
+    traces the int4 kernel itself: no graph break at the freshness check, the same output as eager, and
+    a layer never prepared traces the reference."""
+    layer = _layer(96, 256, QuantSpec(4, 64, True))
+    layer.bias = torch.randn(96, generator=torch.Generator().manual_seed(3)).half()
+    kernels.prepare(layer, "cpu", BF16)
+    x = _x(3, 256, dtype=BF16)
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        eager = layer(x)
+        compiled = torch.compile(layer, fullgraph=True, backend="eager")
+        assert torch.equal(compiled(x), eager)
+        fresh = _layer(96, 256, QuantSpec(4, 64, True))  # no kernel chosen yet
+        assert torch.equal(torch.compile(fresh, fullgraph=True, backend="eager")(x.float()), fresh.dequant_forward(x.float()))
+    assert layer.kernel.kernel == "int4_cpu" and fresh.kernel is None
+
+
 # ------------------------------------------------------------------ where a GPU is (not in CI)
 
 
@@ -417,15 +439,19 @@ def test_tinygemm_on_cuda(spec: QuantSpec, packing: str, dtype: torch.dtype) -> 
 
 @needs_cuda
 @pytest.mark.parametrize("dtype", [BF16, torch.float16])
-def test_tinygemm_many_rows_run_the_compiled_dequantization_bit_for_bit(dtype: torch.dtype) -> None:
+def test_tinygemm_many_rows_run_the_compiled_dequantization(dtype: torch.dtype) -> None:
+    """Above the row switch: the compiled coalesced dequantization gives the reference weight bit for bit,
+    and cuBLAS on its transposed operand the reference output within the dtype's tolerance."""
     layer = _layer(256, 576, QuantSpec(4, 64, True)).to("cuda")
     layer(_x(3, 576, dtype=dtype).cuda())  # the kernel is chosen at the first call
-    limit = layer.kernel.run.wide_rows
-    assert limit == kernels.wide_rows("cuda", 256 * 576)
-    x = _x(limit + 1, 576, dtype=dtype).cuda()
+    run = layer.kernel.run
+    assert run.wide_rows == kernels.wide_rows("cuda", 256 * 576)
+    x = _x(run.wide_rows + 1, 576, dtype=dtype).cuda()
     y = layer(x)
-    assert layer.kernel.kernel == "int4_tinygemm" and layer.kernel.run.wide is not None
-    assert torch.equal(y, layer.dequant_forward(x))
+    assert layer.kernel.kernel == "int4_tinygemm" and run.wide is not None and run.wide.transposed
+    w = run.wide.dequant(layer.qweight, layer.qzeros, layer.scales, 4, 64, layer.layout.zero_offset, dtype)
+    assert torch.equal(w.t(), layer.dequantize(dtype))
+    assert relative_error(y, layer.dequant_forward(x)) <= TOLERANCE[dtype]
 
 
 @needs_cuda
@@ -447,12 +473,13 @@ def test_decode_bench_runs_on_the_cpu(tmp_path: Path) -> None:
     bench = importlib.util.module_from_spec(spec)
     assert spec.loader is not None
     spec.loader.exec_module(bench)
-    out = bench.main(["--model", "tiny", "--device", "cpu", "--paths", "bf16,ours,ours:dequant-cached,nope",
+    out = bench.main(["--model", "tiny", "--device", "cpu", "--paths", "bf16,ours,ours:dequant-cached,nope,ours+static",
                       "--batches", "1", "--new-tokens", "3", "--prompt", "4", "--prefill", "16", "--repeats", "1",
                       "--workdir", str(tmp_path / "w"), "--json", str(tmp_path / "r.json")])
     rows = {r["path"]: r for r in out["rows"]}
     assert rows["ours"]["kernels"] == {"int4_cpu": 28}
     assert rows["ours:dequant-cached"]["kernels"] == {"dequant": 28}
+    assert rows["ours+static"]["kernels"] == {"int4_cpu": 28} and rows["ours+static"]["dynamo_graphs"] >= 1
     assert all(rows[p]["decode_b1_tok_s"] > 0 and rows[p]["prefill_tok_s"] > 0 for p in ("bf16", "ours"))
     assert rows["nope"]["error"].startswith("ValueError: unknown path")
     assert json.loads((tmp_path / "r.json").read_text())["quantized_layers"] == 28
