@@ -244,17 +244,30 @@ def run_ours(model: Any, batches: list[torch.Tensor], cfg: BenchConfig, accel: A
     if cfg.low_gpu_mem_usage:  # as the facade does: small sub-batches on an accelerator
         recipe = low_memory_recipe(recipe, accel.device.type)
     resident = allocated(accel.device)
+    compiled_before = _compile_seconds()
     start = time.perf_counter()
     model, report = _quantize(model, batches, spec, recipe, accel, dp)
     total = time.perf_counter() - start
+    compiled = {k: round(v - compiled_before.get(k, 0.0), 3) for k, v in _compile_seconds().items()
+                if v - compiled_before.get(k, 0.0) > 1e-3}
     per_block = [b.seconds for b in report.blocks]
     out = {"seconds": total, "setup_seconds": total - sum(per_block), **_timing(per_block),
            **_memory(report.peak_memory_bytes, resident, report.peak_memory_kind),
            "report_loss_rtn": [b.loss_rtn for b in report.blocks],
            "report_loss_tuned": [b.loss_tuned for b in report.blocks],
            "cuda_graphs_not_used": graphs.failures(),  # block layouts that fell back to eager steps
-           "cuda_graphs_warmup_syncs": graphs.warmup_syncs()}  # and where a warm-up step synchronised
+           "cuda_graphs_warmup_syncs": graphs.warmup_syncs(),  # and where a warm-up step synchronised
+           "compile_seconds": compiled}  # torch.compile's own phases during our run (what the first block holds)
     return model, out
+
+
+def _compile_seconds() -> dict[str, float]:
+    """torch.compile's time so far in this process, per phase (dynamo's `compile_times` metrics)."""
+    try:
+        from torch._dynamo.utils import compilation_time_metrics
+    except ImportError:  # pragma: no cover - a torch without them
+        return {}
+    return {k: float(sum(v)) for k, v in compilation_time_metrics.items()}
 
 
 def dummy_tokenizer(vocab: int) -> Any:

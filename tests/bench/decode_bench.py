@@ -165,8 +165,8 @@ def measure(model: Any, *, device: torch.device, vocab: int, batches: list[int],
     for b in batches:
         ids = torch.randint(3, vocab, (b, prompt), generator=gen).to(device)
         generate(ids, 2)  # warm-up
-        if static:  # the compiled step's own warm-up runs and the graph capture (once per batch shape)
-            generate(ids, 4)
+        if static:  # the compile and graph capture: the static cache's length is prompt + n, so the same n
+            generate(ids, new_tokens)
         t_all, t_all_med = timed(lambda: generate(ids, new_tokens), device, repeats)
         t_one, t_one_med = timed(lambda: generate(ids, 1), device, repeats)
         decode = max(t_all - t_one, 1e-9)

@@ -27,6 +27,11 @@
 #   bash tests/bench/gpu_scale.sh i   # low_gpu_mem_usage at 2b (ours, now with sub-batches, vs auto-round's), then
 #                                     # part g without the SmolLM2 whole model                         ~7 min
 #   bash tests/bench/gpu_scale.sh j   # the SmolLM2 real-weights whole model alone (SMOL_GGUF, SMOL_DATA) ~5 min
+#   bash tests/bench/gpu_scale.sh k   # CUDA kernel tests (compiled forward too), per-layer GEMMs with the coalesced
+#                                     # dequantization, decode/prefill of Qwen2-1.5B eager and with a static cache and
+#                                     # compiled decode step (bf16, ours, auto-round)                  ~6 min
+#   bash tests/bench/gpu_scale.sh l   # 2b vs auto-round, 2b again (warm compile caches), 2b with CUDA graphs over the
+#                                     # compiled block; decode/prefill of Llama-3-8B shape             ~7.5 min
 #   bash tests/bench/gpu_scale.sh tiny  # a dry run on a CPU (no wheels; uses $PYTHON, default python3)
 #
 # On the device machine: carry `.whl` (orjson, auto-round 0.16.1 and the auto-round needs the image lacks)
@@ -38,7 +43,7 @@
 # Each run has its own timeout so that one stuck run leaves the others' numbers.
 set -uo pipefail
 
-PART=${1:?usage: bash tests/bench/gpu_scale.sh a|b|c|d|e|f|g|h|i|j|tiny}
+PART=${1:?usage: bash tests/bench/gpu_scale.sh a|b|c|d|e|f|g|h|i|j|k|l|tiny}
 REPO=$PWD
 OUT=${OUT:-/tmp/gpu_scale-out}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)  # absolute: the bench runs from /tmp
@@ -176,11 +181,22 @@ case $PART in
        --calib "${SMOL_DATA:?SMOL_DATA: a folder with news-calib.jsonl and wiki-eval.txt}/news-calib.jsonl" \
        --eval "$SMOL_DATA/wiki-eval.txt" --device cuda --recipe default --seqlen 512 --eval-windows 40 \
        --eval-seqlen 2048 --configs W4G64 --methods signround,auto-round --seed 42 --json "$RAW/smol-accuracy.json" ;;
+  k) step kernels-cuda 90 "$PY" -m pytest -q -p no:cacheprovider "$REPO/tests/checkpoint/test_kernels.py" -k "cuda or compiled"
+     step decode-layers 60 "$PY" "$REPO/tests/bench/decode_bench.py" --device cuda --group-size 128 \
+       --layers 1536x1536,8960x1536,1536x8960,4096x4096,14336x4096,4096x14336 --layer-rows 1,8,2048 --repeats 20 \
+       --json "$RAW/layers-cuda.json"
+     step decode-qwen2 300 "$PY" "$REPO/tests/bench/decode_bench.py" --model qwen2-1.5b --device cuda \
+       --paths bf16,bf16+static,ours,ours+static,auto-round,auto-round+static --json "$RAW/decode-qwen2-1.5b.json" ;;
+  l) run 2b 2b 200
+     run 2b-warm 2b 100 --no-reference
+     SIGNROUND_CUDA_GRAPHS=1 run 2b-graphs 2b 100 --no-reference
+     step decode-llama8b 240 "$PY" "$REPO/tests/bench/decode_bench.py" --model llama3-8b --device cuda \
+       --paths bf16+static,ours+static,ours,auto-round --json "$RAW/decode-llama3-8b.json" ;;
   tiny) run tiny tiny 300 --device cpu --profile "$RAW/prof-tiny"
         S=$REPO/tests/bench/stream_gpu.py
         step stream-build 120 "$PY" "$S" build --dir /tmp/m-tiny --layers 2 --tiny
         step stream-stream 120 "$PY" "$S" stream --dir /tmp/m-tiny --out "$RAW" --layers 2 --tiny --device cpu --iters 2 ;;
-  *) echo "unknown part $PART (a to j, or tiny)" >&2; exit 2 ;;
+  *) echo "unknown part $PART (a to l, or tiny)" >&2; exit 2 ;;
 esac
 
 # The table last: one row per size, and this part's spec/performance.json records.
