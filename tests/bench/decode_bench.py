@@ -38,11 +38,14 @@ times single layers instead (`F.linear` on the full-precision weight vs each ker
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import gc
 import json
 import os
 import platform
+import signal
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -164,9 +167,12 @@ def measure(model: Any, *, device: torch.device, vocab: int, batches: list[int],
 
     for b in batches:
         ids = torch.randint(3, vocab, (b, prompt), generator=gen).to(device)
+        t0 = time.perf_counter()
         generate(ids, 2)  # warm-up
         if static:  # the compile and graph capture: the static cache's length is prompt + n, so the same n
             generate(ids, new_tokens)
+        out[f"decode_b{b}_warmup_s"] = time.perf_counter() - t0
+        print(f"  batch {b}: warm-up {out[f'decode_b{b}_warmup_s']:.1f} s", file=sys.stderr, flush=True)
         t_all, t_all_med = timed(lambda: generate(ids, new_tokens), device, repeats)
         t_one, t_one_med = timed(lambda: generate(ids, 1), device, repeats)
         decode = max(t_all - t_one, 1e-9)
@@ -286,6 +292,58 @@ def layer_bench(shapes: list[tuple[int, int]], *, device: torch.device, dtypes: 
     return out
 
 
+def dequant_grouped(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, bits: int, group: int,
+                    zero_offset: int, dtype: torch.dtype) -> torch.Tensor:
+    """`kernels.dequant_rows` with K split into (groups, group) instead of a per-column group index (a
+    candidate layout for the compiled many-rows path; the same values)."""
+    from signround.rounding.pack import unpack_cols
+
+    per, mask = 32 // bits, (1 << bits) - 1
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=qweight.device)
+    n, k = qweight.shape[1], qweight.shape[0] * per
+    codes = ((qweight.t().unsqueeze(-1) >> shifts) & mask).reshape(n, k // group, group)
+    zeros = unpack_cols(qzeros, bits)[:, :n] + zero_offset
+    d = codes.float() - zeros.t().float().unsqueeze(-1)
+    return (d * scales.t().float().unsqueeze(-1)).reshape(n, k).to(dtype)
+
+
+def dequant_variants(shapes: list[tuple[int, int]], *, device: torch.device, rows: list[int], group_size: int,
+                     repeats: int) -> list[dict[str, Any]]:
+    """The many-rows path's dequantization in each candidate layout and compile mode, per layer shape: the
+    time of dequantize + F.linear and whether the weight equals the reference bit for bit."""
+    from signround.adapters.checkpoint import kernels
+    from signround.adapters.checkpoint.qlinear import QuantLinear
+    from signround.rounding import QuantSpec, quantize_weight
+
+    fns = {"rows": kernels.dequant_rows, "grouped": dequant_grouped}
+    if hasattr(kernels, "dequant_cols"):
+        fns["cols"] = kernels.dequant_cols
+    variants = {f"{name}_{mode}": (torch.compile(fn, dynamic=None if mode == "dyn" else False), name == "cols")
+                for name, fn in fns.items() for mode in ("dyn", "static")}
+    out, gen = [], torch.Generator().manual_seed(0)
+    for n, k in shapes:
+        layer = QuantLinear.from_quantized(quantize_weight(torch.randn(n, k, generator=gen) * 0.02,
+                                                           QuantSpec(4, group_size, True)), compute_dtype=torch.float32)
+        layer = layer.to(device)
+        ref = layer.dequantize(torch.bfloat16)
+        args = (layer.qweight, layer.qzeros, layer.scales, 4, group_size, layer.layout.zero_offset, torch.bfloat16)
+        for m in rows:
+            x = torch.randn(m, k, generator=gen).to(device, torch.bfloat16)
+            rec: dict[str, Any] = {"out": n, "in": k, "rows": m}
+            with torch.inference_mode():
+                rec["linear_ms"] = timed(lambda: torch.nn.functional.linear(x, ref), device, repeats)[0] * 1e3
+                for name, (fn, transposed) in variants.items():
+                    w = fn(*args)
+                    rec[f"{name}_equal"] = bool(torch.equal(w.t() if transposed else w, ref))
+                    run = (lambda: torch.nn.functional.linear(x, fn(*args).t())) if transposed else \
+                        (lambda: torch.nn.functional.linear(x, fn(*args)))
+                    rec[f"{name}_ms"] = timed(run, device, repeats)[0] * 1e3
+                    rec[f"{name}_alone_ms"] = timed(lambda: fn(*args), device, repeats)[0] * 1e3
+            out.append(rec)
+            print(json.dumps(rec), flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="tiny", choices=["tiny", "smollm2", *[k for k in SHAPES if k != "tiny"]])
@@ -309,7 +367,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--layers", default=None, help="instead of a model: time single layers of these shapes, "
                     "OUTxIN comma-separated (e.g. 1536x576,4096x4096), on every kernel that serves them")
     ap.add_argument("--layer-rows", default="1,8,64,512", help="with --layers: activation rows (tokens)")
+    ap.add_argument("--dequant-variants", action="store_true", help="with --layers: time the many-rows path's "
+                    "dequantization in each candidate layout and compile mode instead of the kernels")
     args = ap.parse_args(argv)
+    if argv is None:  # a run stopped by `timeout` prints where it was
+        faulthandler.register(signal.SIGTERM, chain=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
@@ -317,6 +379,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.layers:
         shapes = [tuple(int(v) for v in sh.split("x")) for sh in args.layers.split(",")]
         dts = [DTYPES[args.dtype]]
+        if args.dequant_variants:
+            recs = dequant_variants(shapes, device=device, rows=[int(r) for r in args.layer_rows.split(",")],
+                                    group_size=args.group_size, repeats=args.repeats)
+            res = {"dequant_variants": recs, "device": str(device), "torch": torch.__version__}
+            if args.json:
+                args.json.write_text(json.dumps(res, indent=2))
+            return res
         recs = layer_bench(shapes, device=device, dtypes=dts, rows=[int(r) for r in args.layer_rows.split(",")],
                            group_size=args.group_size, repeats=args.repeats)
         res = {"layers": recs, "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__}

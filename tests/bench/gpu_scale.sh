@@ -32,6 +32,8 @@
 #                                     # compiled decode step (bf16, ours, auto-round)                  ~6 min
 #   bash tests/bench/gpu_scale.sh l   # 2b vs auto-round, 2b again (warm compile caches), 2b with CUDA graphs over the
 #                                     # compiled block; decode/prefill of Llama-3-8B shape             ~7.5 min
+#   bash tests/bench/gpu_scale.sh m   # the many-rows dequantization in each layout and compile mode per layer; decode/prefill
+#                                     # of Qwen2-1.5B, the static-cache paths first (recompiles logged)   ~8 min
 #   bash tests/bench/gpu_scale.sh tiny  # a dry run on a CPU (no wheels; uses $PYTHON, default python3)
 #
 # On the device machine: carry `.whl` (orjson, auto-round 0.16.1 and the auto-round needs the image lacks)
@@ -43,7 +45,7 @@
 # Each run has its own timeout so that one stuck run leaves the others' numbers.
 set -uo pipefail
 
-PART=${1:?usage: bash tests/bench/gpu_scale.sh a|b|c|d|e|f|g|h|i|j|k|l|tiny}
+PART=${1:?usage: bash tests/bench/gpu_scale.sh a|b|c|d|e|f|g|h|i|j|k|l|m|tiny}
 REPO=$PWD
 OUT=${OUT:-/tmp/gpu_scale-out}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)  # absolute: the bench runs from /tmp
@@ -192,11 +194,16 @@ case $PART in
      SIGNROUND_CUDA_GRAPHS=1 run 2b-graphs 2b 100 --no-reference
      step decode-llama8b 240 "$PY" "$REPO/tests/bench/decode_bench.py" --model llama3-8b --device cuda \
        --paths bf16+static,ours+static,ours,auto-round --json "$RAW/decode-llama3-8b.json" ;;
+  m) step dequant-variants 90 "$PY" "$REPO/tests/bench/decode_bench.py" --device cuda --group-size 128 --dequant-variants \
+       --layers 1536x1536,8960x1536,1536x8960,4096x4096,14336x4096,4096x14336 --layer-rows 1,2048 --repeats 20 \
+       --json "$RAW/dequant-variants.json"
+     TORCH_LOGS=recompiles step decode-qwen2 400 "$PY" "$REPO/tests/bench/decode_bench.py" --model qwen2-1.5b --device cuda \
+       --paths ours+static,bf16+static,ours,bf16,auto-round,auto-round+static --json "$RAW/decode-qwen2-1.5b.json" ;;
   tiny) run tiny tiny 300 --device cpu --profile "$RAW/prof-tiny"
         S=$REPO/tests/bench/stream_gpu.py
         step stream-build 120 "$PY" "$S" build --dir /tmp/m-tiny --layers 2 --tiny
         step stream-stream 120 "$PY" "$S" stream --dir /tmp/m-tiny --out "$RAW" --layers 2 --tiny --device cpu --iters 2 ;;
-  *) echo "unknown part $PART (a to l, or tiny)" >&2; exit 2 ;;
+  *) echo "unknown part $PART (a to m, or tiny)" >&2; exit 2 ;;
 esac
 
 # The table last: one row per size, and this part's spec/performance.json records.
