@@ -212,24 +212,6 @@ def dequant_rows(qweight: Tensor, qzeros: Tensor, scales: Tensor, bits: int, gro
     return (d * scales.t().float()[:, gidx]).to(dtype)
 
 
-def dequant_cols(qweight: Tensor, qzeros: Tensor, scales: Tensor, bits: int, group: int, zero_offset: int,
-                 dtype: torch.dtype) -> Tensor:
-    """`dequant_rows` transposed: Wᵀ [K, N], the same values. Its element (k, n) reads word (k / per, n) and
-    scale (k / group, n), so neighbouring threads read neighbouring words, scales and outputs (coalesced on
-    a GPU); `dequant_rows` reads the words down their columns. `F.linear(x, Wᵀ.t())` then runs cuBLAS
-    on the transposed operand without a copy."""
-    per = 32 // bits
-    mask = (1 << bits) - 1
-    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=qweight.device).view(1, per, 1)
-    words, n = qweight.shape
-    k = words * per
-    codes = ((qweight.unsqueeze(1) >> shifts) & mask).reshape(k, n)
-    zeros = unpack_cols(qzeros, bits)[:, :n] + zero_offset  # [G, N]
-    gidx = torch.arange(k, device=qweight.device) // group
-    d = codes.float() - zeros.float()[gidx]  # exact small integers
-    return (d * scales.float()[gidx]).to(dtype)
-
-
 def dequant_rows_bytes(qweight: Tensor, qzeros: Tensor, scales: Tensor, bits: int, group: int, zero_offset: int,
                        dtype: torch.dtype) -> Tensor:
     """`dequant_rows` for eager CPU runs, the same values about twice as fast: the codes are read from the
@@ -249,34 +231,34 @@ def dequant_rows_bytes(qweight: Tensor, qzeros: Tensor, scales: Tensor, bits: in
     return d.mul_(scales.t().float().unsqueeze(-1)).reshape(n, k).to(dtype)
 
 
-_DEQUANT: dict[str, tuple[Callable[..., Tensor], bool]] = {}
+_DEQUANT: dict[str, Callable[..., Tensor]] = {}
 
 
-def fast_dequant(device_type: str) -> tuple[Callable[..., Tensor], bool]:
-    """(dequantize, transposed): on CUDA `dequant_cols` compiled (one fused, coalesced kernel; it returns
-    Wᵀ), eager `dequant_rows_bytes` / `dequant_rows` elsewhere (they return W); a compile that fails or
-    differs falls back to eager with one warning (the values are the same)."""
-    got = _DEQUANT.get(device_type)
-    if got is None:
-        got = (dequant_rows_bytes if sys.byteorder == "little" else dequant_rows, False)
+def fast_dequant(device_type: str) -> Callable[..., Tensor]:
+    """`dequant_rows` compiled for CUDA (one fused kernel instead of a dozen passes), eager elsewhere;
+    a compile that fails or differs falls back to eager with one warning (the values are the same).
+    (H200, 2026-12-02: a coalesced Wᵀ [K, N] layout and static shapes were no faster over the six
+    Llama/Qwen2 layer shapes, spec/performance.md.)"""
+    fn = _DEQUANT.get(device_type)
+    if fn is None:
+        fn = dequant_rows_bytes if sys.byteorder == "little" else dequant_rows
         if device_type == "cuda":
-            compiled = torch.compile(dequant_cols, dynamic=None)
+            compiled = torch.compile(dequant_rows, dynamic=None)
             try:
                 gen = torch.Generator().manual_seed(0)
                 q = torch.randint(-2**31, 2**31 - 1, (16, 64), generator=gen, dtype=torch.int32).cuda()
                 z = torch.randint(-2**31, 2**31 - 1, (1, 8), generator=gen, dtype=torch.int32).cuda()
                 sc = torch.rand(1, 64, generator=gen).half().cuda()
-                if torch.equal(compiled(q, z, sc, 4, 128, 0, torch.bfloat16).t(),
-                               dequant_rows(q, z, sc, 4, 128, 0, torch.bfloat16)):
-                    got = (compiled, True)
+                if torch.equal(compiled(q, z, sc, 4, 128, 0, torch.bfloat16), dequant_rows(q, z, sc, 4, 128, 0, torch.bfloat16)):
+                    fn = compiled
                 else:
                     warnings.warn("signround: the compiled dequantization differs from eager; prefill dequantizes eagerly",
                                   stacklevel=2)
             except Exception as err:  # noqa: BLE001 - any compile failure (no triton, no compiler) means eager
                 warnings.warn(f"signround: torch.compile of the dequantization failed ({type(err).__name__}); "
                               "prefill dequantizes eagerly", stacklevel=2)
-        _DEQUANT[device_type] = got
-    return got
+        _DEQUANT[device_type] = fn
+    return fn
 
 
 @attrs.frozen(eq=False)
@@ -288,13 +270,12 @@ class WideRun:
     bits: int
     group: int
     zero_offset: int
-    transposed: bool = False  # dequant returns Wᵀ [K, N]
 
     def __call__(self, x: Tensor) -> Tensor:
         layer = self.layer()
         w = self.dequant(layer.qweight, layer.qzeros, layer.scales, self.bits, self.group, self.zero_offset, x.dtype)
         bias = layer.bias.to(x.dtype) if layer.bias is not None else None
-        return nn.functional.linear(x, w.t() if self.transposed else w, bias)
+        return nn.functional.linear(x, w, bias)
 
 
 def wide_run(layer: "QuantLinear", device_type: str) -> Optional[WideRun]:
@@ -302,8 +283,7 @@ def wide_run(layer: "QuantLinear", device_type: str) -> Optional[WideRun]:
     g = Geometry.of(layer)
     if layer.layout.awq or g.act_order or g.bits not in (2, 4, 8) or g.in_features % g.group_size:
         return None
-    fn, transposed = fast_dequant(device_type)
-    return WideRun(weakref.ref(layer), fn, g.bits, g.group_size, layer.layout.zero_offset, transposed)
+    return WideRun(weakref.ref(layer), fast_dequant(device_type), g.bits, g.group_size, layer.layout.zero_offset)
 
 
 @attrs.frozen(eq=False)

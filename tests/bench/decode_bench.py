@@ -316,8 +316,6 @@ def dequant_variants(shapes: list[tuple[int, int]], *, device: torch.device, row
     from signround.rounding import QuantSpec, quantize_weight
 
     fns = {"rows": kernels.dequant_rows, "grouped": dequant_grouped}
-    if hasattr(kernels, "dequant_cols"):
-        fns["cols"] = kernels.dequant_cols
     variants = {f"{name}_{mode}": (torch.compile(fn, dynamic=None if mode == "dyn" else False), name == "cols")
                 for name, fn in fns.items() for mode in ("dyn", "static")}
     out, gen = [], torch.Generator().manual_seed(0)

@@ -189,10 +189,10 @@ case $PART in
        --json "$RAW/layers-cuda.json"
      step decode-qwen2 300 "$PY" "$REPO/tests/bench/decode_bench.py" --model qwen2-1.5b --device cuda \
        --paths bf16,bf16+static,ours,ours+static,auto-round,auto-round+static --json "$RAW/decode-qwen2-1.5b.json" ;;
-  l) run 2b 2b 200
-     run 2b-warm 2b 100 --no-reference
-     SIGNROUND_CUDA_GRAPHS=1 run 2b-graphs 2b 100 --no-reference
-     step decode-llama8b 240 "$PY" "$REPO/tests/bench/decode_bench.py" --model llama3-8b --device cuda \
+  l) run 2b 2b 170
+     run 2b-warm 2b 90 --no-reference
+     SIGNROUND_CUDA_GRAPHS=1 run 2b-graphs 2b 90 --no-reference
+     step decode-llama8b 220 "$PY" "$REPO/tests/bench/decode_bench.py" --model llama3-8b --device cuda \
        --paths bf16+static,ours+static,ours,auto-round --json "$RAW/decode-llama3-8b.json" ;;
   m) step dequant-variants 90 "$PY" "$REPO/tests/bench/decode_bench.py" --device cuda --group-size 128 --dequant-variants \
        --layers 1536x1536,8960x1536,1536x8960,4096x4096,14336x4096,4096x14336 --layer-rows 1,2048 --repeats 20 \

@@ -96,9 +96,6 @@ def test_dequant_rows_is_the_reference_weight_bit_for_bit(bits: int, k: int, n: 
         w = fn(*args)
         assert w.shape == (n, k) and w.is_contiguous()
         assert torch.equal(w, ref), fn.__name__
-    wt = kernels.dequant_cols(*args)  # the coalesced CUDA layout: Wᵀ
-    assert wt.shape == (k, n) and wt.is_contiguous()
-    assert torch.equal(wt.t(), ref)
 
 
 @pytest.mark.parametrize("packing", ["auto_round:auto_gptq", "auto_round"])
@@ -439,19 +436,15 @@ def test_tinygemm_on_cuda(spec: QuantSpec, packing: str, dtype: torch.dtype) -> 
 
 @needs_cuda
 @pytest.mark.parametrize("dtype", [BF16, torch.float16])
-def test_tinygemm_many_rows_run_the_compiled_dequantization(dtype: torch.dtype) -> None:
-    """Above the row switch: the compiled coalesced dequantization gives the reference weight bit for bit,
-    and cuBLAS on its transposed operand the reference output within the dtype's tolerance."""
+def test_tinygemm_many_rows_run_the_compiled_dequantization_bit_for_bit(dtype: torch.dtype) -> None:
     layer = _layer(256, 576, QuantSpec(4, 64, True)).to("cuda")
     layer(_x(3, 576, dtype=dtype).cuda())  # the kernel is chosen at the first call
-    run = layer.kernel.run
-    assert run.wide_rows == kernels.wide_rows("cuda", 256 * 576)
-    x = _x(run.wide_rows + 1, 576, dtype=dtype).cuda()
+    limit = layer.kernel.run.wide_rows
+    assert limit == kernels.wide_rows("cuda", 256 * 576)
+    x = _x(limit + 1, 576, dtype=dtype).cuda()
     y = layer(x)
-    assert layer.kernel.kernel == "int4_tinygemm" and run.wide is not None and run.wide.transposed
-    w = run.wide.dequant(layer.qweight, layer.qzeros, layer.scales, 4, 64, layer.layout.zero_offset, dtype)
-    assert torch.equal(w.t(), layer.dequantize(dtype))
-    assert relative_error(y, layer.dequant_forward(x)) <= TOLERANCE[dtype]
+    assert layer.kernel.kernel == "int4_tinygemm" and layer.kernel.run.wide is not None
+    assert torch.equal(y, layer.dequant_forward(x))
 
 
 @needs_cuda
