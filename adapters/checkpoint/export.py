@@ -26,6 +26,7 @@ from signround.adapters.checkpoint.formats import (COMPRESSED_METHOD, DEFAULT_FO
                                                   Packing, choose_packing, get_format, parse_formats)
 from signround.adapters.checkpoint.targets import plan_view, require_loadable
 from signround.adapters.checkpoint.qlinear import QuantLinear
+from signround.adapters.engine.device import release_host_memory
 from signround.rounding.recipe import Recipe
 from signround.rounding.spec import QuantSpec
 
@@ -86,6 +87,10 @@ def _pack(model: nn.Module, layer_results: Mapping[str, HasGrid], packing: Packi
         qw = recover_codes(name, module.weight, lq)
         packed[name] = QuantLinear.from_quantized(qw, module.bias, packing=packing,
                                                   compute_dtype=module.weight.dtype, name=name)
+        del qw
+        # the layer's recovery temporaries (int32 codes, dequantized checks) are freed here; glibc would
+        # keep them in its heap, so a model's export held many layers' worth (spec/performance.md, issue 16)
+        release_host_memory()
     return packed
 
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from signround.adapters.engine import distributed, runtime
 from signround.adapters.engine import planner as memory
-from signround.adapters.engine.device import CACHE_PLACES, default_device, resolve
+from signround.adapters.engine.device import CACHE_PLACES, default_device, release_host_memory, resolve
 from signround.adapters.engine.distributed import DataParallel
 from signround.adapters.engine.loop import quantize_model
 from signround.adapters.engine.progress import BlockProgress, print_settings, print_summary
@@ -420,7 +420,8 @@ class AutoRound:
                                                block_names=cfg.block_names,
                                                quant_nontext_module=cfg.quant_nontext_module, device=device,
                                                low_gpu_mem_usage=cfg.low_gpu_mem_usage, cache=cfg.cache,
-                                               on_block=bar.done if show else None, resume=resume, data_parallel=dp,
+                                               on_block=_freeing(bar.done if show else None), resume=resume,
+                                               data_parallel=dp,
                                                stream=self._stream, sink=sink, loss_weighting=cfg.loss_weighting)
             except torch.OutOfMemoryError as err:
                 r = cfg.recipe
@@ -432,6 +433,7 @@ class AutoRound:
                 hints.append(f"fewer or shorter samples (nsamples={r.nsamples}, seqlen={r.seqlen} now)")
                 raise MemoryError("out of memory on the accelerator while tuning. Options: " + "; ".join(hints)
                                   + f". ({str(err).splitlines()[0]})") from err
+        _release_host_cache()  # the activation cache is gone: its heap and its pinned pages go back too
         layers = dict(report.layers)
         if cfg.outside:  # lm_head and other named layers outside the blocks: rounded to nearest
             layers.update({n: LayerResult(n, qw.spec, qw.scale, qw.zero)
@@ -515,6 +517,28 @@ class AutoRound:
         cfg = self.config
         return _plan_memory_of(self.model, cfg.block_names, self.plan(), cfg.recipe, cfg.device, cfg.cache,
                                self._stream is not None, None, None)
+
+
+def _freeing(on_block: Optional[Any]) -> Any:
+    """`on_block` after handing the heap the finished block freed back to the system. glibc keeps
+    freed chunks below its (self-raising) mmap threshold for reuse, so an in-RAM run's anonymous
+    memory grew by more than a block's worth per block (spec/performance.md, issue 16)."""
+    def done(block: Any) -> None:
+        release_host_memory()
+        if on_block is not None:
+            on_block(block)
+
+    return done
+
+
+def _release_host_cache() -> None:
+    """After tuning: the freed heap, and on CUDA the pinned host blocks torch's caching host allocator
+    keeps once the activation cache that used them is freed (they stay resident until emptied, so
+    the export would run with the whole cache's RAM still held)."""
+    release_host_memory()
+    empty = getattr(torch._C, "_host_emptyCache", None)
+    if empty is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        empty()
 
 
 def _tuning_device(device: Optional[str]) -> torch.device:
