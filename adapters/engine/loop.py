@@ -34,8 +34,8 @@ import torch
 from torch import Tensor, nn
 
 from signround.adapters.engine import runtime
-from signround.adapters.engine.device import (Accelerator, bound_host_heap, peak_memory, release_host_memory,
-                                              reset_peak_memory, resolve, synchronize)
+from signround.adapters.engine.device import (Accelerator, all_finite, bound_host_heap, peak_memory,
+                                              release_host_memory, reset_peak_memory, resolve, synchronize)
 from signround.adapters.engine.distributed import DataParallel
 from signround.adapters.engine.report import BlockReport, BlockResult, LayerResult, QuantReport
 from signround.adapters.engine.resume import ResumeStore
@@ -189,7 +189,7 @@ def _fp_targets(fn: PureBlock, weights: Mapping[str, Tensor], inputs_fp: BlockIn
     """B_fp(X_fp) on every sample (written over X_fp's buffer when the chains are separate)."""
     targets, _ = run_block(fn, weights, inputs_fp, accel, recipe.batch_size, out=x_fp if inplace else None)
     assert targets is not None
-    if not bool(torch.isfinite(targets).all()):
+    if not all_finite(targets):  # by slices: torch.isfinite's temporaries are 5-7 bytes an element
         raise FloatingPointError(f"block {name} produces NaN/Inf activations in full precision "
                                  "on the calibration data; check the model's weights, or load it in bfloat16/float32 "
                                  "instead of float16 (overflow)")

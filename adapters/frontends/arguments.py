@@ -29,6 +29,7 @@ from torch import nn
 from signround.adapters.checkpoint.files import check_replaceable
 from signround.adapters.engine.resume import MANIFEST as RESUME_MANIFEST
 from signround.adapters.hf.blocks import LayerPlan, check_layer_config_keys, conv1d_layers
+from signround.adapters.engine.device import all_finite
 from signround.rounding import QuantSpec, Recipe, preset
 from signround.templating import ConversationDataset, SelfGenerated, TextDataset, load_dataset
 
@@ -328,7 +329,7 @@ def check_finite_weights(model: nn.Module, plan: LayerPlan) -> None:
     modules = dict(model.named_modules())
     for name in plan.quantize:
         weight = getattr(modules[name], "weight", None)
-        if isinstance(weight, torch.Tensor) and weight.device.type != "meta" and not bool(torch.isfinite(weight).all()):
+        if isinstance(weight, torch.Tensor) and weight.device.type != "meta" and not all_finite(weight):
             bad = int((~torch.isfinite(weight)).sum())
             raise ValueError(f"layer {name!r} has {bad} NaN/Inf weight value(s); the model file is damaged or was "
                              "loaded in a dtype that overflows (try dtype=float32/bfloat16), or keep the layer "

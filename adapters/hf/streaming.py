@@ -32,25 +32,8 @@ import attrs
 import torch
 from torch import Tensor, nn
 
+from signround.adapters.engine.device import all_finite
 from signround.adapters.hf.blocks import blocks_of
-
-#: elements per slice of `all_finite`: torch.isfinite builds 5 (bf16) to 7 (fp32) bytes of temporaries
-#: per element (x == x, |x|, |x| != inf): 5 GiB over one 128 × 2048 × 4096 set of cached activations
-FINITE_SLICE = 1 << 22
-
-
-def all_finite(t: Tensor) -> bool:
-    """`bool(torch.isfinite(t).all())` (True for integer tensors), checked FINITE_SLICE elements at a
-    time along the first dimension so its temporaries stay a few tens of MiB; one host sync."""
-    if not (t.is_floating_point() or t.is_complex()):
-        return True
-    if t.dim() == 0 or t.numel() <= FINITE_SLICE:
-        return bool(torch.isfinite(t).all())
-    step = max(1, FINITE_SLICE // max(1, t.numel() // t.shape[0]))
-    ok = torch.ones((), dtype=torch.bool, device=t.device)
-    for start in range(0, t.shape[0], step):
-        ok &= torch.isfinite(t[start:start + step]).all()
-    return bool(ok)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -372,5 +355,5 @@ class StreamedWeights:
             self._set(n, torch.empty(t.shape, dtype=t.dtype, device="meta"))
 
 
-__all__ = ["CheckpointError", "CheckpointIndex", "FINITE_SLICE", "StreamedWeights", "TensorEntry", "all_finite",
+__all__ = ["CheckpointError", "CheckpointIndex", "StreamedWeights", "TensorEntry",
            "skeleton"]

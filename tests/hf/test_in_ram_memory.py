@@ -125,7 +125,7 @@ def test_all_finite_is_isfinite_all_in_bounded_memory() -> None:
     """The NaN/Inf check by slices gives torch.isfinite(t).all()'s answer (any layout, dtype, where the
     bad value sits), without its 5–7 bytes of temporaries per element: on a 64 M-element bf16 tensor
     torch's check peaks 320 MiB above the tensor, this one a few tens of MiB."""
-    from signround.adapters.hf.streaming import FINITE_SLICE, all_finite
+    from signround.adapters.engine.device import FINITE_SLICE, all_finite
 
     gen = torch.Generator().manual_seed(0)
     for shape in [(), (7,), (FINITE_SLICE + 3,), (3, FINITE_SLICE // 2 + 1), (FINITE_SLICE // 64 + 5, 64, 2)]:
@@ -149,7 +149,7 @@ def test_all_finite_is_isfinite_all_in_bounded_memory() -> None:
 FINITE_CHILD = textwrap.dedent("""
     from pathlib import Path
     import torch
-    from signround.adapters.hf.streaming import all_finite
+    from signround.adapters.engine.device import all_finite
 
     def read(key):
         line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(key + ":"))
