@@ -160,9 +160,18 @@ def tuned_block(name: str, fn: PureBlock, weights: Mapping[str, Tensor], specs: 
         return BlockResult(name=name, weights={}, layers={}, report=report)
     # RTN is deterministic: its weights are built again in the rare case they are kept, rather than
     # held (int32 codes: 4 bytes a weight) on the device through the whole tuning run.
+    clock = time.perf_counter()
+    phases: dict[str, float] = {}
+
+    def lap(name: str) -> None:  # read after a pass that ended in a host sync
+        nonlocal clock
+        now = time.perf_counter()
+        phases[name], clock = now - clock, now
+
     rtn_weights, _ = _as_weights(_rtn(weights, specs), weights, names)
     _, loss_rtn = run_block(fn, {**weights, **rtn_weights}, inputs, accel, bs, targets, keep_outputs=False)
     del rtn_weights
+    lap("score_rtn")
     tuned = runtime.tune(fn, weights, specs, inputs, targets, recipe, accel, data_parallel, run_policy)
     bad = (~torch.isfinite(tuned.losses)).nonzero()
     if bad.numel():
@@ -171,13 +180,15 @@ def tuned_block(name: str, fn: PureBlock, weights: Mapping[str, Tensor], specs: 
                                  "model, a smaller lr, or float32 activations (amp=False)")
     qweights, layers = _as_weights(tuned.quantized, weights, names)
     del tuned  # its last params (fp32 v) and int32 codes are not needed for the passes below
+    lap("tune")
     _, loss_tuned = run_block(fn, {**weights, **qweights}, inputs, accel, bs, targets, keep_outputs=False)
+    lap("score_tuned")
     assert loss_rtn is not None and loss_tuned is not None
     kept_rtn = recipe.use_best and loss_tuned > loss_rtn
     if kept_rtn:
         qweights, layers = _as_weights(_rtn(weights, specs), weights, names)
     report = BlockReport(name=name, layers=tuple(layers), loss_rtn=loss_rtn, loss_tuned=loss_tuned, seconds=0.0,
-                         iters=recipe.iters, kept_rtn=kept_rtn)
+                         iters=recipe.iters, kept_rtn=kept_rtn, phases=phases)
     return BlockResult(name=name, weights=qweights, layers=layers, report=report)
 
 
@@ -309,6 +320,7 @@ def quantize_model(model: nn.Module, batches: Optional[Iterable[Batch]], spec: Q
                         inputs_q = captured.block_inputs(i, x_q) if recipe.enable_quanted_input else inputs_fp
                         inplace = recipe.enable_quanted_input and x_fp is not x_q
                         targets = _fp_targets(fn, weights, inputs_fp, x_fp, name, recipe, accel, inplace)
+                        targets_s = time.perf_counter() - started  # its finite check synced the host
                         if resume is not None and resume.has(name):
                             result = replayed_block(resume.load(name))
                         else:
@@ -327,8 +339,13 @@ def quantize_model(model: nn.Module, batches: Optional[Iterable[Batch]], spec: Q
                                 result = attrs.evolve(result, report=attrs.evolve(result.report, not_routed=not_routed))
                         qweights = {k: v.to(device=weights[k].device, dtype=weights[k].dtype)
                                     for k, v in result.weights.items()}
+                        before_outputs = time.perf_counter()
                         x_q, _ = run_block(fn, {**weights, **qweights}, inputs_q, accel, recipe.batch_size,
                                            out=x_q if recipe.enable_quanted_input else None)
+                        synchronize(accel.device)
+                        result = attrs.evolve(result, report=attrs.evolve(result.report, phases={
+                            "targets": targets_s, **result.report.phases,
+                            "outputs": time.perf_counter() - before_outputs}))
                         x_fp = targets
                         del qweights, weights, fn
                 results.append(_finish(block, result, started, accel, store, on_block, sink))

@@ -45,6 +45,7 @@ class BlockReport:
     RTN's loss. source: see BlockSource (a replayed block's losses are those of the run that tuned it).
     not_routed: MoE expert layers ("….experts.3.w1") of experts that no calibration token was routed
     to while the block was tuned: they got no gradient and kept their round-to-nearest weights.
+    phases: where the block's seconds went (what a first block's compile and warm-up add shows here).
     """
 
     name: str
@@ -56,6 +57,9 @@ class BlockReport:
     kept_rtn: bool = False
     source: BlockSource = "tuned"
     not_routed: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    #: wall seconds of the block's phases (targets: the fp pass; score_rtn, tune, score_tuned; outputs: the
+    #: next block's inputs), each read at a host sync the phase ends with anyway
+    phases: Mapping[str, float] = attrs.field(factory=dict, converter=dict)
 
     @property
     def loss_kept(self) -> Optional[float]:

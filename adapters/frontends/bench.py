@@ -253,6 +253,7 @@ def run_ours(model: Any, batches: list[torch.Tensor], cfg: BenchConfig, accel: A
     per_block = [b.seconds for b in report.blocks]
     out = {"seconds": total, "setup_seconds": total - sum(per_block), **_timing(per_block),
            **_memory(report.peak_memory_bytes, resident, report.peak_memory_kind),
+           "phases_per_block": [dict(b.phases) for b in report.blocks],  # where the first block's extra goes
            "report_loss_rtn": [b.loss_rtn for b in report.blocks],
            "report_loss_tuned": [b.loss_tuned for b in report.blocks],
            "cuda_graphs_not_used": graphs.failures(),  # block layouts that fell back to eager steps
@@ -682,6 +683,11 @@ def print_table(r: Mapping[str, Any]) -> None:
               f"{num(t.get('first_block_seconds')):>8}{num(t.get('first_block_overhead_seconds')):>8}"
               f"{gib(t.get('peak_memory_bytes')):>10}{gib(t.get('peak_net_bytes')):>9}"
               f"  {loss[-1]:.4g} {['%.3g' % x for x in loss]}")
+    phases = (r.get("signround") or {}).get("phases_per_block") or []
+    if len(phases) > 1 and phases[0]:
+        first, second = phases[0], phases[1]
+        print("ours, phases of the first / second block (s): " + ", ".join(
+            f"{k} {first[k]:.2f}/{second.get(k, float('nan')):.2f}" for k in first))
     if "auto_round" not in r:
         print("auto-round not run (--no-reference)")
     for tag, label in (("", "auto-round"), ("_low_mem", "auto-round low_mem")):
