@@ -39,10 +39,12 @@ Prints a table and writes every number (and the per-block losses) to `--json`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import logging
 import platform
+import random
 import re
 import sys
 import time
@@ -176,14 +178,60 @@ def load_model(spec: Optional[str], dtype: torch.dtype) -> tuple[Any, Any, str, 
 # --------------------------------------------------------------------------------------------
 # methods
 # --------------------------------------------------------------------------------------------
+class AutoRoundOrder:
+    """auto-round 0.16.1's sample order, for `runtime.sample_indices`: one Python `random` stream seeded
+    with the tuning seed (its `transformers.set_seed`) and carried across blocks; per block a fresh
+    IndexSampler (a shuffle of range(n)), and a reshuffle whenever fewer than a batch remain (its
+    `compressors/utils.py`). The block's own seed is ignored: the stream decides."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+
+    def __call__(self, num_samples: int, per_step: int, iters: int, seed: int) -> list[torch.Tensor]:
+        order, pos, out = list(range(num_samples)), 0, []
+        self.rng.shuffle(order)
+        for _ in range(iters):
+            if pos + per_step > num_samples:
+                self.rng.shuffle(order)
+                pos = 0
+            out.append(torch.tensor(order[pos:pos + per_step]))
+            pos += per_step
+        return out
+
+
+@contextlib.contextmanager
+def replaying(order: Optional[AutoRoundOrder], record: list[dict[str, float]]):
+    """Within: our engine draws its steps from `order` (None: its own sampler) and each block's first
+    and best mini-batch losses go to `record` (what auto-round logs as "loss iter 0 -> iter N")."""
+    from signround.adapters.engine import runtime
+
+    saved = runtime.sample_indices, runtime.tune
+
+    def tune(*a: Any, **k: Any) -> Any:
+        got = saved[1](*a, **k)
+        if got.iters:
+            record.append({"loss_iter0": got.first_loss, "best_iter": int(got.losses.argmin()), "loss_best": got.best_loss})
+        return got
+
+    runtime.tune = tune
+    if order is not None:
+        runtime.sample_indices = order
+    try:
+        yield
+    finally:
+        runtime.sample_indices, runtime.tune = saved
+
+
 def run_signround(model: Any, batches: list[torch.Tensor], spec: QuantSpec, recipe: Any, device: str,
-                  layer_config: Optional[dict[str, Any]] = None) -> tuple[Any, dict[str, Any]]:
+                  layer_config: Optional[dict[str, Any]] = None, order: str = "ours") -> tuple[Any, dict[str, Any]]:
+    record: list[dict[str, float]] = []
     start = time.perf_counter()
-    model, report = quantize_model(model, batches, spec, recipe, device=device, layer_config=layer_config)
+    with replaying(AutoRoundOrder(recipe.seed) if order == "auto-round" else None, record):
+        model, report = quantize_model(model, batches, spec, recipe, device=device, layer_config=layer_config)
     seconds = time.perf_counter() - start
     blocks = [{"name": b.name, "loss_rtn": b.loss_rtn, "loss_tuned": b.loss_tuned, "seconds": b.seconds}
               for b in report.blocks]
-    return model, {"seconds": seconds, "report_blocks": blocks}
+    return model, {"seconds": seconds, "report_blocks": blocks, "log_blocks": record, "sample_order": order}
 
 
 AR_LOSS = re.compile(r"loss iter 0: ([0-9.eE+-]+) -> iter (\d+): ([0-9.eE+-]+)")
@@ -192,8 +240,8 @@ AR_LOSS = re.compile(r"loss iter 0: ([0-9.eE+-]+) -> iter (\d+): ([0-9.eE+-]+)")
 def _masked(tok: Any, token: str, batches: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
     """The windows as {input_ids, attention_mask}, the mask 0 at `token` and at each window's last
     position: auto-round's calibration mask when `token` is its pad token."""
-    tid = tok.convert_tokens_to_ids(token)
-    if tid is None or tid == tok.unk_token_id:
+    tid = tok.get_vocab().get(token)  # (SmolLM2's "<|endoftext|>" is id 0, also its unk id)
+    if tid is None:
         raise SystemExit(f"--signround-mask-token {token!r} is not a token of this tokenizer")
     out = []
     for b in batches:
@@ -419,6 +467,9 @@ def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--signround-mask-token", default=None, metavar="TOKEN",
                    help="give ours each window with an attention mask of 0 at this token and at the last position "
                         "(what auto-round does with its pad token): masked in calibration attention and loss")
+    p.add_argument("--signround-sample-order", choices=["ours", "auto-round"], default="ours",
+                   help="auto-round: our tuner draws each step's samples in auto-round 0.16.1's order (one Python "
+                        "random stream seeded with the tuning seed, across blocks), pairing the two tools' runs")
     p.add_argument("--auto-round-pad-token", default=None, metavar="TOKEN",
                    help="give auto-round a tokenizer with this pad token (it masks pad positions in calibration "
                         "attention and loss; SmolLM2's pad is its EOS, our document separator): e.g. a token "
@@ -583,7 +634,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                 if method.startswith("rtn"):
                     model, info = run_rtn(model, spec, args.device, layer_config)
                 elif method in ("signround", "signround-asplan"):
-                    model, info = run_signround(model, ours_batches, spec, run_recipe, args.device, layer_config)
+                    model, info = run_signround(model, ours_batches, spec, run_recipe, args.device, layer_config,
+                                                order=args.signround_sample_order)
                 else:
                     model, info = run_auto_round(model, ar_tok, batches, spec, run_recipe, args.device, ar_amp,
                                                  plan["layer_config"] if mixed_config else None)
