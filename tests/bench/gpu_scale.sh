@@ -34,6 +34,10 @@
 #                                     # compiled block; decode/prefill of Llama-3-8B shape             ~7.5 min
 #   bash tests/bench/gpu_scale.sh m   # the many-rows dequantization in each layout and compile mode per layer; decode/prefill
 #                                     # of Qwen2-1.5B, the static-cache paths first (recompiles logged)   ~8 min
+#   bash tests/bench/gpu_scale.sh n   # 2b cold and warm with the per-phase times of each block (where the first block's
+#                                     # overhead goes); issue 16's in-RAM 8-block 8B run after the sliced finite check ~7 min
+#   bash tests/bench/gpu_scale.sh o   # decode/prefill of the Llama-3-8B shape, static cache (its compile takes minutes)
+#                                     # and eager, bf16 / ours / auto-round                              ~9.5 min
 #   bash tests/bench/gpu_scale.sh tiny  # a dry run on a CPU (no wheels; uses $PYTHON, default python3)
 #
 # On the device machine: carry `.whl` (orjson, auto-round 0.16.1 and the auto-round needs the image lacks)
@@ -45,7 +49,7 @@
 # Each run has its own timeout so that one stuck run leaves the others' numbers.
 set -uo pipefail
 
-PART=${1:?usage: bash tests/bench/gpu_scale.sh a|b|c|d|e|f|g|h|i|j|k|l|m|tiny}
+PART=${1:?usage: bash tests/bench/gpu_scale.sh a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|tiny}
 REPO=$PWD
 OUT=${OUT:-/tmp/gpu_scale-out}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)  # absolute: the bench runs from /tmp
@@ -199,11 +203,19 @@ case $PART in
        --json "$RAW/dequant-variants.json"
      TORCH_LOGS=recompiles step decode-qwen2 400 "$PY" "$REPO/tests/bench/decode_bench.py" --model qwen2-1.5b --device cuda \
        --paths ours+static,bf16+static,ours,bf16,auto-round,auto-round+static --json "$RAW/decode-qwen2-1.5b.json" ;;
+  n) S=$REPO/tests/bench/stream_gpu.py
+     run 2b 2b 170                                   # phases of the first block, cold (printed and in the JSON)
+     run 2b-warm 2b 90 --no-reference                # and warm
+     [ -d /tmp/m8b ] || step stream-build 130 "$PY" "$S" build --dir /tmp/m8b --layers 8
+     step stream-ram 130 "$PY" "$S" ram --dir /tmp/m8b --out "$RAW" --layers 8   # issue 16: RSS after the sliced finite check
+     rm -rf "$RAW/q-ram" "$RAW/calib.txt" ;;
+  o) step decode-llama8b 560 "$PY" "$REPO/tests/bench/decode_bench.py" --model llama3-8b --device cuda \
+       --paths bf16+static,ours+static,ours,bf16,auto-round --json "$RAW/decode-llama3-8b.json" ;;
   tiny) run tiny tiny 300 --device cpu --profile "$RAW/prof-tiny"
         S=$REPO/tests/bench/stream_gpu.py
         step stream-build 120 "$PY" "$S" build --dir /tmp/m-tiny --layers 2 --tiny
         step stream-stream 120 "$PY" "$S" stream --dir /tmp/m-tiny --out "$RAW" --layers 2 --tiny --device cpu --iters 2 ;;
-  *) echo "unknown part $PART (a to m, or tiny)" >&2; exit 2 ;;
+  *) echo "unknown part $PART (a to o, or tiny)" >&2; exit 2 ;;
 esac
 
 # The table last: one row per size, and this part's spec/performance.json records.
