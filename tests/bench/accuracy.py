@@ -210,7 +210,8 @@ def replaying(order: Optional[AutoRoundOrder], record: list[dict[str, float]]):
     def tune(*a: Any, **k: Any) -> Any:
         got = saved[1](*a, **k)
         if got.iters:
-            record.append({"loss_iter0": got.first_loss, "best_iter": int(got.losses.argmin()), "loss_best": got.best_loss})
+            record.append({"loss_iter0": got.first_loss, "best_iter": int(got.losses.argmin()), "loss_best": got.best_loss,
+                           "losses": got.losses.tolist()})
         return got
 
     runtime.tune = tune
@@ -235,6 +236,7 @@ def run_signround(model: Any, batches: list[torch.Tensor], spec: QuantSpec, reci
 
 
 AR_LOSS = re.compile(r"loss iter 0: ([0-9.eE+-]+) -> iter (\d+): ([0-9.eE+-]+)")
+AR_STEP = re.compile(r"^iter (\d+) loss: ([0-9.eE+-]+)")  # its debug line per iteration
 
 
 def _masked(tok: Any, token: str, batches: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
@@ -279,8 +281,12 @@ def run_auto_round(model: Any, tok: Any, batches: list[torch.Tensor], spec: Quan
             logged.append(record.getMessage())
 
     handler = Grab()
+    levels = {}
     for name in ("autoround", "auto_round"):
-        logging.getLogger(name).addHandler(handler)
+        logger = logging.getLogger(name)
+        levels[name] = logger.level
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)  # its per-iteration losses are debug lines
     nsamples = sum(b.shape[0] for b in batches)
     kwargs = dict(bits=spec.bits, group_size=spec.group_size, sym=spec.sym, iters=recipe.iters,
                   nsamples=nsamples, seqlen=batches[0].shape[-1], batch_size=recipe.batch_size,
@@ -301,9 +307,20 @@ def run_auto_round(model: Any, tok: Any, batches: list[torch.Tensor], spec: Quan
     finally:
         for name in ("autoround", "auto_round"):
             logging.getLogger(name).removeHandler(handler)
+            logging.getLogger(name).setLevel(levels[name])
     seconds = time.perf_counter() - start
     losses = [{"loss_iter0": float(m[1]), "best_iter": int(m[2]), "loss_best": float(m[3])}
               for line in logged if (m := AR_LOSS.search(line))]
+    steps: list[list[float]] = []  # per block, every iteration's loss (a block's list starts at iter 0)
+    for line in logged:
+        if (m := AR_STEP.search(line)):
+            if int(m[1]) == 0:
+                steps.append([])
+            if steps:
+                steps[-1].append(float(m[2]))
+    if len(steps) == len(losses):
+        for entry, history in zip(losses, steps):
+            entry["losses"] = history
     return ar.model, {"seconds": seconds, "log_blocks": losses, "amp": amp}
 
 
