@@ -220,6 +220,10 @@ def _finish(block: nn.Module, result: BlockResult, started: float, accel: Accele
         store.save(result)
     if sink is not None:
         sink.write_block(result.name, block, result)
+    # The block's passes freed their host temporaries; glibc keeps freed chunks below its (self-raising)
+    # mmap threshold for reuse, so without a trim an in-RAM run grew by more than a block per block
+    # (spec/performance.md, issue 16). It costs nothing measurable.
+    release_host_memory()
     if on_block is not None:
         on_block(result.report)
     return attrs.evolve(result, weights={})

@@ -420,8 +420,7 @@ class AutoRound:
                                                block_names=cfg.block_names,
                                                quant_nontext_module=cfg.quant_nontext_module, device=device,
                                                low_gpu_mem_usage=cfg.low_gpu_mem_usage, cache=cfg.cache,
-                                               on_block=_freeing(bar.done if show else None), resume=resume,
-                                               data_parallel=dp,
+                                               on_block=bar.done if show else None, resume=resume, data_parallel=dp,
                                                stream=self._stream, sink=sink, loss_weighting=cfg.loss_weighting)
             except torch.OutOfMemoryError as err:
                 r = cfg.recipe
@@ -517,18 +516,6 @@ class AutoRound:
         cfg = self.config
         return _plan_memory_of(self.model, cfg.block_names, self.plan(), cfg.recipe, cfg.device, cfg.cache,
                                self._stream is not None, None, None)
-
-
-def _freeing(on_block: Optional[Any]) -> Any:
-    """`on_block` after handing the heap the finished block freed back to the system. glibc keeps
-    freed chunks below its (self-raising) mmap threshold for reuse, so an in-RAM run's anonymous
-    memory grew by more than a block's worth per block (spec/performance.md, issue 16)."""
-    def done(block: Any) -> None:
-        release_host_memory()
-        if on_block is not None:
-            on_block(block)
-
-    return done
 
 
 def _release_host_cache() -> None:

@@ -355,5 +355,4 @@ class StreamedWeights:
             self._set(n, torch.empty(t.shape, dtype=t.dtype, device="meta"))
 
 
-__all__ = ["CheckpointError", "CheckpointIndex", "StreamedWeights", "TensorEntry",
-           "skeleton"]
+__all__ = ["CheckpointError", "CheckpointIndex", "StreamedWeights", "TensorEntry", "skeleton"]

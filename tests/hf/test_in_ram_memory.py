@@ -5,7 +5,7 @@ Writing each finished block back into the mapped checkpoint turns its pages from
 anonymous ones, one block's bytes at a time: that moves RSS between the two kinds, it adds none.
 What did add was glibc keeping the heap each block (and each layer of the export) freed: the RSS
 climbed block after block and the export held dozens of layers' temporaries, which the planner does
-not count (spec/performance.md). The facade now trims the heap after each block and the export after
+not count (spec/performance.md). The engine now trims the heap after each block and the export after
 each layer; the RSS between blocks stays flat, and the export's peak is within the planner's
 "export" phase."""
 
