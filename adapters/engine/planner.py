@@ -29,6 +29,8 @@ import attrs
 import torch
 from torch import nn
 
+from signround.adapters.checkpoint.formats import DEFAULT_FORMAT
+from signround.adapters.checkpoint.inspect import layer_tensors, stored_bits
 from signround.rounding import Recipe
 
 GiB = 2**30
@@ -165,8 +167,8 @@ class ModelShape:
     it quantizes; largest_layer: weights of its largest quantized layer; groups: its quantization
     groups. outside_bytes: every tensor outside the block lists (embeddings, final norm, lm_head;
     tied tensors once); model_bytes: the whole model. weight_size: bytes per block weight.
-    packed_bytes: every quantized layer of the blocks as the export stores it (codes at their
-    bits, an fp16 scale and a packed zero per group), which an in-RAM export holds beside the model."""
+    packed_bytes: every quantized layer of the blocks as the export stores it in the default format
+    (`inspect.layer_tensors`, the format's own table), which an in-RAM export holds beside the model."""
 
     hidden: int
     intermediate: int
@@ -201,7 +203,7 @@ class ModelShape:
         outside = [t for n, t in [*model.named_parameters(), *model.named_buffers()] if not n.startswith(inside)]
         best: tuple[int, int, int, int, int] = (0, 0, 0, 0, 2)
         count = 0
-        packed = 0.0
+        packed = 0
         for prefix in prefixes:
             for j, block in enumerate(blocks_of(model, prefix)):
                 count += 1
@@ -213,7 +215,7 @@ class ModelShape:
                     w = modules[k[len(name):]].weight
                     sizes.append(w.numel())
                     groups += w.shape[0] * spec.num_groups(w.shape[1])
-                    packed += w.numel() * spec.bits / 8 + w.shape[0] * spec.num_groups(w.shape[1]) * (2 + spec.bits / 8)
+                    packed += stored_bits(layer_tensors(DEFAULT_FORMAT, spec, w.shape[1], w.shape[0]).values()) // 8
                 nbytes = _numel_bytes([*block.parameters(), *block.buffers()])
                 wsize = next((p.element_size() for p in block.parameters() if p.is_floating_point()), 2)
                 cand = (nbytes, sum(sizes), max(sizes, default=0), groups, wsize)
@@ -221,7 +223,7 @@ class ModelShape:
         return cls(hidden=hidden, intermediate=int(inter), q_dim=heads * head_dim, kv_dim=kv_heads * head_dim,
                    blocks=count, block_bytes=best[0], quantized=best[1], largest_layer=best[2], groups=best[3],
                    outside_bytes=_numel_bytes(outside), model_bytes=_numel_bytes(all_tensors), weight_size=best[4],
-                   packed_bytes=int(packed))
+                   packed_bytes=packed)
 
 
 # ------------------------------------------------------------------------------ the estimate

@@ -57,8 +57,9 @@ class BlockReport:
     kept_rtn: bool = False
     source: BlockSource = "tuned"
     not_routed: tuple[str, ...] = attrs.field(default=(), converter=tuple)
-    #: wall seconds of the block's phases (targets: the fp pass; score_rtn, tune, score_tuned; outputs: the
-    #: next block's inputs), each read at a host sync the phase ends with anyway
+    #: wall seconds of the block's phases (targets: from the block's start, its load and set-up included,
+    #: through the fp pass; score_rtn, tune, score_tuned; outputs: the next block's inputs), each read at a
+    #: host sync the phase ends with
     phases: Mapping[str, float] = attrs.field(factory=dict, converter=dict)
 
     @property
