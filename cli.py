@@ -55,7 +55,7 @@ _CLI_OPTION = {name: "--" + name.replace("_", "-") for name in (
     "overwrite", "low_gpu_mem_usage", "skip_bad_samples", "quant_nontext_module", "trust_remote_code", "batch_size",
     "gradient_accumulate_steps", "nsamples", "seqlen", "iters", "lr", "minmax_lr", "group_size", "bits", "seed",
     "layer_config", "resume_dir", "dataset", "device", "to_quant_block_names", "cache", "extra_data_dir", "template",
-    "recipe", "format", "target", "dtype", "target_bits", "candidates", "fuse_groups")}
+    "recipe", "format", "target", "dtype", "target_bits", "candidates", "fuse_groups", "rescore")}
 _API_VALUE = re.compile(r"\b(" + "|".join(_CLI_OPTION) + r")=(\{.*?\}\}|\{[^}]*\}|'[^']*'|\"[^\"]*\"|[\w.:/-]+)")
 _BARE = re.compile(r"\b(resume_dir|layer_config|extra_data_dir|to_quant_block_names|quant_nontext_module|target_bits)"
                    r"\b(?!=)")
@@ -306,6 +306,10 @@ def quantize(
                                              "W2G64,W3G64,W4G128,W8G128; W4G128asym for asym)."),
     fuse_groups: bool = typer.Option(True, "--fuse-groups/--no-fuse-groups", help="With --target-bits: q/k/v and "
                                      "gate/up (fused by vLLM) take one grid together (default on)."),
+    rescore: Optional[int] = typer.Option(None, help="With --target-bits: score again this many rounds on the model "
+                                          "with the last plan rounded to nearest, so 2-bit errors that compound "
+                                          "through the blocks count (default 1; 0: score the full-precision model "
+                                          "only; each round costs one more scoring pass)."),
     plan_out: Optional[Path] = typer.Option(None, help="With --target-bits: write the chosen plan here as a "
                                             "layer_config JSON (edit it and pass it back with --layer-config)."),
 ) -> None:
@@ -399,7 +403,7 @@ def quantize(
             low_gpu_mem_usage=low_gpu_mem_usage, cache=cache, skip_bad_samples=skip_bad_samples,
             resume_dir=resume_dir, target=[t.value for t in target], format=formats, stream_from_disk=stream_from_disk,
             max_gpu_memory=max_gpu_memory, max_cpu_memory=max_cpu_memory, target_bits=target_bits,
-            candidates=candidates, fuse_groups=fuse_groups, **overrides)
+            candidates=candidates, fuse_groups=fuse_groups, rescore=rescore, **overrides)
         mixed_plan = quantizer.mixed_plan() if target_bits is not None else None  # scores and solves; tunes nothing
         if mixed_plan is not None:
             typer.echo("\n".join(mixed_plan.describe()))

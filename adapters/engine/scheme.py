@@ -9,6 +9,11 @@ x_t: the layer's input at token t; g_t = ∂L/∂y_t: the gradient of the model'
 is the layer's RTN output error weighted per token and channel by the diagonal of the output-space
 Fisher, the second-order estimate of the loss increase that quantizing ℓ alone causes. One forward
 and backward pass per batch; weights take no gradient; each layer's inputs live only for its pass.
+
+With `quantized` (a plan: layer → grid), the passes run on the model with those layers rounded to
+nearest on their grids (put back after), so x_t and g_t are the degraded model's, where the errors
+of the other quantized layers have compounded; each candidate's error W − Q_c(W) is still taken on
+the layer's original weight. This is the re-scoring round of spec/mixed-precision.md §4.
 """
 
 from __future__ import annotations
@@ -56,13 +61,17 @@ def _token_loss(logits: Tensor, inputs: Mapping[str, Any]) -> tuple[Tensor, int]
 
 
 def score_layers(model: nn.Module, batches: Iterable[Batch], candidates: Mapping[str, Sequence[QuantSpec]], *,
-                 device: torch.device | str | None = None) -> LayerScores:
+                 device: torch.device | str | None = None,
+                 quantized: Mapping[str, QuantSpec] | None = None) -> LayerScores:
     """Score every named Linear on each of its candidate grids (see the module docstring).
 
     candidates: layer name → the grids to score it on (each already fitted to the layer's shape).
     batches: calibration batches (input_ids tensors or dicts of model inputs with `input_ids`).
     device: where the passes run (default: where the model is); the whole model is placed there for
-    the scoring and put back after. The model's parameters are left as they were."""
+    the scoring and put back after. quantized: layer → grid: those Linears are rounded to nearest
+    on their grid for the passes (inputs and gradients come from that degraded model), while every
+    candidate's error is measured against the layer's original weight. The model's parameters are
+    left as they were."""
     params = list(model.parameters())
     if any(p.device.type == "meta" for p in params):
         raise ValueError("scoring layers needs the model's weights in memory; a model streamed from disk "
@@ -71,6 +80,11 @@ def score_layers(model: nn.Module, batches: Iterable[Batch], candidates: Mapping
     missing = [n for n in candidates if not isinstance(modules.get(n), nn.Linear)]
     if missing:
         raise ValueError(f"cannot score {missing[0]!r}: not an nn.Linear of this model")
+    quantized = dict(quantized or {})
+    missing = [n for n in quantized if not isinstance(modules.get(n), nn.Linear)]
+    if missing:
+        raise ValueError(f"cannot round {missing[0]!r} for the scoring passes: not an nn.Linear of this model")
+    originals: dict[str, Tensor] = {}  # layer → its weight as it was, while the passes see it rounded
     home = params[0].device
     run_on = torch.device(device) if device is not None else home
     grads = [p.requires_grad for p in params]
@@ -87,7 +101,7 @@ def score_layers(model: nn.Module, batches: Iterable[Batch], candidates: Mapping
 
             def on_grad(g: Tensor) -> None:
                 with torch.no_grad():
-                    w = module.weight.float()
+                    w = originals.get(name, module.weight).float()
                     delta = torch.cat([w - qdq(w, s).float() for s in specs])  # [C·N, K]
                     y = x.reshape(-1, x.shape[-1]).float() @ delta.t()  # [T, C·N]
                     g2 = g.reshape(-1, g.shape[-1]).float().square().repeat(1, len(specs))
@@ -105,6 +119,11 @@ def score_layers(model: nn.Module, batches: Iterable[Batch], candidates: Mapping
         for p in params:
             p.requires_grad_(False)
         moved = move_outside(model, (), run_on)  # back into the CPU tensors they came from, afterwards
+        with torch.no_grad():
+            for n, spec in quantized.items():
+                w = modules[n].weight
+                originals[n] = w.detach().clone()
+                w.copy_(qdq(originals[n].float(), spec).to(w.dtype))
         # the embeddings' output is where the gradient starts, so no weight takes one
         handles.append(model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_(True)))
         handles += [modules[n].register_forward_hook(on_forward(n)) for n in candidates]
@@ -117,6 +136,10 @@ def score_layers(model: nn.Module, batches: Iterable[Batch], candidates: Mapping
     finally:
         for h in handles:
             h.remove()
+        with torch.no_grad():
+            for n, w in originals.items():
+                modules[n].weight.copy_(w)
+        originals.clear()
         restore(moved)
         for p, g in zip(params, grads):
             p.requires_grad_(g)

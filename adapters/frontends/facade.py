@@ -177,7 +177,8 @@ class AutoRound:
     (`self.config.memory`, `memory_plan()`). target_bits (e.g. 3.0: stored bits per weight of the
     quantized layers, scales and zero points counted as `signround inspect` counts them),
     candidates (grids such as "W2G64", "W4G128", default `mixed.DEFAULT_CANDIDATES`), fuse_groups
-    (vLLM's q/k/v and gate/up take one grid, default on): choose each layer's grid for the lowest
+    (vLLM's q/k/v and gate/up take one grid, default on), rescore (re-scoring rounds on the plan's
+    RTN-quantized model, default `mixed.DEFAULT_RESCORE`): choose each layer's grid for the lowest
     estimated loss within the budget (spec/mixed-precision.md); an unreachable budget fails here,
     the search runs on the calibration data when tuning starts, or at `mixed_plan()`.
     The checked arguments are `self.config`.
@@ -198,7 +199,8 @@ class AutoRound:
                  target: Union[str, Sequence[str]] = (), format: Union[str, Sequence[str]] = DEFAULT_FORMAT,
                  stream_from_disk: bool = False, max_gpu_memory: Union[int, str, None] = None,
                  max_cpu_memory: Union[int, str, None] = None, target_bits: Optional[float] = None,
-                 candidates: Union[str, Sequence[Any], None] = None, fuse_groups: bool = True) -> None:
+                 candidates: Union[str, Sequence[Any], None] = None, fuse_groups: bool = True,
+                 rescore: Optional[int] = None) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch nn.Module (a Hugging Face model), got {type(model).__name__}")
         mm = multimodal or Multimodal()
@@ -223,7 +225,7 @@ class AutoRound:
         outside = outside_layers(model, blocks, spec, checked_layers)
         checked_layers = _fit_targets(model, blocks, spec, checked_layers, targets, formats, outside)
         request, self._priced = _mixed_request(model, blocks, spec, checked_layers, outside, targets, formats,
-                                               target_bits, candidates, fuse_groups, bool(stream_from_disk))
+                                               target_bits, candidates, fuse_groups, bool(stream_from_disk), rescore)
         data = load_calibration_dataset(dataset, recipe_value, mm.extra_data_dir, bool(skip_bad_samples))
         self._stream, memory_plan, recipe_value, cache = _plan_memory(
             model, blocks, select_layers(model, blocks, spec, checked_layers), recipe_value, checked_device,
@@ -650,15 +652,16 @@ def _fit_targets(model: nn.Module, blocks: Sequence[str], spec: QuantSpec, layer
 def _mixed_request(model: nn.Module, blocks: Sequence[str], spec: QuantSpec, layer_config: Mapping[str, Any],
                    outside: Mapping[str, QuantSpec], targets: Sequence[str], formats: Sequence[str],
                    target_bits: Optional[float], candidates: Union[str, Sequence[Any], None], fuse_groups: bool,
-                   stream: bool) -> tuple[Optional[mixed.MixedRequest], Optional[mixed.Priced]]:
+                   stream: bool, rescore: Optional[int] = None
+                   ) -> tuple[Optional[mixed.MixedRequest], Optional[mixed.Priced]]:
     """The checked mixed-precision request and its prices (None, None without target_bits); an
     unreachable budget, a candidate the format refuses or a layer no candidate fits fail here."""
     if target_bits is None:
-        if candidates is not None or not fuse_groups:
-            raise ValueError("candidates= and fuse_groups= choose grids at a bit budget: pass target_bits= too "
-                         "(e.g. target_bits=3.0)")
+        if candidates is not None or not fuse_groups or rescore is not None:
+            raise ValueError("candidates=, fuse_groups= and rescore= choose grids at a bit budget: pass target_bits= "
+                             "too (e.g. target_bits=3.0)")
         return None, None
-    request = mixed.MixedRequest.of(target_bits, candidates, fuse_groups)
+    request = mixed.MixedRequest.of(target_bits, candidates, fuse_groups, rescore)
     if stream or any(p.device.type == "meta" for p in model.parameters()):
         raise ValueError("target_bits scores every layer with the whole model in memory, so it cannot run on a "
                          "model streamed from disk; load the model in RAM, or pass the plan of an earlier run as "

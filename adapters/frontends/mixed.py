@@ -34,6 +34,10 @@ from signround.rounding.budget import Item, Option, Solution, solve
 
 #: what the budget chooses between when no candidates are given (the issue's list)
 DEFAULT_CANDIDATES = ("W2G64", "W3G64", "W4G128", "W8G128")
+#: re-scoring rounds on the plan's RTN-quantized model after the first solve (spec/mixed-precision.md §4)
+DEFAULT_RESCORE = 1
+MAX_RESCORE = 4
+SCORE_NAME = "fisher_weighted_rtn_output_error"
 _SCHEME = re.compile(r"W([2-8])(?:A16)?G(-?\d+)(?:[-_]?(SYM|ASYM))?")
 
 
@@ -61,20 +65,25 @@ class MixedRequest:
     target_bits: float
     candidates: tuple[QuantSpec, ...]
     fuse_groups: bool = True
+    rescore: int = DEFAULT_RESCORE
 
     @classmethod
     def of(cls, target_bits: Any, candidates: Optional[Iterable[Union[str, QuantSpec]]] = None,
-           fuse_groups: bool = True) -> MixedRequest:
+           fuse_groups: bool = True, rescore: Optional[int] = None) -> MixedRequest:
         if isinstance(target_bits, bool) or not isinstance(target_bits, (int, float)) or not (
                 0 < float(target_bits) <= 32):
             raise ValueError(f"target_bits must be a number of bits per weight such as 3.0 (scales and zero points "
                              f"counted), got {target_bits!r}")
+        rescore = DEFAULT_RESCORE if rescore is None else rescore
+        if isinstance(rescore, bool) or not isinstance(rescore, int) or not 0 <= rescore <= MAX_RESCORE:
+            raise ValueError(f"rescore must be a whole number of re-scoring rounds from 0 to {MAX_RESCORE} (0: score "
+                             f"the full-precision model only; each round costs one more scoring pass), got {rescore!r}")
         raw = list(DEFAULT_CANDIDATES if candidates is None else
                    ([c for c in candidates.split(",") if c.strip()] if isinstance(candidates, str) else candidates))
         specs = tuple(dict.fromkeys(parse_scheme(c) for c in raw))
         if not specs:
             raise ValueError("candidates names no scheme; give e.g. candidates=['W2G64', 'W4G128']")
-        return cls(float(target_bits), specs, bool(fuse_groups))
+        return cls(float(target_bits), specs, bool(fuse_groups), rescore)
 
 
 @attrs.frozen
@@ -138,6 +147,13 @@ class MixedPlan:
     score_tokens: int
     search_seconds: float
     score_device: str
+    rescore: int = 0  # re-scoring rounds asked
+    rounds: tuple[Mapping[str, Any], ...] = ()  # per scoring pass: seconds, score loss of its plan, layers changed
+
+    @property
+    def score_name(self) -> str:
+        """The score the final plan was solved on: the plain score, or re-scored on the plan's RTN model."""
+        return SCORE_NAME if self.rescore == 0 else f"{SCORE_NAME}+rescore{self.rescore}_on_plan_rtn"
 
     @property
     def specs(self) -> dict[str, QuantSpec]:
@@ -168,7 +184,8 @@ class MixedPlan:
         return {"target_bits": self.target_bits, "average_bits": round(self.average_bits, 6),
                 "candidates": [scheme_name(c) for c in self.candidates], "fuse_groups": self.fuse_groups,
                 "bits_counted_as": self.format, "layers_per_scheme": dict(counts), "exact": self.exact,
-                "gap": self.gap, "score": "fisher_weighted_rtn_output_error", "score_tokens": self.score_tokens,
+                "gap": self.gap, "score": self.score_name, "rescore": self.rescore,
+                "scoring_passes": len(self.rounds), "score_tokens": self.score_tokens,
                 "search_seconds": round(self.search_seconds, 2)}
 
     def describe(self) -> list[str]:
@@ -186,7 +203,8 @@ class MixedPlan:
         lines.append("layers per scheme: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
         lines.append(f"average: {self.average_bits:.4f} bits per weight (budget {self.target_bits}); "
                      + ("optimal for the scores" if self.exact else f"search stopped, within {self.gap:.4g} of optimal")
-                     + f"; scored on {self.score_tokens} tokens on {self.score_device}, {self.search_seconds:.1f}s")
+                     + f"; scored on {self.score_tokens} tokens on {self.score_device}, {self.search_seconds:.1f}s"
+                     + (f", {len(self.rounds)} scoring passes (re-scored on the plan's RTN model)" if self.rescore else ""))
         return lines
 
 
@@ -251,20 +269,55 @@ def check_reachable(priced: Priced, request: MixedRequest) -> None:
     solve(priced.items(), request.target_bits, node_limit=0)
 
 
+def _tied_to_embeddings(model: nn.Module, name: str) -> bool:
+    try:
+        emb = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return False
+    w = getattr(model.get_submodule(name), "weight", None)
+    return emb is not None and w is not None and w is getattr(emb, "weight", None)
+
+
 def choose(model: nn.Module, batches: Iterable[Any], priced: Priced, request: MixedRequest, *,
            device: Union[str, torch.device, None] = None) -> MixedPlan:
-    """Score, solve, and return the plan."""
+    """Score, solve, and return the plan. With `request.rescore` rounds, each round scores again on
+    the model with the last plan rounded to nearest in place (every searched and fixed layer on its
+    grid; a layer tied to the input embeddings is left alone), where the errors of the other layers
+    compound, and solves again; it stops early when a round leaves the plan unchanged."""
     import time
 
     start = time.perf_counter()
+    batches = list(batches)  # read once per scoring pass
     # each layer is scored on its own fitted grid of every candidate its group takes
     per_layer: dict[str, dict[QuantSpec, QuantSpec]] = {}
     for _, layers, opts in priced.groups:
         for i, n in enumerate(layers):
             per_layer[n] = {cand: fitted[i] for cand, fitted, _ in opts}
-    scores = score_layers(model, batches, {n: tuple(m.values()) for n, m in per_layer.items()}, device=device)
-    by_candidate = {n: dict(zip(m, scores.loss[n])) for n, m in per_layer.items()}
-    solution: Solution = solve(priced.items(by_candidate), request.target_bits)
+    to_score = {n: tuple(m.values()) for n, m in per_layer.items()}
+    fixed = {n: f.spec for f in priced.fixed for n in f.layers if not _tied_to_embeddings(model, n)}
+
+    def specs_of(solution: Solution) -> dict[str, QuantSpec]:
+        out = {}
+        for (_, layers, opts), chosen in zip(priced.groups, solution.choice):
+            out.update(zip(layers, next(o[1] for o in opts if scheme_name(o[0]) == chosen)))
+        return out
+
+    rounds: list[dict[str, Any]] = []
+    plan_specs: Optional[dict[str, QuantSpec]] = None
+    scores = by_candidate = solution = None
+    for r in range(request.rescore + 1):
+        scores = score_layers(model, batches, to_score, device=device,
+                              quantized=None if plan_specs is None else {**plan_specs, **fixed})
+        by_candidate = {n: dict(zip(m, scores.loss[n])) for n, m in per_layer.items()}
+        solution = solve(priced.items(by_candidate), request.target_bits)
+        new_specs = specs_of(solution)
+        changed = None if plan_specs is None else sum(new_specs[n] != plan_specs[n] for n in new_specs)
+        rounds.append({"round": r, "on": "full precision" if plan_specs is None else "plan rounded to nearest",
+                       "seconds": round(scores.seconds, 2), "loss": solution.loss, "layers_changed": changed})
+        plan_specs = new_specs
+        if changed == 0:
+            break  # a fixed point: another round would score the same model again
+    assert scores is not None and by_candidate is not None and solution is not None
     groups = []
     for (name, layers, opts), chosen in zip(priced.groups, solution.choice):
         cand, fitted, b = next(o for o in opts if scheme_name(o[0]) == chosen)
@@ -275,4 +328,5 @@ def choose(model: nn.Module, batches: Iterable[Any], priced: Priced, request: Mi
     return MixedPlan(target_bits=request.target_bits, candidates=request.candidates, fuse_groups=request.fuse_groups,
                      format=priced.format, groups=all_groups, average_bits=solution.average_bits,
                      budget=solution.budget, exact=solution.exact, gap=solution.gap, score_tokens=scores.tokens,
-                     search_seconds=time.perf_counter() - start, score_device=scores.device)
+                     search_seconds=time.perf_counter() - start, score_device=scores.device,
+                     rescore=request.rescore, rounds=tuple(rounds))

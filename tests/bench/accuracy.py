@@ -352,12 +352,13 @@ def uniform_specs(model: Any, spec: QuantSpec) -> dict[str, QuantSpec]:
     return dict(select_layers(model, find_block_lists(model), spec, {}).quantize)
 
 
-def our_plan(teacher: Any, batches: list[torch.Tensor], target: float, candidates: str, device: str) -> Any:
+def our_plan(teacher: Any, batches: list[torch.Tensor], target: float, candidates: str, device: str,
+             rescore: Optional[int] = None) -> Any:
     """Our plan (signround.adapters.frontends.mixed) on the harness's calibration windows."""
     from signround.adapters.frontends import mixed
     from signround.adapters.hf.blocks import select_layers
 
-    request = mixed.MixedRequest.of(target, candidates)
+    request = mixed.MixedRequest.of(target, candidates, rescore=rescore)
     blocks = find_block_lists(teacher)
     priced = mixed.price(teacher, blocks, select_layers(teacher, blocks, request.candidates[0], {}), {}, {}, request,
                          "auto_round")
@@ -455,6 +456,8 @@ def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--target-bits", default=None,
                    help="comma-separated average bits per weight (scales and zeros counted), e.g. 2.5,3.0,3.5: adds "
                         "one mixed config per budget (our plan for rtn/signround, AutoScheme for auto-round)")
+    p.add_argument("--rescore", type=int, default=None,
+                   help="our plan's re-scoring rounds on its RTN model (default: the library's, mixed.DEFAULT_RESCORE)")
     p.add_argument("--candidates", default=DEFAULT_CANDIDATES, help="grids the budget chooses between (%(default)s)")
     p.add_argument("--recipe", default="default", help="signround preset: default, best, light (fields below override)")
     p.add_argument("--iters", type=int)
@@ -605,10 +608,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         if (whose, target) not in plans:
             t0 = time.perf_counter()
             if whose == "ours":
-                plan = our_plan(teacher, batches, target, args.candidates, args.device)
+                plan = our_plan(teacher, batches, target, args.candidates, args.device, args.rescore)
                 lc = {n: s for n, s in plan.specs.items()}
                 plans[whose, target] = {"specs": lc, "global": plan.global_spec, "seconds": plan.search_seconds,
-                                        "json": plan.layer_config(), "exact": plan.exact,
+                                        "json": plan.layer_config(), "exact": plan.exact, "score": plan.score_name,
+                                        "rounds": list(plan.rounds),
                                         "average_bits": average_bits(teacher, lc)}
             else:
                 lc, seconds = autoscheme_plan(teacher, tok, batches, target, args.candidates, args.device,
@@ -623,6 +627,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                   f"{got['seconds']:.0f}s (total {time.perf_counter() - t0:.0f}s)", flush=True)
             result.setdefault("plans", {})[f"{whose}@{target:g}"] = {
                 "average_bits": got["average_bits"], "search_seconds": got["seconds"],
+                **{k: got[k] for k in ("score", "rounds") if k in got},
                 "layers_per_scheme": dict(per), "layer_config": {n: (v if isinstance(v, dict) else v.to_dict())
                                                                  for n, v in got["json"].items()}}
             save()
