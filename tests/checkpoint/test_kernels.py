@@ -473,6 +473,7 @@ def test_decode_bench_runs_on_the_cpu(tmp_path: Path) -> None:
     assert rows["ours"]["kernels"] == {"int4_cpu": 28}
     assert rows["ours:dequant-cached"]["kernels"] == {"dequant": 28}
     assert rows["ours+static"]["kernels"] == {"int4_cpu": 28} and rows["ours+static"]["dynamo_graphs"] >= 1
+    assert rows["ours+static"]["prefill_compiled_tok_s"] > 0 and "prefill compiled tok/s" in out["table"]
     assert all(rows[p]["decode_b1_tok_s"] > 0 and rows[p]["prefill_tok_s"] > 0 for p in ("bf16", "ours"))
     assert rows["nope"]["error"].startswith("ValueError: unknown path")
     assert json.loads((tmp_path / "r.json").read_text())["quantized_layers"] == 28

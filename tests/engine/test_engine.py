@@ -193,7 +193,7 @@ def test_each_block_report_goes_to_on_block_and_nothing_is_printed(capsys: pytes
     assert seen == list(report.blocks) and [b.name for b in seen] == ["model.layers.0", "model.layers.1"]
     assert all(b.source == "tuned" and b.seconds > 0 for b in seen)
     for b in seen:  # where each block's time went, in order, adding up to at most its wall time
-        assert list(b.phases) == ["targets", "score_rtn", "tune", "score_tuned", "outputs"]
+        assert list(b.phases) == ["setup", "targets", "score_rtn", "tune", "score_tuned", "outputs"]
         assert all(v >= 0 for v in b.phases.values()) and sum(b.phases.values()) <= b.seconds
     out = capsys.readouterr()
     assert out.out == "" and out.err == ""
