@@ -308,8 +308,9 @@ def quantize(
                                      "gate/up (fused by vLLM) take one grid together (default on)."),
     rescore: Optional[int] = typer.Option(None, help="With --target-bits: score again this many rounds on the model "
                                           "with the last plan rounded to nearest, so 2-bit errors that compound "
-                                          "through the blocks count (default 1; 0: score the full-precision model "
-                                          "only; each round costs one more scoring pass)."),
+                                          "through the blocks count (default 0: score the full-precision model "
+                                          "only; each round costs one more scoring pass; measured worse after "
+                                          "tuning on Gemma-3-270M, see spec/mixed-precision.md)."),
     plan_out: Optional[Path] = typer.Option(None, help="With --target-bits: write the chosen plan here as a "
                                             "layer_config JSON (edit it and pass it back with --layer-config)."),
 ) -> None:

@@ -35,7 +35,7 @@ from signround.rounding.budget import Item, Option, Solution, solve
 #: what the budget chooses between when no candidates are given (the issue's list)
 DEFAULT_CANDIDATES = ("W2G64", "W3G64", "W4G128", "W8G128")
 #: re-scoring rounds on the plan's RTN-quantized model after the first solve (spec/mixed-precision.md §4)
-DEFAULT_RESCORE = 1
+DEFAULT_RESCORE = 0
 MAX_RESCORE = 4
 SCORE_NAME = "fisher_weighted_rtn_output_error"
 _SCHEME = re.compile(r"W([2-8])(?:A16)?G(-?\d+)(?:[-_]?(SYM|ASYM))?")

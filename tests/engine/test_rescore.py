@@ -122,3 +122,17 @@ def test_facade_takes_rescore_and_records_it() -> None:
     plan = AutoRound(tiny_text_model("llama", vocab_size=len(tok)), tok, target_bits=4.0, **small).mixed_plan()
     assert plan.rescore == mixed.DEFAULT_RESCORE and len(plan.rounds) >= 1 + min(1, mixed.DEFAULT_RESCORE)
     assert plan.average_bits <= 4.0
+
+
+def test_cli_dry_run_with_rescore(tmp_path) -> None:
+    from typer.testing import CliRunner
+    from tiny_models import save_tiny_text_model
+
+    from signround.cli import app
+
+    model_dir = save_tiny_text_model(tmp_path / "tiny")
+    res = CliRunner().invoke(app, ["quantize", str(model_dir), "--dry-run", "--group-size", "32", "--iters", "2",
+                                   "--nsamples", "4", "--seqlen", "16", "--batch-size", "2", "--target-bits", "3.5",
+                                   "--candidates", "W2G32,W4G32,W8G32", "--rescore", "1"])
+    assert res.exit_code == 0, res.output
+    assert "re-scored on the plan's RTN model" in res.output and "average:" in res.output
