@@ -156,7 +156,7 @@ case $PART in
        --paths bf16,ours,auto-round --json "$RAW/decode-qwen2-1.5b.json"
      step stream-build 130 "$PY" "$REPO/tests/bench/stream_gpu.py" build --dir /tmp/m8b --layers 8 ;;
   f) S=$REPO/tests/bench/stream_gpu.py
-     [ -d /tmp/m8b ] || step stream-build 130 "$PY" "$S" build --dir /tmp/m8b --layers 8
+     [ -d /tmp/m8b ] || step stream-build 300 "$PY" "$S" build --dir /tmp/m8b --layers 8  # 127 s on the 5th run
      step stream-ram 130 "$PY" "$S" ram --dir /tmp/m8b --out "$RAW" --layers 8
      rm -rf "$RAW/q-ram" "$RAW/calib.txt"
      run 70b 70b 330 ;;
@@ -172,7 +172,7 @@ case $PART in
      step decode-qwen2 150 "$PY" "$REPO/tests/bench/decode_bench.py" --model qwen2-1.5b --device cuda \
        --paths bf16,ours,auto-round --json "$RAW/decode-qwen2-1.5b.json" ;;
   h) S=$REPO/tests/bench/stream_gpu.py
-     [ -d /tmp/m8b ] || step stream-build 130 "$PY" "$S" build --dir /tmp/m8b --layers 8
+     [ -d /tmp/m8b ] || step stream-build 300 "$PY" "$S" build --dir /tmp/m8b --layers 8  # 127 s on the 5th run
      step stream-ram 130 "$PY" "$S" ram --dir /tmp/m8b --out "$RAW" --layers 8
      rm -rf "$RAW/q-ram" "$RAW/calib.txt"
      run 70b 70b 300 ;;
@@ -203,10 +203,14 @@ case $PART in
        --json "$RAW/dequant-variants.json"
      TORCH_LOGS=recompiles step decode-qwen2 400 "$PY" "$REPO/tests/bench/decode_bench.py" --model qwen2-1.5b --device cuda \
        --paths ours+static,bf16+static,ours,bf16,auto-round,auto-round+static --json "$RAW/decode-qwen2-1.5b.json" ;;
+  n2) S=$REPO/tests/bench/stream_gpu.py  # n's issue 16 steps alone (the 5th run's n stopped its build at 130 s)
+     step stream-build 300 "$PY" "$S" build --dir /tmp/m8b --layers 8
+     step stream-ram 250 "$PY" "$S" ram --dir /tmp/m8b --out "$RAW" --layers 8
+     rm -rf "$RAW/q-ram" "$RAW/calib.txt" ;;
   n) S=$REPO/tests/bench/stream_gpu.py
      run 2b 2b 170                                   # phases of the first block, cold (printed and in the JSON)
      run 2b-warm 2b 90 --no-reference                # and warm
-     [ -d /tmp/m8b ] || step stream-build 130 "$PY" "$S" build --dir /tmp/m8b --layers 8
+     [ -d /tmp/m8b ] || step stream-build 300 "$PY" "$S" build --dir /tmp/m8b --layers 8  # 127 s on the 5th run
      step stream-ram 130 "$PY" "$S" ram --dir /tmp/m8b --out "$RAW" --layers 8   # issue 16: RSS after the sliced finite check
      rm -rf "$RAW/q-ram" "$RAW/calib.txt" ;;
   p) # issue 13: where the first block's non-compile time goes (cProfile of a cold 2b run, ours only);
@@ -220,14 +224,15 @@ s.print_callers('cudaHostAlloc|pin_memory|empty_cache|synchronize')" "$RAW/first
        --paths bf16+static,ours+static --batches "" --json "$RAW/decode-qwen2-prefill.json" ;;
   q) # issue 18: 8B, static decode at batch 1 and the compiled prefill (ours first: the row that matters)
      step decode-llama8b-static 560 "$PY" "$REPO/tests/bench/decode_bench.py" --model llama3-8b --device cuda \
-       --paths ours+static,bf16+static --batches 1 --json "$RAW/decode-llama3-8b-static.json" ;;
-  o) step decode-llama8b 560 "$PY" "$REPO/tests/bench/decode_bench.py" --model llama3-8b --device cuda \
-       --paths bf16+static,ours+static,ours,bf16,auto-round --json "$RAW/decode-llama3-8b.json" ;;
+       --paths ours+static,bf16+static --batches 1 --prefill 0 --json "$RAW/decode-llama3-8b-static.json" ;;
+  o) # the eager rows (the static ones are part q; their compiles alone take ~100 s a path at 8B)
+     step decode-llama8b 240 "$PY" "$REPO/tests/bench/decode_bench.py" --model llama3-8b --device cuda --repeats 2 \
+       --paths ours,bf16,auto-round --json "$RAW/decode-llama3-8b.json" ;;
   tiny) run tiny tiny 300 --device cpu --profile "$RAW/prof-tiny"
         S=$REPO/tests/bench/stream_gpu.py
         step stream-build 120 "$PY" "$S" build --dir /tmp/m-tiny --layers 2 --tiny
         step stream-stream 120 "$PY" "$S" stream --dir /tmp/m-tiny --out "$RAW" --layers 2 --tiny --device cpu --iters 2 ;;
-  *) echo "unknown part $PART (a to o, or tiny)" >&2; exit 2 ;;
+  *) echo "unknown part $PART (a to q, n2, or tiny)" >&2; exit 2 ;;
 esac
 
 # The table last: one row per size, and this part's spec/performance.json records.
