@@ -472,9 +472,13 @@ class AutoRound:
                 raise ValueError(f"layer {name!r} has NaN/Inf quantization scales; refusing to write a broken "
                                  "checkpoint (check the calibration data and the model's activations)")
         dp = self._data_parallel
-        if dp is not None and not dp.is_main:  # every rank holds the same result; rank 0 writes it
+        if dp is not None:
+            # Every rank has checked the output before rank 0 writes it: a rank that reached its check
+            # after rank 0's write would find the new checkpoint there and refuse it.
             dp.barrier()
-            return Path(output_dir)
+            if not dp.is_main:  # every rank holds the same result; rank 0 writes it
+                dp.barrier()
+                return Path(output_dir)
         path = save_quantized(self.model, self.report.layers, output_dir,
                               format=self.config.formats if format is None else format, inplace=inplace,
                               tokenizer=self.tokenizer, processor=self.processor,

@@ -281,3 +281,42 @@ def test_low_gpu_mem_usage_cuts_steps_on_an_accelerator_only(tok, monkeypatch):
     assert (chosen.batch_size, chosen.gradient_accumulate_steps) == (8, 1)
     plain = AutoRound(_model(tok), tok, **dict(kw, low_gpu_mem_usage=False)).config.recipe
     assert (plain.batch_size, plain.gradient_accumulate_steps) == (8, 1)
+
+
+def test_data_parallel_save_checks_every_rank_before_rank_0_writes(tok, tmp_path):
+    """Two ranks (threads sharing one barrier) save one checkpoint; rank 1 reaches save_quantized late.
+    Every rank checks the output before rank 0 writes, so the late rank does not find rank 0's new
+    checkpoint there and refuse it (seen as a flaky torchrun test on a loaded machine)."""
+    import threading
+    import time
+
+    from signround.adapters.engine.distributed import DataParallel
+
+    barrier = threading.Barrier(2, timeout=60)
+
+    class ThreadRank(DataParallel):
+        def barrier(self) -> None:
+            barrier.wait()
+
+    out, errors = tmp_path / "ckpt", []
+    ranks = []
+    for rank in (0, 1):
+        ar = AutoRound(_model(tok), tok, bits=4, group_size=32, **{**SMALL, "iters": 0})
+        ar.quantize()
+        ar._data_parallel = ThreadRank(rank=rank, world=2)
+        ranks.append(ar)
+
+    def save(ar, delay):
+        time.sleep(delay)
+        try:
+            ar.save_quantized(out)
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+            barrier.abort()
+
+    threads = [threading.Thread(target=save, args=(ranks[0], 0.0)), threading.Thread(target=save, args=(ranks[1], 1.0))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and (out / "config.json").is_file()
