@@ -322,6 +322,52 @@ def dequant_grouped(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.T
     return (d * scales.t().float().unsqueeze(-1)).reshape(n, k).to(dtype)
 
 
+def dequant_cols(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, bits: int, group: int,
+                 zero_offset: int, dtype: torch.dtype) -> torch.Tensor:
+    """Wᵀ [K, N] of the words (`kernels.dequant_rows` transposed): each output row reads consecutive words,
+    scales and zeros along N (coalesced), where the [N, K] form reads them strided. For `x @ Wᵀ`."""
+    from signround.rounding.pack import unpack_cols
+
+    per, mask = 32 // bits, (1 << bits) - 1
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=qweight.device).view(1, -1, 1)
+    k, n = qweight.shape[0] * per, qweight.shape[1]
+    codes = ((qweight.unsqueeze(1) >> shifts) & mask).reshape(k, n)
+    zeros = unpack_cols(qzeros, bits)[:, :n] + zero_offset  # [G, N]
+    gidx = torch.arange(k, device=qweight.device) // group
+    d = codes.float() - zeros.float()[gidx]
+    return (d * scales.float()[gidx]).to(dtype)
+
+
+def use_wide_layout(layout: str, device: torch.device) -> Callable[[], None]:
+    """Make every loaded layer's many-rows path dequantize in `layout` ("rows": the library's [N, K] and
+    `F.linear`; "cols": `dequant_cols` and `x @ Wᵀ`, compiled on CUDA): a bench-only variant, checked
+    against the rows form on a random layer before any timing."""
+    from signround.adapters.checkpoint import kernels
+
+    original = kernels.WideRun.__call__
+
+    def restore() -> None:
+        kernels.WideRun.__call__ = original  # type: ignore[method-assign]
+
+    if layout == "rows":
+        return restore
+    fn = torch.compile(dequant_cols, dynamic=None) if device.type == "cuda" else dequant_cols
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randint(-2**31, 2**31 - 1, (32, 96), generator=gen, dtype=torch.int32).to(device)
+    z = torch.randint(-2**31, 2**31 - 1, (2, 12), generator=gen, dtype=torch.int32).to(device)
+    sc = torch.rand(2, 96, generator=gen).half().to(device)
+    if not torch.equal(fn(q, z, sc, 4, 128, 0, torch.bfloat16).t(), kernels.dequant_rows(q, z, sc, 4, 128, 0, torch.bfloat16)):
+        raise AssertionError("dequant_cols differs from kernels.dequant_rows")
+
+    def call(self: Any, x: torch.Tensor) -> torch.Tensor:
+        layer = self.layer()
+        y = x @ fn(layer.qweight, layer.qzeros, layer.scales, self.bits, self.group, self.zero_offset, x.dtype)
+        return y if layer.bias is None else y + layer.bias.to(x.dtype)
+
+    kernels.WideRun.__call__ = call  # type: ignore[method-assign]
+    return restore
+
+
 def dequant_variants(shapes: list[tuple[int, int]], *, device: torch.device, rows: list[int], group_size: int,
                      repeats: int) -> list[dict[str, Any]]:
     """The many-rows path's dequantization in each candidate layout and compile mode, per layer shape: the
@@ -378,6 +424,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--layers", default=None, help="instead of a model: time single layers of these shapes, "
                     "OUTxIN comma-separated (e.g. 1536x576,4096x4096), on every kernel that serves them")
     ap.add_argument("--layer-rows", default="1,8,64,512", help="with --layers: activation rows (tokens)")
+    ap.add_argument("--wide-layout", choices=["rows", "cols"], default="rows", help="the quantized paths' many-rows "
+                    "dequantization: the library's [N, K] (rows) or a bench-only coalesced Wᵀ [K, N] (cols)")
     ap.add_argument("--dequant-variants", action="store_true", help="with --layers: time the many-rows path's "
                     "dequantization in each candidate layout and compile mode instead of the kernels")
     args = ap.parse_args(argv)
@@ -403,6 +451,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.json:
             args.json.write_text(json.dumps(res, indent=2))
         return res
+    restore = use_wide_layout(args.wide_layout, device)
+    try:
+        return run_paths(args, device, dtype, batches)
+    finally:
+        restore()  # an in-process caller (the CPU test) gets the library's layer back
+
+
+def run_paths(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, batches: list[int]) -> dict[str, Any]:
+    """The model part of `main`: build, quantize, then load and measure every path."""
     if args.paths:
         paths = args.paths.split(",")
     elif device.type == "cuda":
@@ -467,7 +524,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "repeats": args.repeats, "rounds": args.rounds, "threads": torch.get_num_threads(), "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "commit": os.environ.get("SIGNROUND_COMMIT"), "prepare_s": prep_s, "rows": rows,
+        "commit": os.environ.get("SIGNROUND_COMMIT"), "prepare_s": prep_s, "wide_layout": args.wide_layout, "rows": rows,
     }
     base = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     result["table"] = table(rows, batches, base)

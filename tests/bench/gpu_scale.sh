@@ -43,6 +43,7 @@
 #   bash tests/bench/gpu_scale.sh q   # Llama-3-8B shape: static-cache compiled decode at batch 1, ours / bf16 ~5.5 min
 #   bash tests/bench/gpu_scale.sh r   # 2b and 8b vs auto-round after the on-device finite check      ~7.5 min
 #   bash tests/bench/gpu_scale.sh t   # the Qwen2-VL-2B-shaped vision towers at 200 iterations           ~4 min
+#   bash tests/bench/gpu_scale.sh u   # Qwen2-1.5B prefill, eager and compiled, with the coalesced Wᵀ dequantization ~5 min
 #   bash tests/bench/gpu_scale.sh s   # Llama-3-8B shape: static decode at batch 8 and the compiled prefill ~9.5 min
 #   bash tests/bench/gpu_scale.sh tiny  # a dry run on a CPU (no wheels; uses $PYTHON, default python3)
 #
@@ -55,7 +56,7 @@
 # Each run has its own timeout so that one stuck run leaves the others' numbers.
 set -uo pipefail
 
-PART=${1:?usage: bash tests/bench/gpu_scale.sh a|b|...|n|n2|o|p|q|r|s|t|tiny}
+PART=${1:?usage: bash tests/bench/gpu_scale.sh a|b|...|n|n2|o|p|q|r|s|t|u|tiny}
 REPO=$PWD
 OUT=${OUT:-/tmp/gpu_scale-out}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)  # absolute: the bench runs from /tmp
@@ -240,6 +241,10 @@ s.print_callers('cudaHostAlloc|pin_memory|empty_cache|synchronize')" "$RAW/first
   s) # issue 18: 8B static decode at batch 8 and the compiled prefill (each path's compiles take ~100-150 s)
      step decode-llama8b-static-b8 560 "$PY" "$REPO/tests/bench/decode_bench.py" --model llama3-8b --device cuda \
        --paths ours+static,bf16+static --batches 8 --json "$RAW/decode-llama3-8b-static-b8.json" ;;
+  u) # issue 18: the coalesced Wᵀ dequantization (bench-only --wide-layout cols) in eager and whole-graph-compiled
+     # prefill, Qwen2-1.5B shape; against part p's rows layout (ours 31041 eager, 78571 compiled; bf16 128980 compiled)
+     step decode-qwen2-prefill-cols 300 "$PY" "$REPO/tests/bench/decode_bench.py" --model qwen2-1.5b --device cuda \
+       --paths ours+static,bf16+static --batches "" --wide-layout cols --json "$RAW/decode-qwen2-prefill-cols.json" ;;
   o) # the eager rows (the static ones are part q; their compiles alone take ~100 s a path at 8B)
      step decode-llama8b 240 "$PY" "$REPO/tests/bench/decode_bench.py" --model llama3-8b --device cuda --repeats 2 \
        --paths ours,bf16,auto-round --json "$RAW/decode-llama3-8b.json" ;;
@@ -247,7 +252,7 @@ s.print_callers('cudaHostAlloc|pin_memory|empty_cache|synchronize')" "$RAW/first
         S=$REPO/tests/bench/stream_gpu.py
         step stream-build 120 "$PY" "$S" build --dir /tmp/m-tiny --layers 2 --tiny
         step stream-stream 120 "$PY" "$S" stream --dir /tmp/m-tiny --out "$RAW" --layers 2 --tiny --device cpu --iters 2 ;;
-  *) echo "unknown part $PART (a to t, n2, or tiny)" >&2; exit 2 ;;
+  *) echo "unknown part $PART (a to u, n2, or tiny)" >&2; exit 2 ;;
 esac
 
 # The table last: one row per size, and this part's spec/performance.json records.

@@ -477,6 +477,13 @@ def test_decode_bench_runs_on_the_cpu(tmp_path: Path) -> None:
     assert all(rows[p]["decode_b1_tok_s"] > 0 and rows[p]["prefill_tok_s"] > 0 for p in ("bf16", "ours"))
     assert rows["nope"]["error"].startswith("ValueError: unknown path")
     assert json.loads((tmp_path / "r.json").read_text())["quantized_layers"] == 28
+    from signround.adapters.checkpoint.kernels import WideRun
+
+    library_call = WideRun.__call__
+    cols = bench.main(["--model", "tiny", "--device", "cpu", "--paths", "ours", "--batches", "", "--prefill", "160",
+                       "--repeats", "1", "--wide-layout", "cols", "--workdir", str(tmp_path / "c")])
+    assert cols["wide_layout"] == "cols" and cols["rows"][0]["prefill_tok_s"] > 0  # 160 rows: the many-rows path
+    assert WideRun.__call__ is library_call  # the bench-only layout does not outlive its run
     layers = bench.main(["--layers", "64x128", "--group-size", "32", "--layer-rows", "1", "--repeats", "1",
                          "--device", "cpu"])["layers"]
     assert layers[0]["int4_cpu_ms"] > 0 and layers[0]["dequant_ms"] > 0 and layers[0]["linear_ms"] > 0
