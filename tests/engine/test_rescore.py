@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from scheme_helpers import score_by_hand
 from tiny_models import random_batches, tiny_text_model
 
 from signround.adapters.engine.scheme import score_layers
@@ -17,8 +18,8 @@ W2, W4, W8 = QuantSpec(2, 32), QuantSpec(4, 32), QuantSpec(8, 32)
 
 
 def _direct(model, batches, name, spec, rounded):
-    """½ Σ (∂L/∂y)² ((W − Q(W)) x)² with x and ∂L/∂y taken on a copy whose `rounded` layers hold
-    their RTN weights, W the original weight."""
+    """The score by hand with x and ∂L/∂y taken on a copy whose `rounded` layers hold their RTN weights,
+    W the original weight."""
     import copy
 
     q = copy.deepcopy(model)
@@ -26,21 +27,7 @@ def _direct(model, batches, name, spec, rounded):
         for n, s in rounded.items():
             w = q.get_submodule(n).weight
             w.copy_(qdq(w, s))
-    layer = q.get_submodule(name)
-    w = model.get_submodule(name).weight.detach()
-    total = 0.0
-    for ids in batches:
-        seen = {}
-        h = layer.register_forward_hook(lambda m, a, out: seen.update(x=a[0], y=out))
-        with torch.enable_grad():
-            emb = q.get_input_embeddings()(ids).detach().requires_grad_(True)
-            logits = q(inputs_embeds=emb).logits
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
-            (g,) = torch.autograd.grad(loss, seen["y"])
-        h.remove()
-        y = seen["x"].detach() @ (w - qdq(w, spec)).t()
-        total += 0.5 * float((g.square() * y.square()).sum())
-    return total
+    return score_by_hand(q, batches, name, spec, weight=model.get_submodule(name).weight)
 
 
 def test_scores_on_the_rounded_model_use_its_inputs_and_gradients() -> None:

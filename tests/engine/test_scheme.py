@@ -4,31 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from scheme_helpers import score_by_hand
 from tiny_models import random_batches, tiny_text_model
 
 from signround.adapters.engine.scheme import score_layers
-from signround.rounding import QuantSpec, qdq
+from signround.rounding import QuantSpec
 
 W2, W4, W8 = QuantSpec(2, 32), QuantSpec(4, 32), QuantSpec(8, 32)
 
 
 def _direct(model, batches, name, spec):
-    """½ Σ_t Σ_n (∂L/∂y)² ((W − Q(W)) x)² by hand: autograd.grad at the layer's output."""
-    layer = model.get_submodule(name)
-    total = 0.0
-    for ids in batches:
-        seen = {}
-        h = layer.register_forward_hook(lambda m, a, out: seen.update(x=a[0], y=out))
-        with torch.enable_grad():
-            emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-            logits = model(inputs_embeds=emb).logits
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
-            (g,) = torch.autograd.grad(loss, seen["y"])
-        h.remove()
-        w = layer.weight.detach()
-        y = seen["x"].detach() @ (w - qdq(w, spec)).t()
-        total += 0.5 * float((g.square() * y.square()).sum())
-    return total
+    return score_by_hand(model, batches, name, spec)
 
 
 def test_scores_are_the_fisher_weighted_rtn_output_error() -> None:
