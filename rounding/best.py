@@ -67,13 +67,20 @@ def select(best: BestState, key: str, better: Tensor, codes: Tensor, params: Rou
     """Keep layer `key`'s codes and alpha/beta when `better`. donate: write into `best`'s buffers."""
     c = codes.to(CODE_DTYPE)
     if donate:
-        torch.where(better, c, best.codes[key], out=best.codes[key])
-        torch.where(better, params.alpha, best.alpha[key], out=best.alpha[key])
-        torch.where(better, params.beta, best.beta[key], out=best.beta[key])
+        keep_if_better_(better, c, params.alpha, params.beta, best.codes[key], best.alpha[key], best.beta[key])
         return best
     return attrs.evolve(best, codes={**best.codes, key: torch.where(better, c, best.codes[key])},
                         alpha={**best.alpha, key: torch.where(better, params.alpha, best.alpha[key])},
                         beta={**best.beta, key: torch.where(better, params.beta, best.beta[key])})
+
+
+def keep_if_better_(better: Tensor, codes: Tensor, alpha: Tensor, beta: Tensor, best_codes: Tensor,
+                    best_alpha: Tensor, best_beta: Tensor) -> None:
+    """`select`'s donated form on plain tensors: the best buffers take (codes, alpha, beta) where
+    `better` (a device bool), in place."""
+    torch.where(better, codes, best_codes, out=best_codes)
+    torch.where(better, alpha, best_alpha, out=best_alpha)
+    torch.where(better, beta, best_beta, out=best_beta)
 
 
 def with_loss(best: BestState, better: Tensor, loss: Tensor) -> BestState:

@@ -7,8 +7,9 @@ product: the same operations on the same values, so the gradients are the same b
 only one layer's intermediates exist at a time. The two halves are plain functions, so a caller may
 pass compiled versions of them (fused kernels; values equal up to float reassociation).
 
-A backward may hand the gradients to a `sink` instead of returning them (the fused step applies the
-signed update there and then, so no gradient of any layer is ever stored).
+A backward may hand the layer's output gradient to a `sink` instead of returning gradients (the
+fused step takes the vjp, the best-iterate select and the signed update there and then, so no
+gradient of any layer is ever stored; `layer_step.py`).
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from signround.rounding.spec import QuantSpec
 
 CODE_DTYPE = torch.uint8  # integer codes of a layer, bits <= 8
 
-# (codes as uint8, grads) -> None
-Sink = Callable[[Tensor, RoundingParams], None]
+# the output gradient of the layer's quantized weight -> None (the sink does the vjp and the update)
+Sink = Callable[[Tensor], None]
 
 
 def qdq_forward(grouped: Tensor, wmin: Tensor, wmax: Tensor, v: Tensor, alpha: Tensor, beta: Tensor,
@@ -73,10 +74,13 @@ def qdq_vjp_functional(grouped: Tensor, wmin: Tensor, wmax: Tensor, v: Tensor, a
 @attrs.frozen
 class QdqOps:
     """The two halves of a recomputing qdq: `forward` and `vjp` with the signatures above (eager by
-    default; the engine may pass compiled ones)."""
+    default; the engine may pass compiled ones), and optionally `step`, the whole in-backward step
+    of one layer (`layer_step.layer_step`'s signature): None runs `vjp`, then the best-iterate select
+    and the signed step as separate eager ops (the same values)."""
 
     forward: Callable[..., Tensor] = qdq_forward
     vjp: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]] = qdq_vjp
+    step: Optional[Callable[..., None]] = None
 
 
 class _Recompute(torch.autograd.Function):
@@ -91,18 +95,18 @@ class _Recompute(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple:
         ops, spec, in_features, dtype, sink = ctx.meta
+        if sink is not None:
+            sink(grad)
+            return (None,) * 8
         grouped, wmin, wmax, v, alpha, beta = ctx.saved_tensors
         codes, gv, ga, gb = ops.vjp(grouped, wmin, wmax, v, alpha, beta, spec, in_features, dtype, grad)
-        if sink is not None:
-            sink(codes, RoundingParams(gv, ga, gb))
-            return (None,) * 8
         return None, None, None, None, gv, ga, gb, None
 
 
 def recomputing_qdq(gw: GroupedWeight, spec: QuantSpec, params: RoundingParams, *, ops: QdqOps = QdqOps(),
                     trigger: Optional[Tensor] = None, sink: Optional[Sink] = None) -> Tensor:
     """The quantized weight of `params` as one autograd node. Gradients flow to params' tensors (when
-    they require grad), or go to `sink(codes, grads)` in the backward; `trigger` (a tensor that
+    they require grad), or the output gradient goes to `sink(grad)` in the backward; `trigger` (a tensor that
     requires grad) makes autograd call the backward when the params themselves do not."""
     if trigger is None:
         trigger = torch.empty(0)

@@ -61,15 +61,9 @@ class SignSGD:
     def update_layer(self, grad: RoundingParams, state: SignSGDState, param: RoundingParams, *,
                      donate: bool = False) -> RoundingParams:
         """One layer's signed step at `state.step` (the step count is not advanced: see `advance`)."""
-        # index_select, not lrs[step]: indexing with a 0-d tensor reads it on the host (a device sync
-        # in every layer's update).
-        lrs = state.lrs.index_select(0, state.step.reshape(1))
-        lr, mlr = lrs[0, 0], lrs[0, 1]
-        if donate:  # v + sign·(−lr) is v − sign·lr exactly (negation and ±lr products are exact)
-            param.v.addcmul_(torch.sign(grad.v), lr.neg())
-            if self.tune_minmax:
-                param.alpha.addcmul_(torch.sign(grad.alpha), mlr.neg()).clamp_(0.0, 1.0)
-                param.beta.addcmul_(torch.sign(grad.beta), mlr.neg()).clamp_(0.0, 1.0)
+        lr, mlr = self.rates(state)
+        if donate:
+            signed_step_(param.v, param.alpha, param.beta, grad.v, grad.alpha, grad.beta, lr, mlr, self.tune_minmax)
             return param
         v = param.v - torch.sign(grad.v) * lr
         if not self.tune_minmax:
@@ -77,6 +71,14 @@ class SignSGD:
         alpha = (param.alpha - torch.sign(grad.alpha) * mlr).clamp(0.0, 1.0)
         beta = (param.beta - torch.sign(grad.beta) * mlr).clamp(0.0, 1.0)
         return RoundingParams(v, alpha, beta)
+
+    @staticmethod
+    def rates(state: SignSGDState) -> tuple[Tensor, Tensor]:
+        """(lr, minmax_lr) of the current step as 0-d device tensors."""
+        # index_select, not lrs[step]: indexing with a 0-d tensor reads it on the host (a device sync
+        # in every layer's update).
+        lrs = state.lrs.index_select(0, state.step.reshape(1))
+        return lrs[0, 0], lrs[0, 1]
 
     @staticmethod
     def advance(state: SignSGDState, *, donate: bool = False) -> SignSGDState:
@@ -92,6 +94,17 @@ class SignSGD:
         """One iteration over every layer: signed step with this step's lr, then the count advances."""
         new = {k: self.update_layer(grads[k], state, params[k], donate=donate) for k in params}
         return new, self.advance(state, donate=donate)
+
+
+def signed_step_(v: Tensor, alpha: Tensor, beta: Tensor, gv: Tensor, ga: Tensor, gb: Tensor, lr: Tensor, mlr: Tensor,
+                 tune_minmax: bool) -> None:
+    """The donated signed step on plain tensors, in place: v −= lr·sign(gv); with `tune_minmax`,
+    alpha/beta −= mlr·sign(g), clamped to [0, 1]. (v + sign·(−lr) is v − sign·lr exactly: negation
+    and ±lr products are exact.) Plain tensors and a bool, so a compiled caller guards on nothing else."""
+    v.addcmul_(torch.sign(gv), lr.neg())
+    if tune_minmax:
+        alpha.addcmul_(torch.sign(ga), mlr.neg()).clamp_(0.0, 1.0)
+        beta.addcmul_(torch.sign(gb), mlr.neg()).clamp_(0.0, 1.0)
 
 
 def sign_sgd(lr: float, minmax_lr: Optional[float] = None, *, iters: int, tune_minmax: bool = True) -> SignSGD:

@@ -207,9 +207,18 @@ def _fused(block_fn: BlockFn, weights: Mapping[str, Tensor], prepared: Mapping[s
     opt, best = state.optimizer, state.best
 
     def sink_for(k: str):
-        def sink(codes: Tensor, grads: RoundingParams) -> None:
-            best_iterate.select(best, k, cell["better"], codes, state.params[k], donate=True)
-            opt.update_layer(grads, state.opt, state.params[k], donate=True)
+        g, p, spec = prepared[k], state.params[k], specs[k]
+
+        def sink(grad: Tensor) -> None:
+            if ops.step is not None:  # one function (compiled by the engine): `layer_step.py`
+                lr, mlr = opt.rates(state.opt)
+                ops.step(g.grouped, g.wmin, g.wmax, p.v, p.alpha, p.beta, spec, g.in_features, g.dtype, grad,
+                         cell["better"], best.codes[k], best.alpha[k], best.beta[k], lr, mlr, opt.tune_minmax)
+                return
+            codes, gv, ga, gb = ops.vjp(g.grouped, g.wmin, g.wmax, p.v, p.alpha, p.beta, spec, g.in_features,
+                                        g.dtype, grad)
+            best_iterate.select(best, k, cell["better"], codes, p, donate=True)
+            opt.update_layer(RoundingParams(gv, ga, gb), state.opt, p, donate=True)
         return sink
 
     trigger = torch.empty(0, device=target.device, requires_grad=True)

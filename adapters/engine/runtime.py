@@ -6,6 +6,10 @@ module chooses them for a device:
   it on or off), with inductor told to honour every precision cast (the fp16 rounding of scales is
   part of the grid). Before first use, the compiled halves are checked once per process against
   eager on a small layer; a compiler failure falls back to eager with one warning.
+- layer step: with compile on, each layer's whole in-backward step (qdq vjp, best-iterate select,
+  signed step; `rounding/layer_step.py`) is one compiled function, so the fp32 gradient of v is
+  never written out and v and the best codes are read and written once a step (values equal to
+  the unfused ops bit for bit on the CPU's inductor; checked on CUDA by `tests/bench/step_floor.py`).
 - batches: each step's samples are drawn by the core's epoch sampler, cut into sub-batches, split
   across data-parallel ranks, and moved to the compute device here; on Gaudi, `mark_step()` runs at
   every step boundary (when the next step's batch is asked for).
@@ -44,6 +48,7 @@ from signround.adapters.hf.pure import call_block
 from signround.rounding import (BlockInputs, QdqOps, QuantSpec, Recipe, StepParts, TuneResult, group_weight,
                                 qdq_forward, qdq_vjp, sample_indices, split_step, tune_block)
 from signround.rounding.grid import qdq_tensors
+from signround.rounding.layer_step import layer_step
 from signround.rounding.recompute import qdq_vjp_functional
 
 # inductor may otherwise keep fp32 precision across a `.to(float16).float()` round trip, which
@@ -92,6 +97,13 @@ def _qdq_vjp(grouped: Tensor, wmin: Tensor, wmax: Tensor, v: Tensor, alpha: Tens
     return qdq_vjp_functional(grouped, wmin, wmax, v, alpha, beta, spec, v.shape[1], dtype, grad)
 
 
+def _layer_step(grouped: Tensor, wmin: Tensor, wmax: Tensor, v: Tensor, alpha: Tensor, beta: Tensor, spec: QuantSpec,
+                dtype: torch.dtype, grad: Tensor, better: Tensor, best_codes: Tensor, best_alpha: Tensor,
+                best_beta: Tensor, lr: Tensor, mlr: Tensor, tune_minmax: bool) -> None:
+    layer_step(grouped, wmin, wmax, v, alpha, beta, spec, v.shape[1], dtype, grad, better, best_codes, best_alpha,
+               best_beta, lr, mlr, tune_minmax)
+
+
 def _dynamic(grouped: Tensor, *per_layer: Tensor) -> None:
     """Layer dims symbolic from the first call, the group size constant: one graph for every layer
     shape. (Automatic dynamic shapes would compile the probe's shape static, then recompile for the
@@ -127,7 +139,21 @@ def _compiled_ops() -> QdqOps:
             _dynamic(grouped, wmin, wmax, v, alpha, beta, grad)
             return vjp(grouped, wmin, wmax, v, alpha, beta, spec, dtype, grad)
 
-        _COMPILED["ops"] = QdqOps(forward=forward, vjp=backward)
+        step = torch.compile(_layer_step, options=COMPILE_OPTIONS)
+
+        def layer(grouped: Tensor, wmin: Tensor, wmax: Tensor, v: Tensor, alpha: Tensor, beta: Tensor,
+                  spec: QuantSpec, in_features: int, dtype: torch.dtype, grad: Tensor, better: Tensor,
+                  best_codes: Tensor, best_alpha: Tensor, best_beta: Tensor, lr: Tensor, mlr: Tensor,
+                  tune_minmax: bool) -> None:
+            if v.shape[1] != in_features:
+                return layer_step(grouped, wmin, wmax, v, alpha, beta, spec, in_features, dtype, grad, better,
+                                  best_codes, best_alpha, best_beta, lr, mlr, tune_minmax)
+            _dynamic(grouped, wmin, wmax, v, alpha, beta, grad, best_alpha, best_beta)
+            _dynamic(best_codes)
+            step(grouped, wmin, wmax, v, alpha, beta, spec, dtype, grad, better, best_codes, best_alpha, best_beta,
+                 lr, mlr, tune_minmax)
+
+        _COMPILED["ops"] = QdqOps(forward=forward, vjp=backward, step=layer)
     return _COMPILED["ops"]
 
 
@@ -147,7 +173,11 @@ def _probe(ops: QdqOps, device: torch.device, spec: QuantSpec, dtype: torch.dtyp
     g = torch.randn(rows, cols, generator=gen).to(device, dtype)
     ops.forward(gw.grouped, gw.wmin, gw.wmax, v, a, b, spec, cols, dtype)
     with torch.no_grad():
-        ops.vjp(gw.grouped, gw.wmin, gw.wmax, v, a, b, spec, cols, dtype, g)
+        codes, *_ = ops.vjp(gw.grouped, gw.wmin, gw.wmax, v, a, b, spec, cols, dtype, g)
+        if ops.step is not None:
+            lrs = torch.tensor([0.005, 0.005], device=device)  # two tensors: aliased ones would be a guard
+            ops.step(gw.grouped, gw.wmin, gw.wmax, v, a, b, spec, cols, dtype, g, torch.ones((), dtype=torch.bool,
+                     device=device), codes.clone(), a.clone(), b.clone(), lrs[0], lrs[1], True)
 
 
 def qdq_ops(runtime: Runtime, device: torch.device, spec: Optional[QuantSpec] = None,

@@ -45,6 +45,8 @@
 #   bash tests/bench/gpu_scale.sh t   # the Qwen2-VL-2B-shaped vision towers at 200 iterations           ~4 min
 #   bash tests/bench/gpu_scale.sh u   # Qwen2-1.5B prefill, eager and compiled, with the coalesced Wᵀ dequantization ~5 min
 #   bash tests/bench/gpu_scale.sh s   # Llama-3-8B shape: static decode at batch 8 and the compiled prefill ~9.5 min
+#   bash tests/bench/gpu_scale.sh v   # issue 13: step floor (ours vs a plain training step of the block, fused vs
+#                                     # unfused layer step, kernel classes) at 2b and 8b; 2b vs auto-round ~6 min
 #   bash tests/bench/gpu_scale.sh tiny  # a dry run on a CPU (no wheels; uses $PYTHON, default python3)
 #
 # On the device machine: carry `.whl` (orjson, auto-round 0.16.1 and the auto-round needs the image lacks)
@@ -56,7 +58,7 @@
 # Each run has its own timeout so that one stuck run leaves the others' numbers.
 set -uo pipefail
 
-PART=${1:?usage: bash tests/bench/gpu_scale.sh a|b|...|n|n2|o|p|q|r|s|t|u|tiny}
+PART=${1:?usage: bash tests/bench/gpu_scale.sh a|b|...|n|n2|o|p|q|r|s|t|u|v|tiny}
 REPO=$PWD
 OUT=${OUT:-/tmp/gpu_scale-out}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)  # absolute: the bench runs from /tmp
@@ -75,6 +77,9 @@ export PYTHONPATH=/tmp/site:/tmp/pkg${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache TRITON_CACHE_DIR=/tmp/inductor-cache/triton
 export TORCHINDUCTOR_FX_GRAPH_CACHE=1 TORCHINDUCTOR_AUTOGRAD_CACHE=1
+# The image's site-packages hold no usable bytecode (9.1 s of a first block went to compiling torch's own
+# source, 2026-12-02e); a pip install writes it, so a second process here gets it from this prefix, as on a user's machine.
+export PYTHONPYCACHEPREFIX=/tmp/pycache
 export SIGNROUND_COMMIT=${SIGNROUND_COMMIT:-$(git -C "$REPO" rev-parse HEAD 2>/dev/null || true)}
 mkdir -p "$TRITON_CACHE_DIR"
 
@@ -248,11 +253,15 @@ s.print_callers('cudaHostAlloc|pin_memory|empty_cache|synchronize')" "$RAW/first
   o) # the eager rows (the static ones are part q; their compiles alone take ~100 s a path at 8B)
      step decode-llama8b 240 "$PY" "$REPO/tests/bench/decode_bench.py" --model llama3-8b --device cuda --repeats 2 \
        --paths ours,bf16,auto-round --json "$RAW/decode-llama3-8b.json" ;;
+  v) F=$REPO/tests/bench/step_floor.py
+     step floor-2b 120 "$PY" "$F" --dims 2b --profile "$RAW/prof-2b-steps" --json "$RAW/floor-2b.json"
+     step floor-8b 200 "$PY" "$F" --dims 8b --profile "$RAW/prof-8b-steps" --json "$RAW/floor-8b.json"
+     run 2b 2b 170 ;;
   tiny) run tiny tiny 300 --device cpu --profile "$RAW/prof-tiny"
         S=$REPO/tests/bench/stream_gpu.py
         step stream-build 120 "$PY" "$S" build --dir /tmp/m-tiny --layers 2 --tiny
         step stream-stream 120 "$PY" "$S" stream --dir /tmp/m-tiny --out "$RAW" --layers 2 --tiny --device cpu --iters 2 ;;
-  *) echo "unknown part $PART (a to u, n2, or tiny)" >&2; exit 2 ;;
+  *) echo "unknown part $PART (a to v, n2, or tiny)" >&2; exit 2 ;;
 esac
 
 # The table last: one row per size, and this part's spec/performance.json records.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import warnings
 
+import attrs
 import pytest
 import torch
 
@@ -67,6 +68,14 @@ def test_compiled_step_runs_and_matches_eager():
     for k in SPECS:
         same = (eager.quantized[k].codes == fast.quantized[k].codes).float().mean()
         assert float(same) > 0.999, k
+    # The compiled whole-layer step (vjp, best select and signed step in one function) against the
+    # compiled vjp followed by the eager select and step: the same values bit for bit.
+    assert ops.step is not None
+    unfused = tune_block(_block, weights, SPECS, inputs, targets, recipe, ops=attrs.evolve(ops, step=None))
+    assert torch.equal(unfused.losses, fast.losses)
+    for k in SPECS:
+        assert torch.equal(unfused.quantized[k].codes, fast.quantized[k].codes), k
+        assert all(torch.equal(a, b) for a, b in zip(unfused.params[k].tensors(), fast.params[k].tensors())), k
 
 
 def test_step_batches_split_across_ranks_and_mark_each_step(monkeypatch):
