@@ -27,6 +27,8 @@ budget on the calibration windows); auto-round runs auto-round's AutoScheme (its
 scoring and solver, on the same windows decoded into a .jsonl beside `--json`) then auto-round's
 tuning; rtn-asplan / signround-asplan round or tune AutoScheme's plan with ours, which separates the
 plan from the tuner. Every row records its stored bits per weight (as `signround inspect` counts).
+`--no-fuse-groups` lets our plan give q/k/v and gate/up different grids (as AutoScheme's plan does
+without `shared_layers`); the JSON keeps each plan's per-choice scores, to re-solve without scoring.
 
 Text files: `.jsonl` (one JSON object per line, its "text" field is a document), `.json` (a list
 of strings or of {"text": …}), anything else is plain text (documents separated by blank lines for
@@ -353,12 +355,12 @@ def uniform_specs(model: Any, spec: QuantSpec) -> dict[str, QuantSpec]:
 
 
 def our_plan(teacher: Any, batches: list[torch.Tensor], target: float, candidates: str, device: str,
-             rescore: Optional[int] = None) -> Any:
+             rescore: Optional[int] = None, fuse_groups: bool = True) -> Any:
     """Our plan (signround.adapters.frontends.mixed) on the harness's calibration windows."""
     from signround.adapters.frontends import mixed
     from signround.adapters.hf.blocks import select_layers
 
-    request = mixed.MixedRequest.of(target, candidates, rescore=rescore)
+    request = mixed.MixedRequest.of(target, candidates, fuse_groups=fuse_groups, rescore=rescore)
     blocks = find_block_lists(teacher)
     priced = mixed.price(teacher, blocks, select_layers(teacher, blocks, request.candidates[0], {}), {}, {}, request,
                          "auto_round")
@@ -458,6 +460,9 @@ def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         "one mixed config per budget (our plan for rtn/signround, AutoScheme for auto-round)")
     p.add_argument("--rescore", type=int, default=None,
                    help="our plan's re-scoring rounds on its RTN model (default: the library's, mixed.DEFAULT_RESCORE)")
+    p.add_argument("--no-fuse-groups", action="store_true",
+                   help="our plan gives every layer its own grid (fuse_groups=False: q/k/v and gate/up may differ, "
+                        "as AutoScheme's plan does; such a checkpoint fails vLLM's fused loaders)")
     p.add_argument("--candidates", default=DEFAULT_CANDIDATES, help="grids the budget chooses between (%(default)s)")
     p.add_argument("--recipe", default="default", help="signround preset: default, best, light (fields below override)")
     p.add_argument("--iters", type=int)
@@ -608,11 +613,15 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         if (whose, target) not in plans:
             t0 = time.perf_counter()
             if whose == "ours":
-                plan = our_plan(teacher, batches, target, args.candidates, args.device, args.rescore)
+                plan = our_plan(teacher, batches, target, args.candidates, args.device, args.rescore,
+                                fuse_groups=not args.no_fuse_groups)
                 lc = {n: s for n, s in plan.specs.items()}
                 plans[whose, target] = {"specs": lc, "global": plan.global_spec, "seconds": plan.search_seconds,
                                         "json": plan.layer_config(), "exact": plan.exact, "score": plan.score_name,
-                                        "rounds": list(plan.rounds),
+                                        "rounds": list(plan.rounds), "fuse_groups": plan.fuse_groups,
+                                        # per choice, its score on every candidate: lets a later analysis
+                                        # re-solve without scoring again
+                                        "scores": {g.name: dict(g.scores) for g in plan.groups if g.scores},
                                         "average_bits": average_bits(teacher, lc)}
             else:
                 lc, seconds = autoscheme_plan(teacher, tok, batches, target, args.candidates, args.device,
@@ -627,7 +636,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                   f"{got['seconds']:.0f}s (total {time.perf_counter() - t0:.0f}s)", flush=True)
             result.setdefault("plans", {})[f"{whose}@{target:g}"] = {
                 "average_bits": got["average_bits"], "search_seconds": got["seconds"],
-                **{k: got[k] for k in ("score", "rounds") if k in got},
+                **{k: got[k] for k in ("score", "rounds", "fuse_groups", "scores") if k in got},
                 "layers_per_scheme": dict(per), "layer_config": {n: (v if isinstance(v, dict) else v.to_dict())
                                                                  for n, v in got["json"].items()}}
             save()
