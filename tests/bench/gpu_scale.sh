@@ -47,6 +47,8 @@
 #   bash tests/bench/gpu_scale.sh s   # Llama-3-8B shape: static decode at batch 8 and the compiled prefill ~9.5 min
 #   bash tests/bench/gpu_scale.sh v   # issue 13: step floor (ours vs a plain training step of the block, fused vs
 #                                     # unfused layer step, kernel classes) at 2b and 8b; 2b vs auto-round ~6 min
+#   bash tests/bench/gpu_scale.sh w   # issue 13: the compiled qdq kernels per layer shape under three shape markings;
+#                                     # 2b ours alone, cold then in a second process (warm caches, bytecode) ~5 min
 #   bash tests/bench/gpu_scale.sh tiny  # a dry run on a CPU (no wheels; uses $PYTHON, default python3)
 #
 # On the device machine: carry `.whl` (orjson, auto-round 0.16.1 and the auto-round needs the image lacks)
@@ -58,7 +60,7 @@
 # Each run has its own timeout so that one stuck run leaves the others' numbers.
 set -uo pipefail
 
-PART=${1:?usage: bash tests/bench/gpu_scale.sh a|b|...|n|n2|o|p|q|r|s|t|u|v|tiny}
+PART=${1:?usage: bash tests/bench/gpu_scale.sh a|b|...|n|n2|o|p|q|r|s|t|u|v|w|tiny}
 REPO=$PWD
 OUT=${OUT:-/tmp/gpu_scale-out}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)  # absolute: the bench runs from /tmp
@@ -257,11 +259,14 @@ s.print_callers('cudaHostAlloc|pin_memory|empty_cache|synchronize')" "$RAW/first
      step floor-2b 120 "$PY" "$F" --dims 2b --profile "$RAW/prof-2b-steps" --json "$RAW/floor-2b.json"
      step floor-8b 200 "$PY" "$F" --dims 8b --profile "$RAW/prof-8b-steps" --json "$RAW/floor-8b.json"
      run 2b 2b 170 ;;
+  w) step qdq-kernels 170 "$PY" "$REPO/tests/bench/qdq_kernels.py" --json "$RAW/qdq-kernels.json" --code-dir "$RAW/qdq-code"
+     run 2b-cold 2b 100 --no-reference
+     run 2b-warm 2b 100 --no-reference ;;
   tiny) run tiny tiny 300 --device cpu --profile "$RAW/prof-tiny"
         S=$REPO/tests/bench/stream_gpu.py
         step stream-build 120 "$PY" "$S" build --dir /tmp/m-tiny --layers 2 --tiny
         step stream-stream 120 "$PY" "$S" stream --dir /tmp/m-tiny --out "$RAW" --layers 2 --tiny --device cpu --iters 2 ;;
-  *) echo "unknown part $PART (a to v, n2, or tiny)" >&2; exit 2 ;;
+  *) echo "unknown part $PART (a to w, n2, or tiny)" >&2; exit 2 ;;
 esac
 
 # The table last: one row per size, and this part's spec/performance.json records.
