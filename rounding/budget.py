@@ -83,6 +83,54 @@ def budget_bits(target_bits: float, weights: int) -> int:
     return math.floor(target_bits * weights + 1e-9 * max(1.0, target_bits * weights))
 
 
+def near_budget(items: Sequence[Item], target_bits: float, span: int = 1) -> tuple[Item, ...]:
+    """The items with each choice's options cut to the `span` cheapest ones above the budget's share
+    and the `span` dearest ones at or below it: a trust region for a local loss estimate (no layer
+    strays more than `span` grids from the average it shares).
+
+    The share is what the budget leaves per weight to the items that choose: ⌊target × Σ weights⌋
+    minus the single-option items' cost, over the choosing items' weights. An item whose every
+    option costs more than its share keeps its `span` cheapest and the share of the others is
+    computed again without it, so a feasible problem stays feasible.
+
+    >>> it = Item("a", (Option("W2", 20, 9.0), Option("W3", 30, 3.0), Option("W4", 40, 1.0), Option("W8", 80, 0.0)), 10)
+    >>> [o.name for o in near_budget((it,), 3.5)[0].options], [o.name for o in near_budget((it,), 3.5, span=2)[0].options]
+    (['W3', 'W4'], ['W2', 'W3', 'W4', 'W8'])
+    """
+    if isinstance(span, bool) or not isinstance(span, int) or span < 1:
+        raise ValueError(f"span must be a whole number of candidates >= 1 on each side of the budget, got {span!r}")
+    items = tuple(items)
+    weights = sum(it.weights for it in items)
+    if weights <= 0:
+        return items
+    left = budget_bits(target_bits, weights) - sum(it.options[0].cost for it in items if len(it.options) == 1)
+    over: set[int] = set()  # items whose cheapest option is above the share: they take it out of the budget
+    while True:
+        rest = [i for i, it in enumerate(items) if len(it.options) > 1 and i not in over]
+        rest_weights = sum(items[i].weights for i in rest)
+        if rest_weights <= 0:
+            break
+        share = (left - sum(min(o.cost for o in items[i].options) for i in over)) / rest_weights
+        more = {i for i in rest if min(o.cost for o in items[i].options) > share * items[i].weights}
+        if not more:
+            break
+        over |= more
+    out = []
+    for i, it in enumerate(items):
+        if len(it.options) == 1:
+            out.append(it)
+            continue
+        order = sorted(it.options, key=lambda o: o.cost)
+        if i in over or rest_weights <= 0:
+            keep = order[:span]
+        else:
+            below = [o for o in order if o.cost <= share * it.weights]
+            keep = [*below[-span:], *[o for o in order if o.cost > share * it.weights][:span]]
+        kept = {id(o) for o in keep}
+        out.append(attrs.evolve(it, options=tuple(o for o in it.options if id(o) in kept)))
+    return tuple(out)
+
+
 def _frontier(item: Item) -> list[int]:
     """Indices of the item's options that are not dominated (cost ascending, loss strictly
     descending); among equal (cost, loss) the first given."""

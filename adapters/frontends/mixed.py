@@ -30,13 +30,17 @@ from signround.adapters.checkpoint.targets import fused_groups
 from signround.adapters.engine.scheme import score_layers
 from signround.adapters.hf.blocks import LayerPlan, linear_shape, select_layers
 from signround.rounding import QuantSpec
-from signround.rounding.budget import Item, Option, Solution, solve
+from signround.rounding.budget import Item, Option, Solution, near_budget, solve
 
 #: what the budget chooses between when no candidates are given (the issue's list)
 DEFAULT_CANDIDATES = ("W2G64", "W3G64", "W4G128", "W8G128")
 #: re-scoring rounds on the plan's RTN-quantized model after the first solve (spec/mixed-precision.md §4)
 DEFAULT_RESCORE = 0
 MAX_RESCORE = 4
+#: candidates a choice may take on each side of the budget's share (0: every candidate);
+#: spec/mixed-precision.md §6 and spec/accuracy.md "Issue 19, v3"
+DEFAULT_SPAN = 0
+MAX_SPAN = 8
 SCORE_NAME = "fisher_weighted_rtn_output_error"
 _SCHEME = re.compile(r"W([2-8])(?:A16)?G(-?\d+)(?:[-_]?(SYM|ASYM))?")
 
@@ -60,16 +64,19 @@ def scheme_name(spec: QuantSpec) -> str:
 class MixedRequest:
     """target_bits: average stored bits per weight of the quantized layers (codes, scales, zero
     points); candidates: the grids a searched layer may take; fuse_groups: vLLM's fused q/k/v and
-    gate/up layers take one grid together."""
+    gate/up layers take one grid together; rescore: re-scoring rounds (§4); span: how many candidates
+    on each side of the budget's share a choice may take (0: all; §6)."""
 
     target_bits: float
     candidates: tuple[QuantSpec, ...]
     fuse_groups: bool = True
     rescore: int = DEFAULT_RESCORE
+    span: int = DEFAULT_SPAN
 
     @classmethod
     def of(cls, target_bits: Any, candidates: Optional[Iterable[Union[str, QuantSpec]]] = None,
-           fuse_groups: bool = True, rescore: Optional[int] = None) -> MixedRequest:
+           fuse_groups: bool = True, rescore: Optional[int] = None, span: Optional[int] = None
+           ) -> MixedRequest:
         if isinstance(target_bits, bool) or not isinstance(target_bits, (int, float)) or not (
                 0 < float(target_bits) <= 32):
             raise ValueError(f"target_bits must be a number of bits per weight such as 3.0 (scales and zero points "
@@ -80,10 +87,14 @@ class MixedRequest:
                              f"the full-precision model only; each round costs one more scoring pass), got {rescore!r}")
         raw = list(DEFAULT_CANDIDATES if candidates is None else
                    ([c for c in candidates.split(",") if c.strip()] if isinstance(candidates, str) else candidates))
+        span = DEFAULT_SPAN if span is None else span
+        if isinstance(span, bool) or not isinstance(span, int) or not 0 <= span <= MAX_SPAN:
+            raise ValueError(f"span must be a whole number from 0 to {MAX_SPAN}: how many candidates a layer may take "
+                             f"on each side of the budget (1: the two nearest; 0: every candidate), got {span!r}")
         specs = tuple(dict.fromkeys(parse_scheme(c) for c in raw))
         if not specs:
             raise ValueError("candidates names no scheme; give e.g. candidates=['W2G64', 'W4G128']")
-        return cls(float(target_bits), specs, bool(fuse_groups), rescore)
+        return cls(float(target_bits), specs, bool(fuse_groups), rescore, span)
 
 
 @attrs.frozen
@@ -148,6 +159,7 @@ class MixedPlan:
     search_seconds: float
     score_device: str
     rescore: int = 0  # re-scoring rounds asked
+    span: int = 0  # candidates a choice could take on each side of the budget (0: all)
     rounds: tuple[Mapping[str, Any], ...] = ()  # per scoring pass: seconds, score loss of its plan, layers changed
 
     @property
@@ -184,7 +196,7 @@ class MixedPlan:
         return {"target_bits": self.target_bits, "average_bits": round(self.average_bits, 6),
                 "candidates": [scheme_name(c) for c in self.candidates], "fuse_groups": self.fuse_groups,
                 "bits_counted_as": self.format, "layers_per_scheme": dict(counts), "exact": self.exact,
-                "gap": self.gap, "score": self.score_name, "rescore": self.rescore,
+                "gap": self.gap, "score": self.score_name, "rescore": self.rescore, "span": self.span,
                 "scoring_passes": len(self.rounds), "score_tokens": self.score_tokens,
                 "search_seconds": round(self.search_seconds, 2)}
 
@@ -309,7 +321,9 @@ def choose(model: nn.Module, batches: Iterable[Any], priced: Priced, request: Mi
         scores = score_layers(model, batches, to_score, device=device,
                               quantized=None if plan_specs is None else {**plan_specs, **fixed})
         by_candidate = {n: dict(zip(m, scores.loss[n])) for n, m in per_layer.items()}
-        solution = solve(priced.items(by_candidate), request.target_bits)
+        items = priced.items(by_candidate)
+        solution = solve(near_budget(items, request.target_bits, request.span) if request.span else items,
+                         request.target_bits)
         new_specs = specs_of(solution)
         changed = None if plan_specs is None else sum(new_specs[n] != plan_specs[n] for n in new_specs)
         rounds.append({"round": r, "on": "full precision" if plan_specs is None else "plan rounded to nearest",
@@ -329,4 +343,4 @@ def choose(model: nn.Module, batches: Iterable[Any], priced: Priced, request: Mi
                      format=priced.format, groups=all_groups, average_bits=solution.average_bits,
                      budget=solution.budget, exact=solution.exact, gap=solution.gap, score_tokens=scores.tokens,
                      search_seconds=time.perf_counter() - start, score_device=scores.device,
-                     rescore=request.rescore, rounds=tuple(rounds))
+                     rescore=request.rescore, rounds=tuple(rounds), span=request.span)

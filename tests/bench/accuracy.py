@@ -355,12 +355,12 @@ def uniform_specs(model: Any, spec: QuantSpec) -> dict[str, QuantSpec]:
 
 
 def our_plan(teacher: Any, batches: list[torch.Tensor], target: float, candidates: str, device: str,
-             rescore: Optional[int] = None, fuse_groups: bool = True) -> Any:
+             rescore: Optional[int] = None, fuse_groups: bool = True, span: Optional[int] = None) -> Any:
     """Our plan (signround.adapters.frontends.mixed) on the harness's calibration windows."""
     from signround.adapters.frontends import mixed
     from signround.adapters.hf.blocks import select_layers
 
-    request = mixed.MixedRequest.of(target, candidates, fuse_groups=fuse_groups, rescore=rescore)
+    request = mixed.MixedRequest.of(target, candidates, fuse_groups=fuse_groups, rescore=rescore, span=span)
     blocks = find_block_lists(teacher)
     priced = mixed.price(teacher, blocks, select_layers(teacher, blocks, request.candidates[0], {}), {}, {}, request,
                          "auto_round")
@@ -463,6 +463,9 @@ def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--no-fuse-groups", action="store_true",
                    help="our plan gives every layer its own grid (fuse_groups=False: q/k/v and gate/up may differ, "
                         "as AutoScheme's plan does; such a checkpoint fails vLLM's fused loaders)")
+    p.add_argument("--span", type=int, default=None,
+                   help="our plan: candidates a layer may take on each side of the budget (1: the two nearest; 0: "
+                        "every candidate; default: the library's, mixed.DEFAULT_SPAN)")
     p.add_argument("--candidates", default=DEFAULT_CANDIDATES, help="grids the budget chooses between (%(default)s)")
     p.add_argument("--recipe", default="default", help="signround preset: default, best, light (fields below override)")
     p.add_argument("--iters", type=int)
@@ -614,11 +617,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             t0 = time.perf_counter()
             if whose == "ours":
                 plan = our_plan(teacher, batches, target, args.candidates, args.device, args.rescore,
-                                fuse_groups=not args.no_fuse_groups)
+                                fuse_groups=not args.no_fuse_groups, span=args.span)
                 lc = {n: s for n, s in plan.specs.items()}
                 plans[whose, target] = {"specs": lc, "global": plan.global_spec, "seconds": plan.search_seconds,
                                         "json": plan.layer_config(), "exact": plan.exact, "score": plan.score_name,
                                         "rounds": list(plan.rounds), "fuse_groups": plan.fuse_groups,
+                                        "span": plan.span,
                                         # per choice, its score on every candidate: lets a later analysis
                                         # re-solve without scoring again
                                         "scores": {g.name: dict(g.scores) for g in plan.groups if g.scores},
@@ -636,7 +640,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                   f"{got['seconds']:.0f}s (total {time.perf_counter() - t0:.0f}s)", flush=True)
             result.setdefault("plans", {})[f"{whose}@{target:g}"] = {
                 "average_bits": got["average_bits"], "search_seconds": got["seconds"],
-                **{k: got[k] for k in ("score", "rounds", "fuse_groups", "scores") if k in got},
+                **{k: got[k] for k in ("score", "rounds", "fuse_groups", "span", "scores") if k in got},
                 "layers_per_scheme": dict(per), "layer_config": {n: (v if isinstance(v, dict) else v.to_dict())
                                                                  for n, v in got["json"].items()}}
             save()
