@@ -49,6 +49,8 @@
 #                                     # unfused layer step, kernel classes) at 2b and 8b; 2b vs auto-round ~6 min
 #   bash tests/bench/gpu_scale.sh w   # issue 13: the compiled qdq kernels per layer shape under three shape markings;
 #                                     # 2b ours alone, cold then in a second process (warm caches, bytecode) ~5 min
+#   bash tests/bench/gpu_scale.sh x   # issue 13: step floor at 2b and 8b with the gradient layouts the layer step gets
+#                                     # (and a contiguous copy of them); 8b vs auto-round              ~7 min
 #   bash tests/bench/gpu_scale.sh tiny  # a dry run on a CPU (no wheels; uses $PYTHON, default python3)
 #
 # On the device machine: carry `.whl` (orjson, auto-round 0.16.1 and the auto-round needs the image lacks)
@@ -60,7 +62,7 @@
 # Each run has its own timeout so that one stuck run leaves the others' numbers.
 set -uo pipefail
 
-PART=${1:?usage: bash tests/bench/gpu_scale.sh a|b|...|n|n2|o|p|q|r|s|t|u|v|w|tiny}
+PART=${1:?usage: bash tests/bench/gpu_scale.sh a|b|...|n|n2|o|p|q|r|s|t|u|v|w|x|tiny}
 REPO=$PWD
 OUT=${OUT:-/tmp/gpu_scale-out}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)  # absolute: the bench runs from /tmp
@@ -262,11 +264,15 @@ s.print_callers('cudaHostAlloc|pin_memory|empty_cache|synchronize')" "$RAW/first
   w) step qdq-kernels 170 "$PY" "$REPO/tests/bench/qdq_kernels.py" --json "$RAW/qdq-kernels.json" --code-dir "$RAW/qdq-code"
      run 2b-cold 2b 100 --no-reference
      run 2b-warm 2b 100 --no-reference ;;
+  x) F=$REPO/tests/bench/step_floor.py
+     step floor-2b 110 "$PY" "$F" --dims 2b --engine-iters 0 --json "$RAW/floor-2b.json"
+     step floor-8b 150 "$PY" "$F" --dims 8b --engine-iters 0 --profile "$RAW/prof-8b-steps" --json "$RAW/floor-8b.json"
+     run 8b 8b 260 ;;
   tiny) run tiny tiny 300 --device cpu --profile "$RAW/prof-tiny"
         S=$REPO/tests/bench/stream_gpu.py
         step stream-build 120 "$PY" "$S" build --dir /tmp/m-tiny --layers 2 --tiny
         step stream-stream 120 "$PY" "$S" stream --dir /tmp/m-tiny --out "$RAW" --layers 2 --tiny --device cpu --iters 2 ;;
-  *) echo "unknown part $PART (a to w, n2, or tiny)" >&2; exit 2 ;;
+  *) echo "unknown part $PART (a to x, n2, or tiny)" >&2; exit 2 ;;
 esac
 
 # The table last: one row per size, and this part's spec/performance.json records.

@@ -16,6 +16,8 @@ the block call the engine picks for this size). Rows, milliseconds per step (CUD
   block (what a step adds to `train` if nothing overlapped);
 - ours: `rounding.tune.step` (donated state, fused in-backward step), the step the engine runs;
 - ours_unfused: the same with the layer step as separate ops (vjp, then select and signed step);
+- ours_contiguous: the layer step handed a contiguous copy of its output gradient (the layouts the
+  block's backward gives are printed: a transposed dW makes the step's loads strided);
 - engine: the engine's `tune` phase of a real block (host cache, rows copied ahead) per step, and
   that block's other phases (s).
 
@@ -158,7 +160,29 @@ def main(argv: list[str] | None = None) -> int:
     def ours_unfused() -> None:
         ours(unfused_ops)
 
-    for name, f in (("fwd", fwd), ("train", train), ("qdq", qdq), ("ours", ours), ("ours_unfused", ours_unfused)):
+    layouts: dict[str, Any] = {}
+
+    def probing_step(*args: Any) -> None:  # what the block's backward hands each layer's step
+        grad = args[9]
+        layouts.setdefault(f"{tuple(grad.shape)}", {"stride": list(grad.stride()), "contiguous": grad.is_contiguous()})
+        ops.step(*args)
+
+    def contiguous_step(*args: Any) -> None:
+        ops.step(*args[:9], args[9].contiguous(), *args[10:])
+
+    contig_ops = attrs.evolve(ops, step=contiguous_step) if ops.step is not None else ops
+
+    def ours_contiguous() -> None:
+        ours(contig_ops)
+
+    if ops.step is not None:
+        ours_state[0] = core.init(prepared, specs, recipe)
+        ours(attrs.evolve(ops, step=probing_step))
+        rows["grad_layouts"] = layouts
+        print("gradient layouts the layer step receives:", layouts, flush=True)
+
+    for name, f in (("fwd", fwd), ("train", train), ("qdq", qdq), ("ours", ours), ("ours_unfused", ours_unfused),
+                    ("ours_contiguous", ours_contiguous)):
         ours_state[0] = core.init(prepared, specs, recipe)
         rows[name] = timed(f, a.steps, a.warmup, dev)
         print(f"{name:12} {rows[name]:9.2f} ms/step", flush=True)
