@@ -50,10 +50,12 @@ from signround.rounding import best as best_iterate
 from signround.rounding import tune as core
 from signround.rounding.params import RoundingParams
 
-CLASSES = [("gemm", re.compile(r"gemm|nvjet|xmma|cutlass|wgmma|cublas|_mm_|bmm|sm90_xmma", re.I)),
+# First match wins: inductor's kernels are named after their ops ("triton_per_fused__to_copy_…"), so
+# they are classed before copies; flash attention's cutlass kernels before GEMMs.
+CLASSES = [("triton", re.compile(r"^triton_", re.I)),
            ("attention", re.compile(r"flash|fmha|sdpa|attention|cudnn", re.I)),
+           ("gemm", re.compile(r"gemm|nvjet|xmma|cutlass|wgmma|cublas|_mm_|bmm|sm90_xmma", re.I)),
            ("copies", re.compile(r"memcpy|memset|copy", re.I)),
-           ("triton", re.compile(r"^triton_", re.I)),
            ("elementwise", re.compile(r"elementwise|vectorized|reduce|index|where|fill|cat", re.I))]
 
 
