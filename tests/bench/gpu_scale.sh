@@ -52,6 +52,7 @@
 #   bash tests/bench/gpu_scale.sh x   # issue 13: step floor at 2b and 8b with the gradient layouts the layer step gets
 #                                     # (and a contiguous copy of them); 8b vs auto-round              ~7 min
 #   bash tests/bench/gpu_scale.sh y   # 70b vs auto-round after the fused layer step; the vision towers at 200 iterations ~9 min
+#   bash tests/bench/gpu_scale.sh z   # 2b ours alone, cold then warm, with the compile warm-up overlapping the capture ~3 min
 #   bash tests/bench/gpu_scale.sh tiny  # a dry run on a CPU (no wheels; uses $PYTHON, default python3)
 #
 # On the device machine: carry `.whl` (orjson, auto-round 0.16.1 and the auto-round needs the image lacks)
@@ -63,7 +64,7 @@
 # Each run has its own timeout so that one stuck run leaves the others' numbers.
 set -uo pipefail
 
-PART=${1:?usage: bash tests/bench/gpu_scale.sh a|b|...|n|n2|o|p|q|r|s|t|u|v|w|x|y|tiny}
+PART=${1:?usage: bash tests/bench/gpu_scale.sh a|b|...|n|n2|o|p|q|r|s|t|u|v|w|x|y|z|tiny}
 REPO=$PWD
 OUT=${OUT:-/tmp/gpu_scale-out}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)  # absolute: the bench runs from /tmp
@@ -271,11 +272,13 @@ s.print_callers('cudaHostAlloc|pin_memory|empty_cache|synchronize')" "$RAW/first
      run 8b 8b 260 ;;
   y) run 70b 70b 300
      step vision-200 250 "$PY" "$REPO/tests/bench/vision_speed.py" --iters 200 --nsamples 16 --json "$RAW/vision-200.json" ;;
+  z) run 2b-cold 2b 100 --no-reference
+     run 2b-warm 2b 100 --no-reference ;;
   tiny) run tiny tiny 300 --device cpu --profile "$RAW/prof-tiny"
         S=$REPO/tests/bench/stream_gpu.py
         step stream-build 120 "$PY" "$S" build --dir /tmp/m-tiny --layers 2 --tiny
         step stream-stream 120 "$PY" "$S" stream --dir /tmp/m-tiny --out "$RAW" --layers 2 --tiny --device cpu --iters 2 ;;
-  *) echo "unknown part $PART (a to y, n2, or tiny)" >&2; exit 2 ;;
+  *) echo "unknown part $PART (a to z, n2, or tiny)" >&2; exit 2 ;;
 esac
 
 # The table last: one row per size, and this part's spec/performance.json records.
