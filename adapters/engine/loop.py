@@ -288,12 +288,6 @@ def quantize_model(model: nn.Module, batches: Optional[Iterable[Batch]], spec: Q
     if stream is not None:
         bound_host_heap()
     moved = []
-    warming = None
-    if batches is not None and not recipe.is_rtn and plan.quantize:
-        first_layer, first_spec = next(iter(plan.quantize.items()))
-        weight = model.get_submodule(first_layer).weight
-        if weight.device.type != "meta":  # a streamed model's blocks hold no weights yet
-            warming = runtime.warm_up(run_policy, accel.device, first_spec, weight.dtype)
     try:
         moved = move_outside(model, prefixes, accel.device)
         capture = dict(nsamples=recipe.nsamples, store_device=accel.store_device, dtype=accel.cache_dtype,
@@ -318,9 +312,6 @@ def quantize_model(model: nn.Module, batches: Optional[Iterable[Batch]], spec: Q
                 # The engine owns the activations from here on (they are overwritten block by
                 # block): the captured record keeps no reference to them.
                 captured = attrs.evolve(captured, hidden=captured.hidden.new_empty((0,)))
-            if warming is not None:  # the probe's compiles overlapped the capture; the first block uses them
-                warming.join()
-                warming = None
             for i, block in enumerate(blocks):
                 started = time.perf_counter()
                 name = f"{prefix}.{i}"
@@ -376,8 +367,6 @@ def quantize_model(model: nn.Module, batches: Optional[Iterable[Batch]], spec: Q
                     stream.release(block, name)
                     release_host_memory()
     finally:
-        if warming is not None:
-            warming.join()
         restore(moved)
         model.train(was_training)
     mem, kind = peak_memory(accel.device)

@@ -19,8 +19,6 @@ module chooses them for a device:
   GPU is the limit and fused norms/SiLU/rope pay (H200: 2b dims 3.19 -> 2.60 s per block and peak
   4.23 -> 3.76 GiB; 8b 10.94 -> 9.77 s, 11.05 -> 10.49 GiB; block losses within 0.1 % of eager, the
   fused kernels reassociate); `SIGNROUND_COMPILE_BLOCK=0/1` forces it. Smaller blocks get graphs.
-- warm-up: the compiled halves' one-time work (the compiler stack's imports, the probe) starts on a
-  background thread while the calibration inputs are captured (`warm_up`), not in the first block.
 - CUDA graphs: each block's steps after a short warm-up are replayed from one captured graph
   (`graphs.py`), which removes the host's launch cost per step. On by default for blocks of at most
   `GRAPHS_MAX_WEIGHTS` tuned weights, where the host is the limit (H200, default recipe: 7.2x per
@@ -34,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import threading
 import warnings
 from typing import Any, Callable, Iterator, Mapping, Optional
 
@@ -199,27 +196,6 @@ def qdq_ops(runtime: Runtime, device: torch.device, spec: Optional[QuantSpec] = 
                           "running eager", RuntimeWarning, stacklevel=2)
             _COMPILED[key] = False
     return _compiled_ops() if _COMPILED[key] else QdqOps(forward=qdq_forward, vjp=qdq_vjp)
-
-
-def warm_up(runtime: Runtime, device: torch.device, spec: Optional[QuantSpec],
-            dtype: torch.dtype) -> Optional[threading.Thread]:
-    """Start the compiled qdq halves' one-time work (importing the compiler stack, the probe's
-    compiles: `qdq_ops`) on a background thread, so that it overlaps the calibration capture instead
-    of opening the first block; None when nothing is compiled. The caller joins the thread before
-    the first block (the probe's result is then cached; a failure there is left to the first
-    block's own `qdq_ops`, which warns and falls back as always)."""
-    if not runtime.compile or spec is None:
-        return None
-
-    def work() -> None:
-        try:
-            qdq_ops(runtime, device, spec, dtype)
-        except Exception:  # noqa: BLE001 - only a warm-up: the first block repeats and reports it
-            _COMPILED.pop(f"checked:{device.type}:{spec.bits}:{spec.group_size}:{spec.sym}:{dtype}", None)
-
-    thread = threading.Thread(target=work, name="signround-compile-warm-up", daemon=True)
-    thread.start()
-    return thread
 
 
 def block_call_for(runtime: Runtime, block: Any, specs: Mapping[str, QuantSpec]) -> Any:

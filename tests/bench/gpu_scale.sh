@@ -52,7 +52,7 @@
 #   bash tests/bench/gpu_scale.sh x   # issue 13: step floor at 2b and 8b with the gradient layouts the layer step gets
 #                                     # (and a contiguous copy of them); 8b vs auto-round              ~7 min
 #   bash tests/bench/gpu_scale.sh y   # 70b vs auto-round after the fused layer step; the vision towers at 200 iterations ~9 min
-#   bash tests/bench/gpu_scale.sh z   # 2b ours alone, cold then warm, with the compile warm-up overlapping the capture ~3 min
+#   bash tests/bench/gpu_scale.sh z   # 2b ours alone, cold then warm (measured a compile warm-up thread, since reverted) ~3 min
 #   bash tests/bench/gpu_scale.sh tiny  # a dry run on a CPU (no wheels; uses $PYTHON, default python3)
 #
 # On the device machine: carry `.whl` (orjson, auto-round 0.16.1 and the auto-round needs the image lacks)

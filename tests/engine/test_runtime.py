@@ -115,19 +115,3 @@ def test_the_block_compile_follows_the_block_size_unless_forced():
     assert runtime.block_call_for(runtime.Runtime(compile=True, compile_block=False), large, specs) is call_block
     assert runtime.block_call_for(runtime.Runtime(compile=True, compile_block=True), small, specs) is not call_block
     assert runtime.policy(resolve("cpu")).compile_block is False  # CUDA only
-
-
-def test_warm_up_runs_the_probe_off_the_main_thread():
-    """The compiled halves' one-time work starts on a background thread (overlapping the capture):
-    nothing without compile; with it, joining leaves the probe's verdict cached for the first block."""
-    cpu = resolve("cpu")
-    spec = QuantSpec(bits=3, group_size=16, sym=False)
-    assert runtime.warm_up(runtime.Runtime(compile=False, compile_block=False), cpu.device, spec, torch.bfloat16) is None
-    on = runtime.Runtime(compile=True, compile_block=False)
-    thread = runtime.warm_up(on, cpu.device, spec, torch.bfloat16)
-    assert thread is not None and thread.name == "signround-compile-warm-up"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a compiler that cannot build here warns; the verdict is still cached
-        thread.join(timeout=300)
-    assert not thread.is_alive()
-    assert "checked:cpu:3:16:False:torch.bfloat16" in runtime._COMPILED
