@@ -203,7 +203,8 @@ class MixedPlan:
     def describe(self) -> list[str]:
         """Lines for `--dry-run`: one per choice (block-wise order), then the totals."""
         lines = [f"mixed precision: target {self.target_bits} bits per weight, candidates "
-                 f"{', '.join(scheme_name(c) for c in self.candidates)}, bits counted as format {self.format}"]
+                 f"{', '.join(scheme_name(c) for c in self.candidates)}, bits counted as format {self.format}"
+                 + (f"; each choice among the {self.span} candidate(s) on either side of the budget" if self.span else "")]
         width = max(len(g.name) for g in self.groups)
         for g in self.groups:
             per = g.bits / g.weights if g.weights else 0.0

@@ -367,11 +367,16 @@ def our_plan(teacher: Any, batches: list[torch.Tensor], target: float, candidate
     return mixed.choose(teacher, batches, priced, request, device=device)
 
 
+#: --autoscheme-shared-layers: AutoScheme's shared_layers for vLLM's fused sets (our fuse_groups)
+FUSED_SETS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
 def autoscheme_plan(teacher: Any, tok: Any, batches: list[torch.Tensor], target: float, candidates: str,
-                    device: str, workdir: Path) -> tuple[dict[str, dict[str, Any]], float]:
+                    device: str, workdir: Path, shared: bool = False) -> tuple[dict[str, dict[str, Any]], float]:
     """auto-round 0.16.1's AutoScheme (delta-loss scoring + its DP) on the same windows: they are
     decoded into a local .jsonl (its loader takes a file path, not token ids) and re-tokenized by
-    auto-round with the same seqlen. Returns (its layer_config, seconds)."""
+    auto-round with the same seqlen; `shared`: q/k/v and gate/up of a block take one scheme
+    (its shared_layers, matched per block). Returns (its layer_config, seconds)."""
     from auto_round import AutoScheme
     from auto_round.auto_scheme.gen_auto_scheme import GenScheme
 
@@ -384,7 +389,7 @@ def autoscheme_plan(teacher: Any, tok: Any, batches: list[torch.Tensor], target:
     options = [f"W{s.bits}A16G{s.group_size}" for s in (parse_config(c) for c in candidates.split(",") if c.strip())]
     scheme = AutoScheme(avg_bits=target, options=options, nsamples=ids.shape[0], seqlen=ids.shape[1],
                         batch_size=batches[0].shape[0], dataset=str(path), device_map=device,
-                        enable_torch_compile=False)
+                        enable_torch_compile=False, shared_layers=[list(s) for s in FUSED_SETS] if shared else None)
     names = list(uniform_specs(teacher, QuantSpec(4, 64)))
     model = copy.deepcopy(teacher)
     start = time.perf_counter()
@@ -463,6 +468,9 @@ def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--no-fuse-groups", action="store_true",
                    help="our plan gives every layer its own grid (fuse_groups=False: q/k/v and gate/up may differ, "
                         "as AutoScheme's plan does; such a checkpoint fails vLLM's fused loaders)")
+    p.add_argument("--autoscheme-shared-layers", action="store_true",
+                   help="AutoScheme's plan keeps q/k/v and gate/up of a block on one scheme (its shared_layers), the "
+                        "constraint our default fuse_groups keeps, so both plans load in vLLM")
     p.add_argument("--span", type=int, default=None,
                    help="our plan: candidates a layer may take on each side of the budget (1: the two nearest; 0: "
                         "every candidate; default: the library's, mixed.DEFAULT_SPAN)")
@@ -629,7 +637,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                                         "average_bits": average_bits(teacher, lc)}
             else:
                 lc, seconds = autoscheme_plan(teacher, tok, batches, target, args.candidates, args.device,
-                                              Path(args.json or "accuracy.json").with_suffix(".autoscheme"))
+                                              Path(args.json or "accuracy.json").with_suffix(".autoscheme"),
+                                              shared=args.autoscheme_shared_layers)
                 specs = specs_of(lc)
                 plans[whose, target] = {"layer_config": lc, "specs": specs, "seconds": seconds, "json": lc,
                                         "global": Counter(specs.values()).most_common(1)[0][0],

@@ -106,5 +106,6 @@ def test_choose_with_span_one_plans_with_the_two_grids_around_the_budget() -> No
     assert "W2G32" in whole.summary()["layers_per_scheme"]
     assert set(near.summary()["layers_per_scheme"]) <= {"W4G32", "W8G32"}
     assert near.average_bits <= 5.0 and near.exact
+    assert "1 candidate(s) on either side" in near.describe()[0] and "either side" not in whole.describe()[0]
     score = lambda p: sum(g.scores[mixed.scheme_name(g.spec)] for g in p.groups if not g.fixed)  # noqa: E731
     assert score(whole) <= score(near) * (1 + 1e-9)  # the cut search cannot beat the whole one on its own scores

@@ -36,3 +36,29 @@ def test_our_plan_without_fused_groups_scores_every_layer_alone() -> None:
         if len(g.layers) > 1:
             for cand, score in g.scores.items():
                 assert score == pytest.approx(sum(parts[n][cand] for n in g.layers), rel=1e-9)
+
+
+def test_span_and_shared_layers_flags_parse() -> None:
+    base = ["--configs", "", "--target-bits", "3.5", "--device", "cpu"]
+    args = accuracy.parse(base)
+    assert args.span is None and args.autoscheme_shared_layers is False
+    args = accuracy.parse([*base, "--span", "1", "--autoscheme-shared-layers"])
+    assert args.span == 1 and args.autoscheme_shared_layers is True
+
+
+def test_autoscheme_with_shared_layers_keeps_fused_sets_on_one_scheme(tmp_path) -> None:
+    pytest.importorskip("auto_round")
+    from _templating_helpers import byte_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    tok = byte_tokenizer([])
+    tiny_text_model("llama", vocab_size=len(tok)).save_pretrained(tmp_path / "model")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()  # AutoScheme reads blocks from disk
+    batches = random_batches(2, 2, 32)
+    plan, _ = accuracy.autoscheme_plan(model, tok, batches, 4.5, CANDIDATES, "cpu", tmp_path / "as", shared=True)
+    bits = {n: v["bits"] for n, v in plan.items()}
+    for block in ("model.layers.0", "model.layers.1"):
+        for members in accuracy.FUSED_SETS:
+            parent = "self_attn" if members[0] == "q_proj" else "mlp"
+            assert len({bits[f"{block}.{parent}.{m}"] for m in members}) == 1, (block, members)
+    assert len(set(bits.values())) > 1  # a real mix, not one grid everywhere
