@@ -28,7 +28,9 @@ scoring and solver, on the same windows decoded into a .jsonl beside `--json`) t
 tuning; rtn-asplan / signround-asplan round or tune AutoScheme's plan with ours, which separates the
 plan from the tuner. Every row records its stored bits per weight (as `signround inspect` counts).
 `--no-fuse-groups` lets our plan give q/k/v and gate/up different grids (as AutoScheme's plan does
-without `shared_layers`); the JSON keeps each plan's per-choice scores, to re-solve without scoring.
+without `shared_layers`; `--autoscheme-shared-layers` gives AutoScheme our constraint instead);
+`--span N` keeps each choice to N candidates on either side of the budget; the JSON keeps each
+plan's per-choice scores, to re-solve without scoring.
 
 Text files: `.jsonl` (one JSON object per line, its "text" field is a document), `.json` (a list
 of strings or of {"text": …}), anything else is plain text (documents separated by blank lines for
