@@ -205,13 +205,13 @@ def _fused(block_fn: BlockFn, weights: Mapping[str, Tensor], prepared: Mapping[s
             return masked_mse(block_fn(weights, batch), target, batch.loss_mask)
     cell: dict[str, Tensor] = {}
     opt, best = state.optimizer, state.best
+    lr, mlr = opt.rates(state.opt) if ops.step is not None else (None, None)  # once a step, not per layer
 
     def sink_for(k: str):
         g, p, spec = prepared[k], state.params[k], specs[k]
 
         def sink(grad: Tensor) -> None:
             if ops.step is not None:  # one function (compiled by the engine): `layer_step.py`
-                lr, mlr = opt.rates(state.opt)
                 ops.step(g.grouped, g.wmin, g.wmax, p.v, p.alpha, p.beta, spec, g.in_features, g.dtype, grad,
                          cell["better"], best.codes[k], best.alpha[k], best.beta[k], lr, mlr, opt.tune_minmax)
                 return

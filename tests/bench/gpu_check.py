@@ -22,16 +22,22 @@ from signround.adapters.engine.device import resolve
 from signround.rounding import BlockInputs, QuantSpec, Recipe, group_weight, qdq_vjp, tune_block
 
 
-def _layer_check(out_f: int, in_f: int, sym: bool, ops, dev) -> dict:
-    gen = torch.Generator(device=dev).manual_seed(0)
-    spec = QuantSpec(bits=4, group_size=128, sym=sym)
+def random_layer(out_f: int, in_f: int, spec: QuantSpec, dev, seed: int = 0) -> tuple:
+    """(grouped weight, v, alpha, beta, output gradient) of a random bf16 layer [out_f, in_f] on `dev`:
+    weights of an LLM's scale, v within ±0.1, alpha/beta in [0.9, 1]."""
+    gen = torch.Generator(device=dev).manual_seed(seed)
     w = (torch.randn(out_f, in_f, device=dev, generator=gen) * 0.02).bfloat16()
-    gw = group_weight(w, spec)
     groups = spec.num_groups(in_f)
     v = (torch.rand(out_f, in_f, device=dev, generator=gen) - 0.5) * 0.2
     a = 1 - 0.1 * torch.rand(out_f, groups, device=dev, generator=gen)
     b = 1 - 0.1 * torch.rand(out_f, groups, device=dev, generator=gen)
     g = torch.randn(out_f, in_f, device=dev, generator=gen).bfloat16()
+    return group_weight(w, spec), v, a, b, g
+
+
+def _layer_check(out_f: int, in_f: int, sym: bool, ops, dev) -> dict:
+    spec = QuantSpec(bits=4, group_size=128, sym=sym)
+    gw, v, a, b, g = random_layer(out_f, in_f, spec, dev)
     args = (gw.grouped, gw.wmin, gw.wmax, v, a, b, spec, in_f, torch.bfloat16)
     e = qdq_vjp(*args, g)
     c = ops.vjp(*args, g)

@@ -25,7 +25,10 @@ from typing import Any, Callable
 import torch
 
 from signround.adapters.engine import runtime
-from signround.rounding import QuantSpec, best, group_weight
+from signround.rounding import QuantSpec
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or imported: its sibling
+from gpu_check import random_layer  # noqa: E402
 
 SHAPES = {"2b": [(1536, 1536), (256, 1536), (8960, 1536), (1536, 8960)],
           "8b": [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]}
@@ -48,15 +51,8 @@ def _mark(mode: str) -> Callable[..., None]:
 
 
 def _layer(out_f: int, in_f: int, dev: torch.device) -> dict[str, Any]:
-    gen = torch.Generator(device=dev).manual_seed(out_f * 7 + in_f)
     spec = QuantSpec(bits=4, group_size=128, sym=True)
-    w = (torch.randn(out_f, in_f, device=dev, generator=gen) * 0.02).bfloat16()
-    gw = group_weight(w, spec)
-    n = spec.num_groups(in_f)
-    v = (torch.rand(out_f, in_f, device=dev, generator=gen) - 0.5) * 0.2
-    a = 1 - 0.1 * torch.rand(out_f, n, device=dev, generator=gen)
-    b = 1 - 0.1 * torch.rand(out_f, n, device=dev, generator=gen)
-    g = torch.randn(out_f, in_f, device=dev, generator=gen).bfloat16()
+    gw, v, a, b, g = random_layer(out_f, in_f, spec, dev, seed=out_f * 7 + in_f)
     codes = torch.zeros(gw.grouped.shape, dtype=torch.uint8, device=dev)
     return dict(gw=gw, spec=spec, v=v, a=a, b=b, g=g, codes=codes, ba=a.clone(), bb=b.clone())
 
